@@ -1,0 +1,180 @@
+"""The ``file`` driver: a regular file (or block device) on the host.
+
+All syscalls run on the I/O pool.  Zero and trim punch holes where the file
+system can, so every child reads zeros afterwards: a quorum's children must
+stay byte-identical, so trim is never a silent no-op here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from nbdquorum.block import aio
+from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def pread_full(fd: int, offset: int, length: int) -> bytearray:
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise oserror(errno.EIO, "short read (file shrank?)")
+        done += n
+    return buf
+
+
+def pwrite_full(fd: int, offset: int, data: Buffer) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def write_zeroes(fd: int, offset: int, length: int) -> None:
+    while length > 0:
+        n = min(length, len(_ZERO_CHUNK))
+        pwrite_full(fd, offset, memoryview(_ZERO_CHUNK)[:n])
+        offset += n
+        length -= n
+
+
+class FileNode(BlockNode):
+    driver = "file"
+
+    def __init__(
+        self, node_name: str, filename: str, *, read_only: bool = False, create_size: int | None = None
+    ) -> None:
+        super().__init__(node_name, read_only=read_only)
+        self.path = filename
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if create_size is not None and not read_only and not os.path.exists(filename):
+            fd = os.open(filename, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            os.ftruncate(fd, create_size)
+        else:
+            fd = os.open(filename, flags)
+        self.fd = fd
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            self._size = os.lseek(fd, 0, os.SEEK_END)
+        elif stat.S_ISREG(st.st_mode):
+            self._size = st.st_size
+        else:
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"not a regular file or block device: {filename}")
+        self._closed = False
+
+    def size(self) -> int:
+        return self._size
+
+    def filename(self) -> str:
+        return self.path
+
+    def fast_fd(self) -> int | None:
+        return None if self._closed else self.fd
+
+    def actual_size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            return 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise oserror(errno.ESHUTDOWN, f"{self.node_name} is closed")
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self._check_open()
+        return await aio.run(pread_full, self.fd, offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        self._check_open()
+        await aio.run(self._pwrite_sync, offset, data, fua)
+
+    def _pwrite_sync(self, offset: int, data: Buffer, fua: bool) -> None:
+        pwrite_full(self.fd, offset, data)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def flush(self) -> None:
+        self._check_open()
+        await aio.run(os.fdatasync, self.fd)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.zero(offset, length, may_trim=True, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        self._check_open()
+        await aio.run(self._zero_sync, offset, length, may_trim, fast, fua)
+
+    def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        from nbdquorum import native
+
+        done = False
+        if may_trim:
+            done = native.punch_hole(self.fd, offset, length)
+        if not done:
+            done = native.zero_range(self.fd, offset, length)
+        if not done:
+            if fast:
+                raise oserror(errno.ENOTSUP, "fast zero")
+            write_zeroes(self.fd, offset, length)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check_open()
+        await aio.run(os.posix_fadvise, self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_open()
+        return await aio.run(self._block_status_sync, offset, length)
+
+    def _block_status_sync(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # only a hole up to EOF
+                    data = end
+                elif err.errno in (errno.EINVAL, errno.ENOTSUP):
+                    out.append((end - pos, 0))
+                    break
+                else:
+                    raise
+            if data > pos:
+                n = min(data, end) - pos
+                out.append((n, STATE_HOLE | STATE_ZERO))
+                pos += n
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            n = min(max(hole, pos + 1), end) - pos
+            out.append((n, 0))
+            pos += n
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+        super().close()
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        d["image"].pop("dirty-flag", None)
+        return d

@@ -1,0 +1,499 @@
+"""The quorum driver: N children, every write to all, every read voted.
+
+Semantics follow QEMU's block/quorum.c, with three deliberate differences:
+
+* The vote compares bytes directly (memcmp-class, in the C core) on the
+  agreeing path and on the mismatch path; QEMU hashes every copy with SHA-256
+  once any copy differs.
+* A tie between the largest versions is a failure (EIO + QUORUM_FAILURE).
+  QEMU returns the version first seen at the highest child index.
+* QUORUM_REPORT_BAD for a content mismatch names the 512-byte span where the
+  child differs, not the whole request.
+
+Every request holds a range lock (rangelock.py) so overlapping writes land in
+the same order on every child and reads never vote on a half-written range.
+
+Children have a state (ChildState).  Only ``active`` children vote and are
+read.  ``resyncing`` children receive every write but are never read until a
+background job has copied the voted contents to them; ``faulted`` children get
+no I/O at all.  The graph (graph.py) is the only code that adds or removes
+children; this module knows nothing of NBD or QMP and reports through the
+event bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbdquorum import native
+from nbdquorum.block import aio
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
+from nbdquorum.block.rangelock import RangeLock
+from nbdquorum.eventbus import EventBus
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+
+
+class ReadPattern(enum.StrEnum):
+    QUORUM = "quorum"  #: read every active child and vote
+    FIFO = "fifo"  #: read the first active child; on error the next one
+
+
+class ChildState(enum.StrEnum):
+    ACTIVE = "active"  #: in sync; votes and is read
+    RESYNCING = "resyncing"  #: gets writes, never read or counted until resynced
+    FAULTED = "faulted"  #: failed too often; gets no I/O at all
+
+
+@dataclass
+class ChildStats:
+    """Per-child counters, in the spirit of zpool status READ/WRITE/CKSUM."""
+
+    reads: int = 0  # read requests sent to the child
+    writes: int = 0  # write/zero/trim requests sent to the child
+    read_errors: int = 0  # reads that returned an error
+    write_errors: int = 0  # writes/zero/trim that returned an error
+    flush_errors: int = 0
+    checksum_errors: int = 0  # reads whose bytes lost the vote
+    repaired_bytes: int = 0  # bytes rewritten with the winning version
+
+    def as_dict(self) -> dict[str, int]:
+        return {k.replace("_", "-"): v for k, v in self.__dict__.items()}
+
+
+@dataclass(eq=False)
+class ChildSlot:
+    """One edge quorum -> child, named as QEMU names it (``children.N``)."""
+
+    name: str  # edge name, "children.N"
+    node: BlockNode  # the child node
+    state: ChildState = ChildState.ACTIVE
+    stats: ChildStats = field(default_factory=ChildStats)
+
+
+def sector_span(offset: int, length: int) -> tuple[int, int]:
+    """QEMU's (sector-num, sectors-count) for a byte range, rounded outward."""
+    start = offset // SECTOR
+    end = -(-(offset + length) // SECTOR)
+    return start, end - start
+
+
+class QuorumNode(BlockNode):
+    driver = "quorum"
+
+    def __init__(
+        self,
+        node_name: str,
+        children: Sequence[BlockNode],
+        *,
+        vote_threshold: int,
+        bus: EventBus,
+        read_pattern: ReadPattern = ReadPattern.QUORUM,
+        rewrite_corrupted: bool = False,
+        read_only: bool = False,
+    ) -> None:
+        super().__init__(node_name, read_only=read_only)
+        if not children:
+            raise GraphError("Number of provided children must be 1 or more")
+        check_options(len(children), vote_threshold, read_pattern, rewrite_corrupted)
+        sizes = {c.node_name: c.size() for c in children}
+        if len(set(sizes.values())) != 1:
+            detail = ", ".join(f"{n}={s}" for n, s in sizes.items())
+            raise GraphError(f"children of a quorum must have the same size ({detail})")
+        self._size = next(iter(sizes.values()))
+        self.slots: list[ChildSlot] = [
+            ChildSlot(f"children.{i}", c) for i, c in enumerate(children)
+        ]
+        self.next_child_index = len(self.slots)
+        self.vote_threshold = vote_threshold
+        self.read_pattern = ReadPattern(read_pattern)
+        self.rewrite_corrupted = rewrite_corrupted
+        self.bus = bus
+        self.lock = RangeLock()
+        #: called after each membership/state change (persistence hooks in)
+        self.on_change: list[Callable[[], None]] = []
+        #: called with (slot, offset, length) when a write to a non-active
+        #: or failing child must be remembered (resync bitmap hooks in)
+        self.on_missed_write: list[Callable[[ChildSlot, int, int], None]] = []
+
+    # -- introspection --------------------------------------------------------
+    def size(self) -> int:
+        return self._size
+
+    def children_nodes(self) -> list[BlockNode]:
+        return [s.node for s in self.slots]
+
+    def slot(self, edge_name: str) -> ChildSlot | None:
+        return next((s for s in self.slots if s.name == edge_name), None)
+
+    def slot_of(self, node: BlockNode) -> ChildSlot | None:
+        return next((s for s in self.slots if s.node is node), None)
+
+    def active(self) -> list[ChildSlot]:
+        return [s for s in self.slots if s.state is ChildState.ACTIVE]
+
+    def writable(self) -> list[ChildSlot]:
+        return [s for s in self.slots if s.state is not ChildState.FAULTED]
+
+    def filename(self) -> str:
+        import json
+
+        opts = {
+            "children": [
+                {"driver": s.node.driver, "file": {"driver": "file", "filename": s.node.filename()}}
+                for s in self.slots
+            ],
+            "driver": "quorum",
+            "vote-threshold": self.vote_threshold,
+        }
+        return "json:" + json.dumps(opts)
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        d["image"].pop("dirty-flag", None)
+        d["children"] = [{"child": s.name, "node-name": s.node.node_name} for s in self.slots]
+        return d
+
+    def status(self) -> dict[str, Any]:
+        """The zpool-status-like view: options, and per child state and counters."""
+        return {
+            "node-name": self.node_name,
+            "vote-threshold": self.vote_threshold,
+            "read-pattern": str(self.read_pattern),
+            "rewrite-corrupted": self.rewrite_corrupted,
+            "size": self._size,
+            "children": [
+                {
+                    "child": s.name,
+                    "node-name": s.node.node_name,
+                    "filename": s.node.filename(),
+                    "state": str(s.state),
+                    **s.stats.as_dict(),
+                }
+                for s in self.slots
+            ],
+        }
+
+    # -- events ---------------------------------------------------------------
+    def _report_bad(
+        self, slot: ChildSlot, op: str, offset: int, length: int, err: BaseException | None = None
+    ) -> None:
+        num, count = sector_span(offset, length) if op != "flush" else (0, 0)
+        data: dict[str, Any] = {
+            "node-name": slot.node.node_name,
+            "sectors-count": count,
+            "sector-num": num,
+            "type": op,
+        }
+        if err is not None:
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+            data["error"] = os.strerror(code)
+        log.warning(
+            "child %s (%s) bad on %s at sector %d+%d%s",
+            slot.node.node_name, slot.name, op, num, count,
+            f": {data['error']}" if err is not None else ": contents differ",
+        )
+        self.bus.emit("QUORUM_REPORT_BAD", data)
+
+    def _failure(self, offset: int, length: int) -> None:
+        num, count = sector_span(offset, length)
+        log.error("quorum %s lost its quorum at sector %d+%d", self.node_name, num, count)
+        self.bus.emit(
+            "QUORUM_FAILURE",
+            {"reference": self.node_name, "sectors-count": count, "sector-num": num},
+        )
+
+    @staticmethod
+    def _voted_errno(errors: Sequence[BaseException]) -> int:
+        codes = [e.errno if isinstance(e, OSError) and e.errno else errno.EIO for e in errors]
+        return Counter(codes).most_common(1)[0][0] if codes else errno.EIO
+
+    # -- read -----------------------------------------------------------------
+    async def pread(self, offset: int, length: int) -> Buffer:
+        async with self.lock.hold(offset, length, exclusive=False):
+            if self.read_pattern is ReadPattern.FIFO:
+                return await self._read_fifo(offset, length)
+            return await self._read_quorum(offset, length)
+
+    async def _read_fifo(self, offset: int, length: int) -> Buffer:
+        errors: list[BaseException] = []
+        for slot in self.active():
+            slot.stats.reads += 1
+            try:
+                return await slot.node.pread(offset, length)
+            except OSError as err:
+                slot.stats.read_errors += 1
+                errors.append(err)
+                self._report_bad(slot, "read", offset, length, err)
+        self._failure(offset, length)
+        raise oserror(self._voted_errno(errors), f"{self.node_name}: no child could read")
+
+    async def _read_quorum(self, offset: int, length: int) -> Buffer:
+        voters = self.active()
+        if not voters:
+            self._failure(offset, length)
+            raise oserror(errno.EIO, f"{self.node_name}: no active child")
+        for s in voters:
+            s.stats.reads += 1
+        fds = [s.node.fast_fd() for s in voters]
+        bufs: list[Buffer | None]
+        errs: list[BaseException | None]
+        if all(fd is not None for fd in fds):
+            result, raw_bufs, codes = await aio.run(
+                native.pread_vote, [fd for fd in fds if fd is not None], offset, length,
+                self.vote_threshold,
+            )
+            bufs = [b if c == 0 else None for b, c in zip(raw_bufs, codes, strict=True)]
+            errs = [None if c == 0 else oserror(c, s.node.node_name)
+                    for c, s in zip(codes, voters, strict=True)]
+        else:
+            outcomes = await asyncio.gather(
+                *(s.node.pread(offset, length) for s in voters), return_exceptions=True
+            )
+            bufs, errs = [], []
+            for out in outcomes:
+                if isinstance(out, BaseException):
+                    if not isinstance(out, Exception):
+                        raise out
+                    bufs.append(None)
+                    errs.append(out)
+                else:
+                    bufs.append(out)
+                    errs.append(None)
+            result = None
+        failed = [e for e in errs if e is not None]
+        for slot, err in zip(voters, errs, strict=True):
+            if err is not None:
+                slot.stats.read_errors += 1
+                self._report_bad(slot, "read", offset, length, err)
+        if len(voters) - len(failed) < self.vote_threshold:
+            self._failure(offset, length)
+            raise oserror(self._voted_errno(failed), f"{self.node_name}: too few children read")
+        if result is None:
+            if length >= 65536:
+                result = await aio.run(native.vote, bufs, self.vote_threshold)
+            else:
+                result = native.vote(bufs, self.vote_threshold)
+        if result.winner is None:
+            self._failure(offset, length)
+            raise oserror(errno.EIO, f"{self.node_name}: no quorum")
+        win = bufs[result.winner]
+        assert win is not None
+        losers = [i for i in result.losers]
+        if losers:
+            await self._handle_losers(voters, bufs, win, losers, offset)
+        return win
+
+    async def _handle_losers(
+        self, voters: list[ChildSlot], bufs: list[Buffer | None], win: Buffer,
+        losers: list[int], offset: int,
+    ) -> None:
+        rewrites: list[Awaitable[None]] = []
+        for i in losers:
+            slot, buf = voters[i], bufs[i]
+            assert buf is not None
+            span = native.diff_span(win, buf)
+            if span is None:
+                continue
+            first, end = span
+            slot.stats.checksum_errors += 1
+            self._report_bad(slot, "read", offset + first, end - first)
+            if self.rewrite_corrupted:
+                a = (first // SECTOR) * SECTOR
+                b = min(len(win), -(-end // SECTOR) * SECTOR)
+                rewrites.append(self._rewrite(slot, offset + a, memoryview(win)[a:b]))
+        if rewrites:
+            await asyncio.gather(*rewrites)
+
+    async def _rewrite(self, slot: ChildSlot, offset: int, data: Buffer) -> None:
+        try:
+            await slot.node.pwrite(offset, data)
+            slot.stats.repaired_bytes += len(data)
+            log.info("rewrote %d bytes of %s at %d", len(data), slot.node.node_name, offset)
+        except OSError as err:  # QEMU ignores rewrite errors too; we count them
+            slot.stats.write_errors += 1
+            self._report_bad(slot, "write", offset, len(data), err)
+
+    # -- write-like operations --------------------------------------------------
+    async def _write_all(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        call: Callable[[BlockNode], Awaitable[None]],
+        fast: Callable[[list[int]], list[int]] | None = None,
+    ) -> None:
+        async with self.lock.hold(offset, length, exclusive=True):
+            targets = self.writable()
+            for s in targets:
+                s.stats.writes += 1
+            fds = [s.node.fast_fd() for s in targets]
+            errs: list[BaseException | None]
+            if fast is not None and targets and all(fd is not None for fd in fds):
+                codes = await aio.run(fast, [fd for fd in fds if fd is not None])
+                errs = [None if c == 0 else oserror(c, s.node.node_name)
+                        for c, s in zip(codes, targets, strict=True)]
+            else:
+                outs = await asyncio.gather(*(call(s.node) for s in targets), return_exceptions=True)
+                errs = []
+                for out in outs:
+                    if isinstance(out, BaseException) and not isinstance(out, Exception):
+                        raise out
+                    errs.append(out if isinstance(out, BaseException) else None)
+            ok = 0
+            failed: list[BaseException] = []
+            for slot, err in zip(targets, errs, strict=True):
+                if err is None:
+                    if slot.state is ChildState.ACTIVE:
+                        ok += 1
+                    continue
+                failed.append(err)
+                slot.stats.write_errors += 1
+                self._report_bad(slot, "write", offset, length, err)
+                for fn in self.on_missed_write:
+                    fn(slot, offset, length)
+            if ok < self.vote_threshold:
+                self._failure(offset, length)
+                raise oserror(self._voted_errno(failed), f"{self.node_name}: {op} failed on too many children")
+
+    async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        await self._write_all(
+            "write", offset, len(data),
+            lambda n: n.pwrite(offset, data, fua=fua),
+            lambda fds: native.pwrite_all(fds, offset, data, fua),
+        )
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self._write_all(
+            "write", offset, length,
+            lambda n: n.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua),
+        )
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._write_all("write", offset, length, lambda n: n.trim(offset, length, fua=fua))
+
+    async def flush(self) -> None:
+        targets = self.writable()
+        outs = await asyncio.gather(*(s.node.flush() for s in targets), return_exceptions=True)
+        ok = 0
+        failed: list[BaseException] = []
+        for slot, out in zip(targets, outs, strict=True):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out
+                failed.append(out)
+                slot.stats.flush_errors += 1
+                self._report_bad(slot, "flush", 0, 0, out)
+            elif slot.state is ChildState.ACTIVE:
+                ok += 1
+        if ok < self.vote_threshold:
+            self._failure(0, 0)
+            raise oserror(self._voted_errno(failed), f"{self.node_name}: flush failed")
+
+    async def cache(self, offset: int, length: int) -> None:
+        await asyncio.gather(*(s.node.cache(offset, length) for s in self.active()),
+                             return_exceptions=True)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """A range is a hole/zero only where every active child says so."""
+        voters = self.active()
+        if not voters:
+            return [(length, 0)]
+        maps = await asyncio.gather(*(s.node.block_status(offset, length) for s in voters),
+                                    return_exceptions=True)
+        good = [m for m in maps if not isinstance(m, BaseException)]
+        if not good:
+            return [(length, 0)]
+        return intersect_extents(good, length)
+
+    # -- membership (called only by graph.py) ------------------------------------
+    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE) -> ChildSlot:
+        if node.size() != self._size:
+            raise GraphError(
+                f"Cannot add node '{node.node_name}' of size {node.size()} to quorum "
+                f"'{self.node_name}' of size {self._size}"
+            )
+        slot = ChildSlot(f"children.{self.next_child_index}", node, state)
+        self.next_child_index += 1
+        self.slots.append(slot)
+        self._changed()
+        return slot
+
+    def detach(self, slot: ChildSlot) -> None:
+        if len(self.slots) <= self.vote_threshold:
+            raise GraphError(
+                f"The number of children cannot be lower than the vote threshold {self.vote_threshold}"
+            )
+        self.slots.remove(slot)
+        # QEMU 5.2+ "stable children names": only the top index is reused
+        if slot.name == f"children.{self.next_child_index - 1}":
+            self.next_child_index -= 1
+        self._changed()
+
+    def set_state(self, slot: ChildSlot, state: ChildState) -> None:
+        if slot.state is not state:
+            log.warning("child %s (%s): %s -> %s", slot.node.node_name, slot.name, slot.state, state)
+            slot.state = state
+            self._changed()
+
+    def _changed(self) -> None:
+        for fn in list(self.on_change):
+            fn()
+
+
+def check_options(
+    nchildren: int, vote_threshold: int, read_pattern: str, rewrite_corrupted: bool
+) -> None:
+    """QEMU's open-time checks, with QEMU's texts."""
+    if vote_threshold < 1:
+        raise GraphError("Parameter 'vote-threshold' expects a value >= 1")
+    if vote_threshold > nchildren:
+        raise GraphError("threshold may not exceed children count")
+    if read_pattern not in ("quorum", "fifo"):
+        raise GraphError(f"Parameter 'read-pattern' does not accept value '{read_pattern}'")
+
+
+def intersect_extents(maps: Sequence[Sequence[Extent]], length: int) -> list[Extent]:
+    """AND the flags of several extent lists over the same range."""
+    cuts: set[int] = {0, length}
+    for m in maps:
+        pos = 0
+        for n, _ in m:
+            pos += n
+            cuts.add(min(pos, length))
+    points = sorted(cuts)
+
+    def flags_at(m: Sequence[Extent], pos: int) -> int:
+        p = 0
+        for n, f in m:
+            if p <= pos < p + n:
+                return f
+            p += n
+        return 0
+
+    out: list[Extent] = []
+    for a, b in zip(points, points[1:], strict=False):
+        if b <= a:
+            continue
+        f = STATE_HOLE | STATE_ZERO
+        for m in maps:
+            f &= flags_at(m, a)
+        if out and out[-1][1] == f:
+            out[-1] = (out[-1][0] + b - a, f)
+        else:
+            out.append((b - a, f))
+    return out

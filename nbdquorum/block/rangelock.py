@@ -1,0 +1,68 @@
+"""A byte-range lock that orders overlapping requests the same on every child.
+
+Theory of operation: requests enter in arrival order.  A request may run when
+no *earlier* request (running or still waiting) overlaps it in a conflicting
+mode; readers share, writers (write, zero, trim, rewrite) exclude.  Because a
+later request never overtakes an earlier overlapping one, two overlapping
+writes reach every child in the same order and the children cannot diverge,
+and a read never votes on a range whose write is half-way through (the false
+mismatch that rewrite-corrupted would "repair" with stale bytes).
+Non-overlapping requests never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class _Entry:
+    __slots__ = ("end", "exclusive", "granted", "start", "waiter")
+
+    def __init__(self, start: int, end: int, exclusive: bool) -> None:
+        self.start = start  # first byte
+        self.end = end  # one past the last byte
+        self.exclusive = exclusive  # True for writers
+        self.granted = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def conflicts(self, other: _Entry) -> bool:
+        return (
+            (self.exclusive or other.exclusive)
+            and self.start < other.end
+            and other.start < self.end
+        )
+
+
+class RangeLock:
+    def __init__(self) -> None:
+        self._entries: list[_Entry] = []  # arrival order, granted and waiting
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def hold(self, offset: int, length: int, *, exclusive: bool) -> AsyncIterator[None]:
+        entry = _Entry(offset, offset + max(length, 1), exclusive)
+        blocked = any(e.conflicts(entry) for e in self._entries)
+        self._entries.append(entry)
+        try:
+            if blocked:
+                entry.waiter = asyncio.get_running_loop().create_future()
+                await entry.waiter
+            entry.granted = True
+            yield
+        finally:
+            self._release(entry)
+
+    def _release(self, entry: _Entry) -> None:
+        self._entries.remove(entry)
+        # Wake every waiter that no earlier entry blocks any more.
+        for i, e in enumerate(self._entries):
+            if e.granted or e.waiter is None or e.waiter.done():
+                continue
+            if not e.conflicts(entry):
+                continue  # this release did not concern it
+            if not any(p.conflicts(e) for p in self._entries[:i]):
+                e.waiter.set_result(None)

@@ -1,0 +1,256 @@
+"""Command line: ``nbdquorum serve`` (the server), ``ctl`` (the operator's client), ``drill``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nbdquorum import __version__
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.node import BlockNode
+from nbdquorum.block.quorum import QuorumNode, ReadPattern
+from nbdquorum.eventbus import Event, EventBus
+
+log = logging.getLogger("nbdquorum")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*$")
+_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: one line, exit 1."""
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1048576, 512M, 4G)")
+    n = int(m.group(1)) * _SCALE[m.group(2).lower()]
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+@dataclass
+class ChildSpec:
+    name: str  # node-name
+    path: str  # image file
+
+
+def parse_child(text: str, index: int) -> ChildSpec:
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name or not name:
+        return ChildSpec(f"child{index}", text)
+    return ChildSpec(name, path)
+
+
+@dataclass
+class ServeConfig:
+    children: list[ChildSpec]
+    size: int | None = None
+    vote_threshold: int | None = None
+    read_pattern: str = "quorum"
+    rewrite_corrupted: bool = False
+    node_name: str = "quorum0"
+    export_name: str = "disk"
+    listen: tuple[str, int] | None = None
+    socket: str | None = None
+    control: str | None = None
+    state_dir: str | None = None
+    read_only: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
+    """Open the children and the quorum, with the checks an operator needs."""
+    graph = Graph(bus)
+    sizes: dict[str, int] = {}
+    for spec in cfg.children:
+        exists = os.path.exists(spec.path)
+        if not exists and cfg.size is None:
+            raise UsageError(f"{spec.path}: no such file (give --size to create missing images)")
+        if exists:
+            sizes[spec.path] = os.stat(spec.path).st_size
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{p}={s}" for p, s in sizes.items())
+        raise UsageError(f"children differ in size: {detail}")
+    if cfg.size is not None and sizes and next(iter(sizes.values())) != cfg.size:
+        detail = ", ".join(f"{p}={s}" for p, s in sizes.items())
+        raise UsageError(f"--size {cfg.size} differs from existing images: {detail}")
+    names = [c.name for c in cfg.children]
+    if len(set(names)) != len(names):
+        raise UsageError(f"duplicate child node-names: {names}")
+    n = len(cfg.children)
+    threshold = cfg.vote_threshold if cfg.vote_threshold is not None else n // 2 + 1
+    if not 1 <= threshold <= n:
+        raise UsageError(f"--vote-threshold {threshold} must be between 1 and the number of children ({n})")
+    children: list[BlockNode] = []
+    try:
+        for spec in cfg.children:
+            children.append(
+                graph.open_raw_file(
+                    spec.name, spec.path, read_only=cfg.read_only, create_size=cfg.size
+                )
+            )
+        quorum = QuorumNode(
+            cfg.node_name,
+            children,
+            vote_threshold=threshold,
+            bus=bus,
+            read_pattern=ReadPattern(cfg.read_pattern),
+            rewrite_corrupted=cfg.rewrite_corrupted and not cfg.read_only,
+            read_only=cfg.read_only,
+        )
+        graph.check_new_name(cfg.node_name)
+        graph.add(quorum)
+    except GraphError as err:
+        graph.close()
+        raise UsageError(err.desc) from err
+    return graph, quorum
+
+
+def log_event(ev: Event) -> None:
+    """Events go to stderr as one JSON line each (tests and log shippers parse them)."""
+    line = json.dumps({"event": ev.name, "data": ev.data, "timestamp": ev.timestamp})
+    sys.stderr.write(f"EVENT {line}\n")
+    sys.stderr.flush()
+
+
+async def serve(cfg: ServeConfig) -> int:
+    from nbdquorum.nbd.server import Export, NBDServer
+
+    bus = EventBus()
+    bus.subscribe(log_event)
+    graph, quorum = build_graph(cfg, bus)
+    export = Export(cfg.export_name, quorum, description="nbdquorum " + quorum.node_name,
+                    read_only=cfg.read_only)
+    graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
+    nbd = NBDServer({cfg.export_name: export}, cfg.export_name)
+    qmp = None
+    try:
+        try:
+            if cfg.socket:
+                await nbd.listen_unix(cfg.socket)
+            if cfg.listen or not cfg.socket:
+                host, port = cfg.listen or ("127.0.0.1", 10809)
+                await nbd.listen_tcp(host, port)
+            if cfg.control:
+                from nbdquorum.qmp.server import QMPServer
+
+                qmp = QMPServer(graph, bus)
+                await qmp.listen_unix(cfg.control)
+        except OSError as err:
+            raise UsageError(f"cannot listen: {err.strerror or err}") from err
+        where = [f"unix:{cfg.socket}"] if cfg.socket else []
+        if cfg.listen or not cfg.socket:
+            host, port = cfg.listen or ("127.0.0.1", 10809)
+            where.append(f"tcp:{host}:{port}")
+        log.info(
+            "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s",
+            quorum.node_name, len(quorum.slots), quorum.vote_threshold, quorum.read_pattern,
+            cfg.export_name, ", ".join(where),
+            f"; QMP on {cfg.control}" if cfg.control else "",
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if qmp is not None:
+            qmp.on_quit = stop.set
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+        await nbd.shutdown()
+        if qmp is not None:
+            await qmp.shutdown()
+        try:
+            await quorum.flush()
+        except OSError as err:
+            log.error("final flush failed: %s", err)
+            return 1
+        log.info("stopped cleanly")
+        return 0
+    finally:
+        graph.close()
+        from nbdquorum.block import aio
+
+        aio.shutdown()
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="serve a quorum of raw images over NBD")
+    p.add_argument("--child", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a raw image file (repeat; node-names default to child0, child1, ...)")
+    p.add_argument("--size", type=parse_size, help="create missing images (sparse) of this size")
+    p.add_argument("--vote-threshold", type=int, help="children that must agree (default: majority)")
+    p.add_argument("--read-pattern", choices=["quorum", "fifo"], default="quorum")
+    p.add_argument("--rewrite-corrupted", action="store_true",
+                   help="rewrite children that lose a read vote with the winning bytes")
+    p.add_argument("--node-name", default="quorum0", help="the quorum node's name")
+    p.add_argument("--export-name", default="disk", help='export name ("" selects it too)')
+    p.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
+                   help="TCP address (default 127.0.0.1:10809 when no --socket)")
+    p.add_argument("--socket", metavar="PATH", help="Unix socket for NBD")
+    p.add_argument("--control", metavar="PATH", help="Unix socket for QMP")
+    p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdquorum",
+        description="NBD server exporting a voted quorum of raw disk images",
+    )
+    parser.add_argument("--version", action="version", version=f"nbdquorum {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "serve":
+            if not args.child:
+                parser.error("serve needs at least one --child")
+            cfg = ServeConfig(
+                children=[parse_child(c, i) for i, c in enumerate(args.child)],
+                size=args.size,
+                vote_threshold=args.vote_threshold,
+                read_pattern=args.read_pattern,
+                rewrite_corrupted=args.rewrite_corrupted,
+                node_name=args.node_name,
+                export_name=args.export_name,
+                listen=args.listen,
+                socket=args.socket,
+                control=args.control,
+                state_dir=args.state_dir,
+                read_only=args.read_only,
+            )
+            return asyncio.run(serve(cfg))
+    except UsageError as err:
+        print(f"nbdquorum: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,299 @@
+"""The asyncio glue around the sans-I/O NBD protocol (protocol.py).
+
+Read bytes, feed the protocol, run each request as its own task, write what
+the protocol returns.  Replies finish out of order, so a reply's header and
+payload go out together under one send lock.  Bytes in flight are bounded by
+a server-wide budget: while it is spent, no connection reads more requests,
+which pushes back on the clients through their sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nbdquorum.block.node import BlockNode
+from nbdquorum.nbd.constants import Cmd, CmdFlag, NbdErrno, TransmissionFlag
+from nbdquorum.nbd.errors import RemoteProtocolError, to_nbd_errno
+from nbdquorum.nbd.events import (
+    NEED_DATA,
+    BlockStatusReply,
+    DataChunk,
+    Disconnect,
+    ErrorReply,
+    ExportChosen,
+    ExportInfo,
+    ReadReply,
+    Request,
+    SimpleReply,
+)
+from nbdquorum.nbd.protocol import ServerConnection
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+#: default server-wide budget of request bytes in flight (back-pressure)
+DEFAULT_BUDGET = 64 << 20
+
+
+@dataclass
+class Export:
+    name: str  # export name on the wire
+    node: BlockNode  # the node served
+    description: str = ""
+    read_only: bool = False
+
+    def info(self) -> ExportInfo:
+        flags = (
+            TransmissionFlag.HAS_FLAGS
+            | TransmissionFlag.SEND_FLUSH
+            | TransmissionFlag.SEND_FUA
+            | TransmissionFlag.SEND_TRIM
+            | TransmissionFlag.SEND_WRITE_ZEROES
+            | TransmissionFlag.SEND_DF
+            | TransmissionFlag.SEND_CACHE
+            | TransmissionFlag.SEND_FAST_ZERO
+            # One process, one node, flush reaches every child: a flush on
+            # any connection covers writes acknowledged on all of them.
+            | TransmissionFlag.CAN_MULTI_CONN
+        )
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+            flags &= ~(
+                TransmissionFlag.SEND_TRIM
+                | TransmissionFlag.SEND_WRITE_ZEROES
+                | TransmissionFlag.SEND_FAST_ZERO
+            )
+        return ExportInfo(
+            name=self.name,
+            size=self.node.size(),
+            description=self.description,
+            read_only=self.read_only,
+            flags=flags,
+        )
+
+
+class Budget:
+    """A byte budget shared by all connections; one oversized request may pass alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class Connection:
+    def __init__(
+        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or "unix"
+        self.log = log.getChild(f"conn{server.next_id()}")
+        self.log.debug("connected from %s", peer)
+        self.proto = ServerConnection(
+            {name: e.info() for name, e in server.exports.items()}, server.default_export
+        )
+        self.export: Export | None = None
+        self.send_lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.read_task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self.read_task = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            self.writer.write(self.proto.initial_bytes())
+            await self._read_loop()
+        except asyncio.CancelledError:
+            if not self.server.stopping:
+                raise
+        except RemoteProtocolError as err:
+            self.log.warning("protocol error from client: %s", err)
+            self._flush_handshake()
+        except (ConnectionError, OSError) as err:
+            self.log.debug("connection lost: %s", err)
+        finally:
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                self._flush_handshake()
+                await self.writer.drain()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+            self.log.debug("closed")
+
+    def _flush_handshake(self) -> None:
+        out = self.proto.data_to_send()
+        if out:
+            self.writer.write(out)
+
+    async def _read_loop(self) -> None:
+        budget = self.server.budget
+        while True:
+            ev = self.proto.next_event()
+            self._flush_handshake()
+            if ev is NEED_DATA:
+                await self.writer.drain()
+                data = await self.reader.read(READ_CHUNK)
+                self.proto.receive_data(data)
+                continue
+            if isinstance(ev, ExportChosen):
+                self.export = self.server.exports[ev.name]
+                self.log.debug("export %r chosen", ev.name)
+            elif isinstance(ev, Request):
+                cost = ev.length if ev.cmd in (Cmd.READ, Cmd.WRITE) else 0
+                if cost:
+                    await budget.acquire(cost)
+                task = asyncio.create_task(self._serve(ev, cost))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif isinstance(ev, Disconnect):
+                self.log.debug("client disconnected")
+                return
+
+    async def _send(self, reply: object) -> None:
+        async with self.send_lock:
+            iov = self.proto.send(reply)  # type: ignore[arg-type]
+            self.writer.writelines(iov)
+            await self.writer.drain()
+
+    async def _serve(self, req: Request, cost: int) -> None:
+        try:
+            reply = await self._dispatch(req)
+            await self._send(reply)
+        except (ConnectionError, OSError) as err:
+            self.log.debug("reply to %d not sent: %s", req.cookie, err)
+        except Exception:
+            self.log.exception("internal error serving %s", req)
+            with contextlib.suppress(Exception):
+                await self._send(ErrorReply(req.cookie, NbdErrno.EIO, "internal server error"))
+        finally:
+            if cost:
+                await self.server.budget.release(cost)
+
+    async def _dispatch(self, req: Request) -> object:
+        err = self.proto.validate(req)
+        if err:
+            return ErrorReply(req.cookie, err, f"invalid request: {req.cmd!r}")
+        assert self.export is not None
+        node = self.export.node
+        fua = bool(req.flags & CmdFlag.FUA)
+        try:
+            if req.cmd == Cmd.READ:
+                data = await node.pread(req.offset, req.length)
+                return ReadReply(req.cookie, [DataChunk(req.offset, data)])
+            if req.cmd == Cmd.WRITE:
+                await node.pwrite(req.offset, req.data, fua=fua)
+            elif req.cmd == Cmd.FLUSH:
+                await node.flush()
+            elif req.cmd == Cmd.TRIM:
+                await node.trim(req.offset, req.length, fua=fua)
+            elif req.cmd == Cmd.WRITE_ZEROES:
+                await node.zero(
+                    req.offset, req.length,
+                    may_trim=not (req.flags & CmdFlag.NO_HOLE),
+                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                    fua=fua,
+                )
+            elif req.cmd == Cmd.CACHE:
+                await node.cache(req.offset, req.length)
+            elif req.cmd == Cmd.BLOCK_STATUS:
+                extents = await node.block_status(req.offset, req.length)
+                if req.flags & CmdFlag.REQ_ONE:
+                    extents = extents[:1]
+                ctx = next(iter(self.proto.meta_contexts))
+                return BlockStatusReply(req.cookie, ctx, extents)
+            else:
+                return ErrorReply(req.cookie, NbdErrno.EINVAL, "unsupported command")
+        except OSError as err:
+            code = to_nbd_errno(err, req.flags)
+            self.log.info("%s at %d+%d failed: %s", req.cmd.name, req.offset, req.length, err)
+            return ErrorReply(req.cookie, code, str(err.strerror or err))
+        return SimpleReply(req.cookie)
+
+
+class NBDServer:
+    def __init__(
+        self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET
+    ) -> None:
+        self.exports = dict(exports)
+        self.default_export = default_export
+        self.budget = Budget(budget)
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self._ids = 0
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping:
+            writer.close()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    async def listen_unix(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not _socket_alive(path):
+                os.unlink(path)
+        self.servers.append(
+            await asyncio.start_unix_server(self._handle, path=path, limit=READ_CHUNK)
+        )
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        self.servers.append(
+            await asyncio.start_server(self._handle, host=host, port=port, limit=READ_CHUNK,
+                                       reuse_address=True)
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting and reading; let in-flight requests finish and reply."""
+        self.stopping = True
+        for s in self.servers:
+            s.close()
+        for conn in list(self.connections):
+            if conn.read_task is not None:
+                conn.read_task.cancel()
+        while self.connections:
+            await asyncio.sleep(0.01)
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+
+
+def _socket_alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
