@@ -69,6 +69,16 @@ class FileNode(BlockNode):
             os.close(fd)
             raise OSError(errno.EINVAL, f"not a regular file or block device: {filename}")
         self._closed = False
+        self._pins = 0  # in-flight requests using self.fd
+        self._close_pending = False
+
+    def pin(self) -> None:
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
+        if self._pins == 0 and self._close_pending:
+            self._really_close()
 
     def size(self) -> int:
         return self._size
@@ -76,8 +86,12 @@ class FileNode(BlockNode):
     def filename(self) -> str:
         return self.path
 
+    def _fd_open(self) -> bool:
+        # closed for new users, but still valid for the requests that pinned it
+        return not self._closed or self._close_pending
+
     def fast_fd(self) -> int | None:
-        return None if self._closed else self.fd
+        return self.fd if self._fd_open() else None
 
     def actual_size(self) -> int:
         try:
@@ -86,16 +100,24 @@ class FileNode(BlockNode):
             return 0
 
     def _check_open(self) -> None:
-        if self._closed:
+        if not self._fd_open():
             raise oserror(errno.ESHUTDOWN, f"{self.node_name} is closed")
 
     async def pread(self, offset: int, length: int) -> Buffer:
         self._check_open()
-        return await aio.run(pread_full, self.fd, offset, length)
+        self.pin()
+        try:
+            return await aio.run(pread_full, self.fd, offset, length)
+        finally:
+            self.unpin()
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         self._check_open()
-        await aio.run(self._pwrite_sync, offset, data, fua)
+        self.pin()
+        try:
+            await aio.run(self._pwrite_sync, offset, data, fua)
+        finally:
+            self.unpin()
 
     def _pwrite_sync(self, offset: int, data: Buffer, fua: bool) -> None:
         pwrite_full(self.fd, offset, data)
@@ -104,7 +126,11 @@ class FileNode(BlockNode):
 
     async def flush(self) -> None:
         self._check_open()
-        await aio.run(os.fdatasync, self.fd)
+        self.pin()
+        try:
+            await aio.run(os.fdatasync, self.fd)
+        finally:
+            self.unpin()
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.zero(offset, length, may_trim=True, fua=fua)
@@ -114,7 +140,11 @@ class FileNode(BlockNode):
         fua: bool = False,
     ) -> None:
         self._check_open()
-        await aio.run(self._zero_sync, offset, length, may_trim, fast, fua)
+        self.pin()
+        try:
+            await aio.run(self._zero_sync, offset, length, may_trim, fast, fua)
+        finally:
+            self.unpin()
 
     def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         from nbdquorum import native
@@ -133,11 +163,19 @@ class FileNode(BlockNode):
 
     async def cache(self, offset: int, length: int) -> None:
         self._check_open()
-        await aio.run(os.posix_fadvise, self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        self.pin()
+        try:
+            await aio.run(os.posix_fadvise, self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            self.unpin()
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_open()
-        return await aio.run(self._block_status_sync, offset, length)
+        self.pin()
+        try:
+            return await aio.run(self._block_status_sync, offset, length)
+        finally:
+            self.unpin()
 
     def _block_status_sync(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
@@ -171,8 +209,15 @@ class FileNode(BlockNode):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self.fd)
+            if self._pins:
+                self._close_pending = True
+            else:
+                self._really_close()
         super().close()
+
+    def _really_close(self) -> None:
+        self._close_pending = False
+        os.close(self.fd)
 
     def info(self) -> dict[str, Any]:
         d = super().info()

@@ -80,6 +80,20 @@ class BlockNode:
         """
         return None
 
+    def pin(self) -> None:
+        """Keep this node's descriptors open across an in-flight request.
+
+        A child removed and deleted while a request still uses it closes
+        only when the last request unpins it, so an fd is never reused
+        under a running pread/pwrite.
+        """
+        for c in self.children_nodes():
+            c.pin()
+
+    def unpin(self) -> None:
+        for c in self.children_nodes():
+            c.unpin()
+
     # -- lifecycle / introspection ----------------------------------------
     def close(self) -> None:
         for fn in self._on_close:

@@ -246,6 +246,14 @@ class QuorumNode(BlockNode):
             raise oserror(errno.EIO, f"{self.node_name}: no active child")
         for s in voters:
             s.stats.reads += 1
+            s.node.pin()
+        try:
+            return await self._read_voters(voters, offset, length)
+        finally:
+            for s in voters:
+                s.node.unpin()
+
+    async def _read_voters(self, voters: list[ChildSlot], offset: int, length: int) -> Buffer:
         fds = [s.node.fast_fd() for s in voters]
         bufs: list[Buffer | None]
         errs: list[BaseException | None]
@@ -338,34 +346,50 @@ class QuorumNode(BlockNode):
             targets = self.writable()
             for s in targets:
                 s.stats.writes += 1
-            fds = [s.node.fast_fd() for s in targets]
-            errs: list[BaseException | None]
-            if fast is not None and targets and all(fd is not None for fd in fds):
-                codes = await aio.run(fast, [fd for fd in fds if fd is not None])
-                errs = [None if c == 0 else oserror(c, s.node.node_name)
-                        for c, s in zip(codes, targets, strict=True)]
-            else:
-                outs = await asyncio.gather(*(call(s.node) for s in targets), return_exceptions=True)
-                errs = []
-                for out in outs:
-                    if isinstance(out, BaseException) and not isinstance(out, Exception):
-                        raise out
-                    errs.append(out if isinstance(out, BaseException) else None)
-            ok = 0
-            failed: list[BaseException] = []
-            for slot, err in zip(targets, errs, strict=True):
-                if err is None:
-                    if slot.state is ChildState.ACTIVE:
-                        ok += 1
-                    continue
-                failed.append(err)
-                slot.stats.write_errors += 1
-                self._report_bad(slot, "write", offset, length, err)
-                for fn in self.on_missed_write:
-                    fn(slot, offset, length)
-            if ok < self.vote_threshold:
-                self._failure(offset, length)
-                raise oserror(self._voted_errno(failed), f"{self.node_name}: {op} failed on too many children")
+                s.node.pin()
+            try:
+                await self._write_targets(op, offset, length, targets, call, fast)
+            finally:
+                for s in targets:
+                    s.node.unpin()
+
+    async def _write_targets(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        targets: list[ChildSlot],
+        call: Callable[[BlockNode], Awaitable[None]],
+        fast: Callable[[list[int]], list[int]] | None,
+    ) -> None:
+        fds = [s.node.fast_fd() for s in targets]
+        errs: list[BaseException | None]
+        if fast is not None and targets and all(fd is not None for fd in fds):
+            codes = await aio.run(fast, [fd for fd in fds if fd is not None])
+            errs = [None if c == 0 else oserror(c, s.node.node_name)
+                    for c, s in zip(codes, targets, strict=True)]
+        else:
+            outs = await asyncio.gather(*(call(s.node) for s in targets), return_exceptions=True)
+            errs = []
+            for out in outs:
+                if isinstance(out, BaseException) and not isinstance(out, Exception):
+                    raise out
+                errs.append(out if isinstance(out, BaseException) else None)
+        ok = 0
+        failed: list[BaseException] = []
+        for slot, err in zip(targets, errs, strict=True):
+            if err is None:
+                if slot.state is ChildState.ACTIVE:
+                    ok += 1
+                continue
+            failed.append(err)
+            slot.stats.write_errors += 1
+            self._report_bad(slot, "write", offset, length, err)
+            for fn in self.on_missed_write:
+                fn(slot, offset, length)
+        if ok < self.vote_threshold:
+            self._failure(offset, length)
+            raise oserror(self._voted_errno(failed), f"{self.node_name}: {op} failed on too many children")
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         await self._write_all(
