@@ -255,14 +255,17 @@ class QmpEventReader:
         self.command("qmp_capabilities")
 
     def _pump(self) -> None:
-        for line in self.file:
-            msg = json.loads(line)
-            with self.cond:
-                if "event" in msg:
-                    self.events.append(_strip(msg))
-                elif "id" in msg:
-                    self.replies[msg["id"]] = msg
-                self.cond.notify_all()
+        try:
+            for line in self.file:
+                msg = json.loads(line)
+                with self.cond:
+                    if "event" in msg:
+                        self.events.append(_strip(msg))
+                    elif "id" in msg:
+                        self.replies[msg["id"]] = msg
+                    self.cond.notify_all()
+        except OSError:
+            pass  # the daemon went away
 
     def command(self, name: str, **arguments: Any) -> Any:
         with self.cond:
@@ -299,11 +302,11 @@ class Server:
     def __init__(self, tmp: Path, images: list[Path], names: list[str], *,
                  vote_threshold: int | None, read_pattern: str | None,
                  rewrite_corrupted: bool, read_only: bool, listen: tuple[str, int] | None,
-                 export_name: str = EXPORT) -> None:
+                 export_name: str = EXPORT, node_name: str = QUORUM_NODE) -> None:
         self.tmp = tmp
         self.images = images
         self.names = names
-        self.node_name = QUORUM_NODE
+        self.node_name = node_name
         self.export_name = export_name
         self.vote_threshold = vote_threshold
         self.read_pattern = read_pattern
@@ -393,8 +396,16 @@ class Server:
 
     # ----- events
 
-    def events(self) -> list[dict[str, Any]]:
-        """Events received so far, as ``{"event": NAME, "data": {...}}``."""
+    def events(self, every: bool = False) -> list[dict[str, Any]]:
+        """Events received so far, as ``{"event": NAME, "data": {...}}``.
+
+        Only the QUORUM_* events unless ``every``: qsd also reports its own life cycle
+        (BLOCK_EXPORT_DELETED on shutdown, ...).
+        """
+        found = self._events()
+        return found if every else [e for e in found if e["event"].startswith("QUORUM_")]
+
+    def _events(self) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def wait_event(self, name: str, timeout: float = EVENT_TIMEOUT,
@@ -405,7 +416,7 @@ class Server:
         return found[0]
 
     def final_events(self) -> list[dict[str, Any]]:
-        """Every event caused by the requests made so far. Stops the server.
+        """Every QUORUM_* event caused by the requests made so far. Stops the server.
 
         For checks that an event did NOT happen: after a clean shutdown nothing is in
         flight, so an event that is missing now was never emitted.
@@ -446,6 +457,8 @@ class NbdquorumServer(Server):
             argv.append("--rewrite-corrupted")
         if self.read_only:
             argv.append("--read-only")
+        if self.node_name != QUORUM_NODE:
+            argv += ["--node-name", self.node_name]
         if self.export_name != EXPORT:
             argv += ["--export-name", self.export_name]
         if self.listen is not None:
@@ -458,7 +471,7 @@ class NbdquorumServer(Server):
     def env(self) -> dict[str, str]:
         return nbdquorum_env()
 
-    def events(self) -> list[dict[str, Any]]:
+    def _events(self) -> list[dict[str, Any]]:
         found = []
         for line in self.stderr().splitlines():
             if not line.startswith("EVENT "):
@@ -518,7 +531,7 @@ class QsdServer(Server):
         self.qmp = QmpEventReader(self.qmp_path)
         return self
 
-    def events(self) -> list[dict[str, Any]]:
+    def _events(self) -> list[dict[str, Any]]:
         assert self.qmp is not None
         with self.qmp.cond:
             return list(self.qmp.events)
@@ -556,7 +569,9 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
 
     Creates ``children`` zero-filled images of ``size`` bytes in the test's tmp dir
     (unless ``images`` is given), starts the server on a Unix socket (or TCP with
-    ``listen=True``) and reaps it in teardown, checking for exit code 0.
+    ``listen=True``) and reaps it in teardown, checking for exit code 0. Child node
+    names are child0, child1, ... (nbdquorum's defaults, so not passed) unless ``names``
+    is given (then passed as ``--child NAME=PATH``).
     """
     started: list[Server] = []
 
@@ -564,18 +579,22 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
               images: list[Path] | None = None, vote_threshold: int | None = None,
               read_pattern: str | None = None, rewrite_corrupted: bool = False,
               read_only: bool = False, listen: bool = False,
-              export_name: str = EXPORT, **extra: Any) -> Server:
+              export_name: str = EXPORT, names: list[str] | None = None,
+              node_name: str = QUORUM_NODE, **extra: Any) -> Server:
         workdir = tmp_path / f"{target}{len(started)}"
         workdir.mkdir()
         if images is None:
             images = [make_image(tmp_path / f"c{len(started)}-{i}.raw", size)
                       for i in range(children)]
-        names = [f"child{i}" for i in range(len(images))]
+        if names is None:
+            names = [f"child{i}" for i in range(len(images))]
+        elif target == "nbdquorum":
+            extra["named"] = True
         address = ("127.0.0.1", free_tcp_port()) if listen else None
         kwargs: dict[str, Any] = dict(
             vote_threshold=vote_threshold, read_pattern=read_pattern,
             rewrite_corrupted=rewrite_corrupted, read_only=read_only, listen=address,
-            export_name=export_name)
+            export_name=export_name, node_name=node_name)
         server: Server
         if target == "nbdquorum":
             server = NbdquorumServer(workdir, images, names, **kwargs, **extra)
