@@ -1,0 +1,92 @@
+/* nbdquorum C core: quorum voting and child I/O over caller-owned buffers.
+ *
+ * Plain C, no Python.h: the caller passes every pointer and length and owns
+ * every buffer; nothing allocated here crosses the boundary.  Every function
+ * returns int: >= 0 is a result (a child index, a count or a flag), < 0 is
+ * -errno.
+ * None of them call back into Python, so cffi runs them without the GIL.
+ *
+ * Voting follows qemu/qemu block/quorum.c (quorum_vote): children whose
+ * contents are byte-identical form one "version"; the version with the most
+ * members wins if it has at least `threshold` members.  Two differences from
+ * QEMU: versions are found with memcmp (no hashing ever), and a tie for the
+ * most members fails with -EIO instead of picking one: we never guess.
+ *
+ * The prototypes below are repeated, declarations only, in quorum.cdef for
+ * cffi; the cffi build compiles against this header, so a drifted cdef fails
+ * the build rather than the run.
+ */
+#ifndef NBDQUORUM_QUORUM_H
+#define NBDQUORUM_QUORUM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Vote over nbufs buffers of len bytes each.
+ *
+ * bufs[i] == NULL: child i failed or is absent and does not vote.
+ * group_out[i] := index of the first buffer of i's version (its
+ * representative), or -1 for a NULL buffer.  group_out is filled even when
+ * the vote fails, so the caller can report who disagreed.
+ *
+ * Fast path: memcmp of the first non-NULL buffer with each other one.  On a
+ * mismatch the remaining buffers are grouped by memcmp against each version's
+ * representative.
+ *
+ * Returns the representative index of the winning version: the version with
+ * the most members, if that count >= threshold and no other version has the
+ * same count.  Otherwise, or if every buffer is NULL, -EIO.
+ * threshold < 1, nbufs == 0 or nbufs > INT32_MAX: -EINVAL. */
+int quorum_vote(const uint8_t *const bufs[], size_t nbufs, size_t len,
+                int threshold, int32_t group_out[]);
+
+/* Compare a and b (len bytes each).  Returns 0 if they are equal; 1 if they
+ * differ, with span_out[0] = offset of the first differing byte and
+ * span_out[1] = one past the last differing byte.  -EINVAL on NULL pointers. */
+int quorum_diff_span(const uint8_t *a, const uint8_t *b, size_t len,
+                     uint64_t span_out[2]);
+
+/* For each i with fds[i] >= 0: pread len bytes at offset into bufs[i],
+ * looping on short reads and EINTR; reaching EOF before len bytes is EIO.
+ * errs_out[i] := 0 or the errno.  fds[i] < 0: child i is skipped,
+ * errs_out[i] := -1, and it does not vote.
+ *
+ * Then votes, as quorum_vote, over the children that read OK (the others
+ * count as NULL buffers), and returns as quorum_vote.  The reads run one
+ * after another in the calling thread.
+ * -EINVAL, before any I/O: nfds == 0, threshold < 1, offset + len beyond
+ * INT64_MAX, or a NULL bufs[i] for a child that is to be read. */
+int quorum_pread_vote(const int fds[], size_t nfds, uint64_t offset,
+                      size_t len, uint8_t *const bufs[], int errs_out[],
+                      int threshold, int32_t group_out[]);
+
+/* pwrite len bytes of buf at offset to every fds[i] >= 0, looping on short
+ * writes and EINTR (a write that makes no progress is EIO); if sync is
+ * non-zero, fdatasync each child after its write.  errs_out[i] := 0, the
+ * errno, or -1 for a skipped child (fds[i] < 0).
+ * Returns the number of children that succeeded.
+ * -EINVAL, before any I/O: NULL buf with len > 0, or offset + len beyond
+ * INT64_MAX. */
+int quorum_pwrite_all(const int fds[], size_t nfds, uint64_t offset,
+                      const uint8_t *buf, size_t len, int sync,
+                      int errs_out[]);
+
+/* Deallocate len bytes at offset (fallocate PUNCH_HOLE | KEEP_SIZE): the
+ * range then reads as zeroes and the file keeps its size.  Returns 1 if done
+ * (len == 0 is done), 0 if the file or system cannot (EOPNOTSUPP, ENOSYS, or
+ * not Linux), else -errno. */
+int quorum_punch_hole(int fd, uint64_t offset, uint64_t len);
+
+/* Zero len bytes at offset without writing them (fallocate ZERO_RANGE |
+ * KEEP_SIZE).  Returns as quorum_punch_hole. */
+int quorum_zero_range(int fd, uint64_t offset, uint64_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NBDQUORUM_QUORUM_H */

@@ -1,0 +1,211 @@
+"""Typed wrappers over the C core (native/quorum.c).
+
+This is the only module that imports the compiled ``nbdquorum._native_lib``.
+Inputs go to C zero-copy through ``ffi.from_buffer`` (never written through
+when they are read-only), outputs come back as Python values, and a negative
+return from C becomes ``OSError(-rc, os.strerror(-rc))``.  A vote without a
+quorum is not an exception here: it is a ``VoteResult`` whose ``winner`` is
+None, so the caller still learns who disagreed.
+
+cffi releases the GIL for every call, so these are meant to run on a thread
+pool (``loop.run_in_executor``) for large buffers.  The buffers must not be
+resized while a call runs; cffi holds a buffer export, so a bytearray that is
+resized meanwhile raises BufferError instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from nbdquorum._native_lib import ffi, lib
+from nbdquorum.block.vote import Buffer, VoteResult
+
+if TYPE_CHECKING:
+    from nbdquorum._native_lib import _CData
+
+__all__ = [
+    "Buffer",
+    "VoteResult",
+    "diff_span",
+    "pread_vote",
+    "punch_hole",
+    "pwrite_all",
+    "vote",
+    "zero_range",
+]
+
+# Stands in for every empty buffer: its exporter may hand out a NULL pointer,
+# which the C side would take for a failed child.
+_EMPTY = ffi.new("uint8_t[1]")
+
+
+def _check(rc: int) -> int:
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return rc
+
+
+def _winner(rc: int) -> int | None:
+    """Map a vote return to a winner index; -EIO is no quorum, not an error."""
+    if rc == -errno.EIO:
+        return None
+    return _check(rc)
+
+
+def _pointer(buf: Buffer, *, writable: bool = False) -> tuple[_CData, int]:
+    """Zero-copy pointer to ``buf`` and its size in bytes.
+
+    The cdata keeps the buffer exported: hold it until the C call returns.
+    """
+    cdata = ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+    size = len(cdata)
+    return (cdata if size else _EMPTY), size
+
+
+def _threshold(threshold: int, n: int) -> int:
+    """Clamp into C int range without changing the outcome of the vote."""
+    return 0 if threshold < 1 else min(threshold, n + 1)
+
+
+def _check_offset(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length: {offset}, {length}")
+
+
+def vote(bufs: Sequence[Buffer | None], threshold: int) -> VoteResult:
+    """Vote over the children's buffers; a ``None`` buffer does not vote.
+
+    Raises:
+        OSError: EINVAL if ``bufs`` is empty or ``threshold`` < 1.
+        ValueError: if the buffers that vote differ in length.
+    """
+    n = len(bufs)
+    ptrs = ffi.new("const uint8_t *[]", n)
+    keep = []  # the exports behind ptrs, alive until the call returns
+    length: int | None = None
+    for i, buf in enumerate(bufs):
+        if buf is None:
+            continue
+        cdata, size = _pointer(buf)
+        if length is None:
+            length = size
+        elif size != length:
+            raise ValueError("buffers to vote on differ in length")
+        keep.append(cdata)
+        ptrs[i] = cdata
+    groups = ffi.new("int32_t[]", n)
+    rc = lib.quorum_vote(ptrs, n, length or 0, _threshold(threshold, n), groups)
+    return VoteResult(_winner(rc), tuple(ffi.unpack(groups, n)))
+
+
+def diff_span(a: Buffer, b: Buffer) -> tuple[int, int] | None:
+    """Return (first differing offset, one past the last), or None if equal.
+
+    Raises:
+        ValueError: if ``a`` and ``b`` differ in length.
+    """
+    pa, length = _pointer(a)
+    pb, length_b = _pointer(b)
+    if length_b != length:
+        raise ValueError("buffers to compare differ in length")
+    span = ffi.new("uint64_t[2]")
+    if _check(lib.quorum_diff_span(pa, pb, length, span)) == 0:
+        return None
+    return int(span[0]), int(span[1])
+
+
+def pread_vote(
+    fds: Sequence[int],
+    offset: int,
+    length: int,
+    threshold: int,
+    bufs: Sequence[bytearray] | None = None,
+) -> tuple[VoteResult, list[bytearray], list[int]]:
+    """Read ``length`` bytes at ``offset`` from every child, then vote.
+
+    A negative fd skips its child.  ``bufs`` are the read buffers, one per
+    child and each at least ``length`` bytes (the first ``length`` are used);
+    when omitted, a ``bytearray(length)`` is allocated for every child.
+
+    Returns ``(result, bufs, errnos)``: ``errnos[i]`` is 0 if child i read
+    OK, its errno if the read failed (EIO for a read that hit EOF), or -1 if
+    it was skipped.  Only the children that read OK vote; with too few of
+    them, ``result.winner`` is None.
+
+    Raises:
+        OSError: EINVAL if ``fds`` is empty, ``threshold`` < 1, or the range
+            does not fit in an off_t.
+        ValueError: on a negative offset or length, or bad ``bufs``.
+    """
+    _check_offset(offset, length)
+    n = len(fds)
+    out = [bytearray(length) for _ in range(n)] if bufs is None else list(bufs)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} buffers for {n} children")
+    ptrs = ffi.new("uint8_t *[]", n)
+    keep = []  # the exports behind ptrs, alive until the call returns
+    for i, (fd, buf) in enumerate(zip(fds, out, strict=True)):
+        if fd < 0:
+            continue
+        cdata, size = _pointer(buf, writable=True)
+        if size < length:
+            raise ValueError(f"buffer {i} holds {size} bytes, need {length}")
+        keep.append(cdata)
+        ptrs[i] = cdata
+    errs = ffi.new("int[]", n)
+    groups = ffi.new("int32_t[]", n)
+    cfds = ffi.new("int[]", list(fds))
+    rc = lib.quorum_pread_vote(
+        cfds, n, offset, length, ptrs, errs, _threshold(threshold, n), groups
+    )
+    result = VoteResult(_winner(rc), tuple(ffi.unpack(groups, n)))
+    return result, out, ffi.unpack(errs, n)
+
+
+def pwrite_all(fds: Sequence[int], offset: int, data: Buffer, sync: bool) -> list[int]:
+    """Write ``data`` at ``offset`` to every child; fdatasync each if ``sync``.
+
+    A negative fd skips its child.  Returns per child 0 (written), the errno
+    of the failed write or sync, or -1 (skipped); the caller decides whether
+    enough children succeeded.
+
+    Raises:
+        OSError: EINVAL if the range does not fit in an off_t.
+        ValueError: on a negative offset.
+    """
+    _check_offset(offset, 0)
+    n = len(fds)
+    errs = ffi.new("int[]", n)
+    pdata, length = _pointer(data)
+    cfds = ffi.new("int[]", list(fds))
+    _check(lib.quorum_pwrite_all(cfds, n, offset, pdata, length, int(sync), errs))
+    return ffi.unpack(errs, n)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range so it reads as zeroes, keeping the file size.
+
+    Returns False if the file system cannot punch holes (EOPNOTSUPP).
+
+    Raises:
+        OSError: any other fallocate error.
+        ValueError: on a negative offset or length.
+    """
+    _check_offset(offset, length)
+    return _check(lib.quorum_punch_hole(fd, offset, length)) == 1
+
+
+def zero_range(fd: int, offset: int, length: int) -> bool:
+    """Zero a range without writing it (fallocate ZERO_RANGE), keeping the size.
+
+    Returns False if the file system cannot (EOPNOTSUPP).
+
+    Raises:
+        OSError: any other fallocate error.
+        ValueError: on a negative offset or length.
+    """
+    _check_offset(offset, length)
+    return _check(lib.quorum_zero_range(fd, offset, length)) == 1
