@@ -35,6 +35,7 @@ from typing import Any
 
 from nbdquorum import native
 from nbdquorum.block import aio
+from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
 from nbdquorum.block.rangelock import RangeLock
@@ -80,6 +81,20 @@ class ChildSlot:
     node: BlockNode  # the child node
     state: ChildState = ChildState.ACTIVE
     stats: ChildStats = field(default_factory=ChildStats)
+    #: regions not yet in sync (a resyncing child); None when in sync
+    sync: RegionBitmap | None = None
+    #: errors counted toward max-errors since the child joined or was cleared
+    error_count: int = 0
+
+
+class WriteIntent:
+    """What the quorum needs from a write-intent log (state.py implements it)."""
+
+    async def mark(self, offset: int, length: int) -> None:
+        """Make the regions durable-dirty before a write is sent to children."""
+
+    def done(self, offset: int, length: int) -> None:
+        """The write to this range finished on every child."""
 
 
 def sector_span(offset: int, length: int) -> tuple[int, int]:
@@ -102,6 +117,8 @@ class QuorumNode(BlockNode):
         read_pattern: ReadPattern = ReadPattern.QUORUM,
         rewrite_corrupted: bool = False,
         read_only: bool = False,
+        max_errors: int = 20,
+        child_timeout: float = 30.0,
     ) -> None:
         super().__init__(node_name, read_only=read_only)
         if not children:
@@ -121,6 +138,14 @@ class QuorumNode(BlockNode):
         self.rewrite_corrupted = rewrite_corrupted
         self.bus = bus
         self.lock = RangeLock()
+        #: errors after which a child is marked faulted (md's max_read_errors); 0: never
+        self.max_errors = max_errors
+        #: seconds a child (on the non-fd path) may take before it counts as failed
+        self.child_timeout = child_timeout
+        #: the write-intent log, when a state dir is configured
+        self.write_intent: WriteIntent | None = None
+        #: monotonic time of the last client request (scrub yields to client I/O)
+        self.last_client_io = 0.0
         #: called after each membership/state change (persistence hooks in)
         self.on_change: list[Callable[[], None]] = []
         #: called with (slot, offset, length) when a write to a non-active
@@ -214,6 +239,30 @@ class QuorumNode(BlockNode):
             {"reference": self.node_name, "sectors-count": count, "sector-num": num},
         )
 
+    async def _timed(self, aw: Awaitable[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(aw, self.child_timeout)
+        except TimeoutError:
+            raise oserror(errno.ETIMEDOUT, "child did not answer") from None
+
+    def _count_error(self, slot: ChildSlot) -> None:
+        slot.error_count += 1
+        if self.max_errors and slot.error_count >= self.max_errors and slot in self.slots:
+            log.error("child %s reached %d errors: faulted", slot.node.node_name, slot.error_count)
+            self.set_state(slot, ChildState.FAULTED)
+
+    def _missed_write(self, slot: ChildSlot, offset: int, length: int) -> None:
+        """A child failed a write the quorum acknowledged: it is out of sync there."""
+        if slot.state is ChildState.FAULTED or slot not in self.slots:
+            return
+        if slot.sync is None:
+            slot.sync = RegionBitmap(self._size)
+        slot.sync.set_range(offset, length)
+        if slot.state is ChildState.ACTIVE:
+            self.set_state(slot, ChildState.RESYNCING)
+        for fn in list(self.on_missed_write):
+            fn(slot, offset, length)
+
     @staticmethod
     def _voted_errno(errors: Sequence[BaseException]) -> int:
         codes = [e.errno if isinstance(e, OSError) and e.errno else errno.EIO for e in errors]
@@ -236,6 +285,7 @@ class QuorumNode(BlockNode):
                 slot.stats.read_errors += 1
                 errors.append(err)
                 self._report_bad(slot, "read", offset, length, err)
+                self._count_error(slot)
         self._failure(offset, length)
         raise oserror(self._voted_errno(errors), f"{self.node_name}: no child could read")
 
@@ -267,7 +317,8 @@ class QuorumNode(BlockNode):
                     for c, s in zip(codes, voters, strict=True)]
         else:
             outcomes = await asyncio.gather(
-                *(s.node.pread(offset, length) for s in voters), return_exceptions=True
+                *(self._timed(s.node.pread(offset, length)) for s in voters),
+                return_exceptions=True,
             )
             bufs, errs = [], []
             for out in outcomes:
@@ -285,6 +336,7 @@ class QuorumNode(BlockNode):
             if err is not None:
                 slot.stats.read_errors += 1
                 self._report_bad(slot, "read", offset, length, err)
+                self._count_error(slot)
         if len(voters) - len(failed) < self.vote_threshold:
             self._failure(offset, length)
             raise oserror(self._voted_errno(failed), f"{self.node_name}: too few children read")
@@ -343,6 +395,9 @@ class QuorumNode(BlockNode):
         fast: Callable[[list[int]], list[int]] | None = None,
     ) -> None:
         async with self.lock.hold(offset, length, exclusive=True):
+            intent = self.write_intent
+            if intent is not None:
+                await intent.mark(offset, length)
             targets = self.writable()
             for s in targets:
                 s.stats.writes += 1
@@ -352,6 +407,8 @@ class QuorumNode(BlockNode):
             finally:
                 for s in targets:
                     s.node.unpin()
+                if intent is not None:
+                    intent.done(offset, length)
 
     async def _write_targets(
         self,
@@ -369,7 +426,8 @@ class QuorumNode(BlockNode):
             errs = [None if c == 0 else oserror(c, s.node.node_name)
                     for c, s in zip(codes, targets, strict=True)]
         else:
-            outs = await asyncio.gather(*(call(s.node) for s in targets), return_exceptions=True)
+            outs = await asyncio.gather(*(self._timed(call(s.node)) for s in targets),
+                                        return_exceptions=True)
             errs = []
             for out in outs:
                 if isinstance(out, BaseException) and not isinstance(out, Exception):
@@ -385,11 +443,13 @@ class QuorumNode(BlockNode):
             failed.append(err)
             slot.stats.write_errors += 1
             self._report_bad(slot, "write", offset, length, err)
-            for fn in self.on_missed_write:
-                fn(slot, offset, length)
         if ok < self.vote_threshold:
             self._failure(offset, length)
             raise oserror(self._voted_errno(failed), f"{self.node_name}: {op} failed on too many children")
+        for slot, err in zip(targets, errs, strict=True):
+            if err is not None:
+                self._missed_write(slot, offset, length)
+                self._count_error(slot)
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         await self._write_all(
@@ -412,7 +472,8 @@ class QuorumNode(BlockNode):
 
     async def flush(self) -> None:
         targets = self.writable()
-        outs = await asyncio.gather(*(s.node.flush() for s in targets), return_exceptions=True)
+        outs = await asyncio.gather(*(self._timed(s.node.flush()) for s in targets),
+                                    return_exceptions=True)
         ok = 0
         failed: list[BaseException] = []
         for slot, out in zip(targets, outs, strict=True):
@@ -422,6 +483,7 @@ class QuorumNode(BlockNode):
                 failed.append(out)
                 slot.stats.flush_errors += 1
                 self._report_bad(slot, "flush", 0, 0, out)
+                self._count_error(slot)
             elif slot.state is ChildState.ACTIVE:
                 ok += 1
         if ok < self.vote_threshold:
@@ -471,7 +533,15 @@ class QuorumNode(BlockNode):
     def set_state(self, slot: ChildSlot, state: ChildState) -> None:
         if slot.state is not state:
             log.warning("child %s (%s): %s -> %s", slot.node.node_name, slot.name, slot.state, state)
+            previous = slot.state
             slot.state = state
+            if state is ChildState.ACTIVE:
+                slot.sync = None
+            self.bus.emit(
+                "QUORUM_CHILD_STATE_CHANGE",
+                {"node-name": slot.node.node_name, "child": slot.name, "parent": self.node_name,
+                 "state": str(state), "previous": str(previous)},
+            )
             self._changed()
 
     def _changed(self) -> None:

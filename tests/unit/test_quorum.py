@@ -193,8 +193,12 @@ def test_write_succeeds_with_threshold_and_fails_below(events: Any) -> None:
     q = QuorumNode("q", kids, vote_threshold=2, bus=bus)
     kids[2].fail_write = errno.ENOSPC
     run(q.pwrite(0, b"zz"))
-    assert [e.data["type"] for e in seen] == ["write"]
-    assert seen[0].data["error"] == os.strerror(errno.ENOSPC)
+    bad = [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
+    assert [e.data["type"] for e in bad] == ["write"]
+    assert bad[0].data["error"] == os.strerror(errno.ENOSPC)
+    # the child missed an acknowledged write: it stops voting until resynced
+    assert q.slots[2].state is ChildState.RESYNCING
+    assert q.slots[2].sync is not None and list(q.slots[2].sync) == [0]
     kids[1].fail_write = errno.ENOSPC
     with pytest.raises(OSError) as ei:
         run(q.pwrite(0, b"yy"))
@@ -290,8 +294,43 @@ def test_resyncing_child_gets_writes_but_never_votes(events: Any) -> None:
     kids = [MemNode(f"m{i}") for i in range(3)]
     q = QuorumNode("q", kids, vote_threshold=2, bus=bus)
     q.set_state(q.slots[2], ChildState.RESYNCING)
+    assert seen[-1].name == "QUORUM_CHILD_STATE_CHANGE"
+    assert seen[-1].data["state"] == "resyncing"
+    seen.clear()
     kids[2].buf[0:3] = b"bad"
     assert bytes(run(q.pread(0, 3))) == bytes(3)
     assert seen == []
     run(q.pwrite(0, b"new"))
     assert bytes(kids[2].buf[0:3]) == b"new"
+
+
+def test_child_is_faulted_after_max_errors_and_gets_no_more_io(events: Any) -> None:
+    bus, seen = events
+    kids = [MemNode(f"m{i}") for i in range(3)]
+    q = QuorumNode("q", kids, vote_threshold=2, bus=bus, max_errors=3)
+    kids[1].fail_read = errno.EIO
+    for _ in range(3):
+        run(q.pread(0, 512))
+    assert q.slots[1].state is ChildState.FAULTED
+    assert any(e.name == "QUORUM_CHILD_STATE_CHANGE" and e.data["state"] == "faulted" for e in seen)
+    n = q.slots[1].stats.reads
+    run(q.pread(0, 512))
+    run(q.pwrite(0, b"ok"))
+    assert q.slots[1].stats.reads == n and q.slots[1].stats.writes == 0
+    assert bytes(kids[1].buf[:2]) == bytes(2)
+
+
+def test_hung_child_times_out_without_failing_the_client(events: Any) -> None:
+    bus, seen = events
+
+    class Hang(MemNode):
+        async def pread(self, offset: int, length: int) -> Buffer:
+            await asyncio.Event().wait()
+            raise AssertionError
+
+    kids: list[BlockNode] = [MemNode("m0"), MemNode("m1"), Hang("h")]
+    q = QuorumNode("q", kids, vote_threshold=2, bus=bus, child_timeout=0.05)
+    assert bytes(run(q.pread(0, 4))) == bytes(4)
+    bad = [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
+    assert bad[0].data["node-name"] == "h"
+    assert bad[0].data["error"] == os.strerror(errno.ETIMEDOUT)
