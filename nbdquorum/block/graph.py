@@ -31,6 +31,8 @@ class Graph:
         self.nodes: dict[str, BlockNode] = {}  # node-name -> node, insertion order
         self.in_use: dict[str, str] = {}  # node-name -> what uses it (an export)
         self._auto = 0
+        #: the state a child added live starts in (see child_add)
+        self.new_child_state = ChildState.ACTIVE
         #: hooks run after a child joins a quorum (the resync job hooks in)
         self.on_child_added: list[Callable[[QuorumNode, ChildSlot], None]] = []
         self.on_child_removed: list[Callable[[QuorumNode, ChildSlot], None]] = []
@@ -115,9 +117,15 @@ class Graph:
         return node
 
     def child_add(
-        self, parent: str, node_name: str, state: ChildState = ChildState.ACTIVE
+        self, parent: str, node_name: str, state: ChildState | None = None
     ) -> ChildSlot:
-        """x-blockdev-change {parent, node} / x-blockdev-child-add {parent, child}."""
+        """x-blockdev-change {parent, node} / x-blockdev-child-add {parent, child}.
+
+        The new child starts in ``new_child_state``: ``resyncing`` in the
+        server (a background job copies the voted contents before it votes),
+        ``active`` for QEMU's semantics (its data must already be consistent).
+        """
+        state = state or self.new_child_state
         q = self._quorum(parent, "adding")
         node = self.get(node_name)
         if node is q:

@@ -28,6 +28,7 @@ import enum
 import errno
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,8 @@ class QuorumNode(BlockNode):
         self.write_intent: WriteIntent | None = None
         #: monotonic time of the last client request (scrub yields to client I/O)
         self.last_client_io = 0.0
+        #: the last scrub's result (jobs/scrub.py), for status displays
+        self.last_scrub: dict[str, Any] | None = None
         #: called after each membership/state change (persistence hooks in)
         self.on_change: list[Callable[[], None]] = []
         #: called with (slot, offset, length) when a write to a non-active
@@ -204,10 +207,13 @@ class QuorumNode(BlockNode):
                     "node-name": s.node.node_name,
                     "filename": s.node.filename(),
                     "state": str(s.state),
+                    "errors": s.error_count,
+                    "unsynced-bytes": s.sync.dirty_bytes() if s.sync is not None else 0,
                     **s.stats.as_dict(),
                 }
                 for s in self.slots
             ],
+            "last-scrub": self.last_scrub,
         }
 
     # -- events ---------------------------------------------------------------
@@ -270,10 +276,26 @@ class QuorumNode(BlockNode):
 
     # -- read -----------------------------------------------------------------
     async def pread(self, offset: int, length: int) -> Buffer:
+        self.last_client_io = time.monotonic()
         async with self.lock.hold(offset, length, exclusive=False):
             if self.read_pattern is ReadPattern.FIFO:
                 return await self._read_fifo(offset, length)
-            return await self._read_quorum(offset, length)
+            return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted)
+
+    async def read_voted(self, offset: int, length: int) -> Buffer:
+        """A voted read for a job that already holds the range lock."""
+        return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted)
+
+    async def verify(self, offset: int, length: int, *, repair: bool) -> dict[str, int]:
+        """Scrub one range: vote, report, count; with repair, rewrite the losers.
+
+        Returns {node-name: differing bytes} for the children that lost.
+        Raises OSError (EIO) when the range has no quorum.
+        """
+        findings: dict[str, int] = {}
+        async with self.lock.hold(offset, length, exclusive=repair):
+            await self._read_quorum(offset, length, rewrite=repair, findings=findings)
+        return findings
 
     async def _read_fifo(self, offset: int, length: int) -> Buffer:
         errors: list[BaseException] = []
@@ -289,7 +311,10 @@ class QuorumNode(BlockNode):
         self._failure(offset, length)
         raise oserror(self._voted_errno(errors), f"{self.node_name}: no child could read")
 
-    async def _read_quorum(self, offset: int, length: int) -> Buffer:
+    async def _read_quorum(
+        self, offset: int, length: int, *, rewrite: bool,
+        findings: dict[str, int] | None = None,
+    ) -> Buffer:
         voters = self.active()
         if not voters:
             self._failure(offset, length)
@@ -298,12 +323,15 @@ class QuorumNode(BlockNode):
             s.stats.reads += 1
             s.node.pin()
         try:
-            return await self._read_voters(voters, offset, length)
+            return await self._read_voters(voters, offset, length, rewrite, findings)
         finally:
             for s in voters:
                 s.node.unpin()
 
-    async def _read_voters(self, voters: list[ChildSlot], offset: int, length: int) -> Buffer:
+    async def _read_voters(
+        self, voters: list[ChildSlot], offset: int, length: int, rewrite: bool,
+        findings: dict[str, int] | None,
+    ) -> Buffer:
         fds = [s.node.fast_fd() for s in voters]
         bufs: list[Buffer | None]
         errs: list[BaseException | None]
@@ -352,12 +380,12 @@ class QuorumNode(BlockNode):
         assert win is not None
         losers = [i for i in result.losers]
         if losers:
-            await self._handle_losers(voters, bufs, win, losers, offset)
+            await self._handle_losers(voters, bufs, win, losers, offset, rewrite, findings)
         return win
 
     async def _handle_losers(
         self, voters: list[ChildSlot], bufs: list[Buffer | None], win: Buffer,
-        losers: list[int], offset: int,
+        losers: list[int], offset: int, rewrite: bool, findings: dict[str, int] | None,
     ) -> None:
         rewrites: list[Awaitable[None]] = []
         for i in losers:
@@ -368,8 +396,10 @@ class QuorumNode(BlockNode):
                 continue
             first, end = span
             slot.stats.checksum_errors += 1
+            if findings is not None:
+                findings[slot.node.node_name] = end - first
             self._report_bad(slot, "read", offset + first, end - first)
-            if self.rewrite_corrupted:
+            if rewrite:
                 a = (first // SECTOR) * SECTOR
                 b = min(len(win), -(-end // SECTOR) * SECTOR)
                 rewrites.append(self._rewrite(slot, offset + a, memoryview(win)[a:b]))
@@ -394,6 +424,7 @@ class QuorumNode(BlockNode):
         call: Callable[[BlockNode], Awaitable[None]],
         fast: Callable[[list[int]], list[int]] | None = None,
     ) -> None:
+        self.last_client_io = time.monotonic()
         async with self.lock.hold(offset, length, exclusive=True):
             intent = self.write_intent
             if intent is not None:
@@ -514,6 +545,8 @@ class QuorumNode(BlockNode):
                 f"'{self.node_name}' of size {self._size}"
             )
         slot = ChildSlot(f"children.{self.next_child_index}", node, state)
+        if state is ChildState.RESYNCING:
+            slot.sync = RegionBitmap(self._size, fill=True)  # nothing copied yet
         self.next_child_index += 1
         self.slots.append(slot)
         self._changed()

@@ -1,0 +1,3 @@
+"""Background jobs: resync of a new child, scrub (QEMU's job vocabulary)."""
+
+from __future__ import annotations

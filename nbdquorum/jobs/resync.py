@@ -1,0 +1,117 @@
+"""Resync: copy the voted contents onto a child that is not in sync.
+
+A child that joins a quorum (or misses an acknowledged write) is
+``resyncing``: it receives every new write, never votes and is never read,
+and its ``sync`` bitmap lists the regions still to copy.  The job walks the
+bitmap; for each region it takes the quorum's range lock exclusively (so no
+client write can race the copy), reads the voted bytes from the active
+children, writes them to the child and clears the bit.  Bits set again by a
+failed write while the job runs are picked up before it finishes.  When the
+bitmap is empty the child is flushed and becomes ``active`` (md's recovery,
+ZFS's resilver).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode
+from nbdquorum.eventbus import EventBus
+from nbdquorum.jobs.job import Job, JobManager, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class ResyncJob(Job):
+    job_type = "resync"
+
+    def __init__(
+        self, quorum: QuorumNode, slot: ChildSlot, bus: EventBus, *, speed: int = 0,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(f"resync-{slot.node.node_name}", slot.node.node_name, bus, speed=speed)
+        self.quorum = quorum
+        self.slot = slot
+        self.on_progress = on_progress  # persistence checkpoint hook
+
+    def _still_member(self) -> bool:
+        return self.slot in self.quorum.slots and self.slot.state is ChildState.RESYNCING
+
+    async def run(self) -> None:
+        q, slot = self.quorum, self.slot
+        bm = slot.sync
+        if bm is None:
+            q.set_state(slot, ChildState.ACTIVE)
+            return
+        self.total = bm.dirty_bytes()
+        log.info("resync of %s: %d bytes to copy", slot.node.node_name, self.total)
+        while bm.count():
+            for bit in list(bm):
+                if not self._still_member():
+                    raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
+                if not bm.test(bit):
+                    continue
+                off, n = bm.region_of(bit)
+                slot.node.pin()
+                try:
+                    async with q.lock.hold(off, n, exclusive=True):
+                        data = await q.read_voted(off, n)
+                        await slot.node.pwrite(off, data)
+                        bm.clear_bit(bit)
+                finally:
+                    slot.node.unpin()
+                await self.checkpoint(n)
+                if self.on_progress is not None:
+                    self.on_progress()
+            if bm.count():  # writes failed on the child meanwhile: more to do
+                self.total += bm.dirty_bytes()
+        await slot.node.flush()
+        if not self._still_member():
+            raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
+        q.set_state(slot, ChildState.ACTIVE)
+        log.info("resync of %s complete", slot.node.node_name)
+
+
+class ResyncManager:
+    """Starts a resync job whenever a child needs one, one job per child."""
+
+    def __init__(self, graph: Graph, jobs: JobManager, *, speed: int = 0,
+                 on_progress: Callable[[], None] | None = None) -> None:
+        self.graph = graph
+        self.jobs = jobs
+        self.speed = speed  # default rate limit for new jobs, bytes/second
+        self.on_progress = on_progress
+        graph.new_child_state = ChildState.RESYNCING
+        graph.on_child_added.append(lambda q, slot: self.ensure(q, slot))
+        self._hooked: set[int] = set()
+        for q in graph.quorums():
+            self.hook(q)
+
+    def hook(self, q: QuorumNode) -> None:
+        if id(q) not in self._hooked:
+            self._hooked.add(id(q))
+            q.on_missed_write.append(lambda slot, off, n: self.ensure(q, slot))
+
+    def job_for(self, slot: ChildSlot) -> ResyncJob | None:
+        job = self.jobs.jobs.get(f"resync-{slot.node.node_name}")
+        return job if isinstance(job, ResyncJob) else None
+
+    def ensure(self, q: QuorumNode, slot: ChildSlot, speed: int | None = None) -> ResyncJob | None:
+        """Start a resync for *slot* unless one is running (or it is in sync)."""
+        self.hook(q)
+        if slot.state is not ChildState.RESYNCING:
+            return None
+        job = self.job_for(slot)
+        if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED):
+            return job
+        job = ResyncJob(q, slot, self.graph.bus, speed=self.speed if speed is None else speed,
+                        on_progress=self.on_progress)
+        self.jobs.add(job)
+        return job
+
+    def resume_all(self) -> None:
+        for q in self.graph.quorums():
+            for slot in q.slots:
+                self.ensure(q, slot)

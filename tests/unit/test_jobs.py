@@ -1,0 +1,125 @@
+"""Resync and scrub jobs on real temp files, with the job status machine."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from nbdquorum.block.bitmap import RegionBitmap
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.quorum import ChildState, QuorumNode
+from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.jobs.job import JobManager
+from nbdquorum.jobs.resync import ResyncManager
+from nbdquorum.jobs.scrub import ScrubJob
+
+SIZE = 4 << 20
+
+
+def run(coro: Any) -> Any:
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def setup(tmp_path: Path, n: int = 3) -> tuple[Graph, QuorumNode, list[Event]]:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    g = Graph(bus)
+    kids = [g.open_raw_file(f"c{i}", str(tmp_path / f"c{i}.raw"), create_size=SIZE) for i in range(n)]
+    q = QuorumNode("q0", kids, vote_threshold=2, bus=bus)
+    g.add(q)
+    return g, q, seen
+
+
+def test_bitmap_ranges_and_roundtrip() -> None:
+    bm = RegionBitmap(5 << 20, 1 << 20)
+    assert bm.nbits == 5
+    assert bm.set_range((1 << 20) - 1, 2) == [0, 1]
+    assert list(bm) == [0, 1] and bm.count() == 2
+    assert RegionBitmap.from_hex(5 << 20, 1 << 20, bm.to_hex()).count() == 2
+    full = RegionBitmap(5 << 20, 1 << 20, fill=True)
+    assert full.count() == 5 and full.dirty_bytes() == 5 << 20
+
+
+def test_added_child_resyncs_under_writes_then_becomes_active(tmp_path: Path) -> None:
+    g, q, seen = setup(tmp_path)
+
+    async def main() -> None:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs, speed=8 << 20)  # slow enough that writes race the copy
+        await q.pwrite(0, b"\x11" * SIZE)
+        g.open_raw_file("new", str(tmp_path / "new.raw"), create_size=SIZE)
+        slot = g.child_add("q0", "new")
+        assert slot.state is ChildState.RESYNCING
+        job = jobs.jobs["resync-new"]
+        writes = [q.pwrite(i * 300_000, bytes([i + 1]) * 70_000) for i in range(12)]
+        await asyncio.gather(*writes)
+        await job.wait()
+        assert slot.state is ChildState.ACTIVE
+        assert jobs.history[-1]["id"] == "resync-new" and "error" not in jobs.history[-1]
+
+    run(main())
+    imgs = [(tmp_path / f).read_bytes() for f in ("c0.raw", "c1.raw", "c2.raw", "new.raw")]
+    assert imgs[0] == imgs[1] == imgs[2] == imgs[3]
+    statuses = [e.data["status"] for e in seen if e.name == "JOB_STATUS_CHANGE"]
+    assert statuses == ["running", "waiting", "pending", "concluded", "null"]
+    assert any(e.name == "BLOCK_JOB_COMPLETED" and e.data["type"] == "resync" for e in seen)
+    g.close()
+
+
+def test_resync_pause_resume_cancel(tmp_path: Path) -> None:
+    g, q, seen = setup(tmp_path)
+
+    async def main() -> None:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs, speed=1 << 20)
+        g.open_raw_file("new", str(tmp_path / "new.raw"), create_size=SIZE)
+        slot = g.child_add("q0", "new")
+        job = jobs.jobs["resync-new"]
+        await asyncio.sleep(0.05)
+        job.pause()
+        done = job.current
+        await asyncio.sleep(0.3)
+        assert job.current <= done + (1 << 20)
+        job.resume()
+        job.cancel()
+        await job.wait()
+        assert slot.state is ChildState.RESYNCING  # never active without a full copy
+        assert slot.sync is not None and slot.sync.count() > 0
+
+    run(main())
+    names = [e.name for e in seen]
+    assert "BLOCK_JOB_CANCELLED" in names
+    g.close()
+
+
+def test_scrub_counts_and_repairs_the_minority(tmp_path: Path) -> None:
+    g, q, seen = setup(tmp_path)
+    run(q.pwrite(0, b"\x32" * SIZE))
+    with open(tmp_path / "c1.raw", "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"\x00" * 100)
+
+    async def scrub(repair: bool) -> dict[str, Any]:
+        jobs = JobManager(g.bus)
+        job = jobs.add(ScrubJob(q, g.bus, repair=repair))
+        await job.wait()
+        assert isinstance(job, ScrubJob)
+        return job.result()
+
+    r = run(scrub(False))
+    assert r["mismatched-regions"] == {"c1": 1} and r["mismatched-bytes"] == {"c1": 100}
+    assert (tmp_path / "c1.raw").read_bytes()[3 << 20] == 0  # check does not repair
+    r = run(scrub(True))
+    assert r["mismatched-regions"] == {"c1": 1}
+    assert (tmp_path / "c1.raw").read_bytes() == (tmp_path / "c0.raw").read_bytes()
+    r = run(scrub(False))
+    assert r["mismatched-regions"] == {} and r["unrecoverable-regions"] == 0
+    assert q.last_scrub is not None and q.last_scrub["cancelled"] is False
+    g.close()
