@@ -437,18 +437,18 @@ class NbdquorumServer(Server):
     kind = "nbdquorum"
 
     def __init__(self, *args: Any, extra: Sequence[str] = (), named: bool = False,
-                 size: str | None = None, **kwargs: Any) -> None:
+                 create_size: str | None = None, **kwargs: Any) -> None:
         self.extra = list(extra)
         self.named = named
-        self.size = size
+        self.create_size = create_size
         super().__init__(*args, **kwargs)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "nbdquorum", "serve"]
         for name, path in zip(self.names, self.images, strict=True):
             argv += ["--child", f"{name}={path}" if self.named else str(path)]
-        if self.size is not None:
-            argv += ["--size", self.size]
+        if self.create_size is not None:
+            argv += ["--size", self.create_size]
         if self.vote_threshold is not None:
             argv += ["--vote-threshold", str(self.vote_threshold)]
         if self.read_pattern is not None:
@@ -488,7 +488,8 @@ class NbdquorumServer(Server):
         if self.proc is None or self.returncode is not None and self.returncode != 0:
             return  # already reported
         super().reap()
-        assert "Traceback" not in self.stderr(), f"traceback in server stderr:\n{self.stderr()}"
+        if "Traceback" in self.stderr():
+            pytest.fail(f"traceback in nbdquorum's stderr:\n{self.stderr()}", pytrace=False)
 
 
 class QsdServer(Server):
@@ -566,6 +567,9 @@ StartServer = Callable[..., Server]
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Factory: ``start_server(target, children=3, ...)`` → a started ``Server``.
+
+    nbdquorum-only keywords go to ``NbdquorumServer``: ``create_size="4M"`` (``--size``),
+    ``extra=[...]`` (more arguments).
 
     Creates ``children`` zero-filled images of ``size`` bytes in the test's tmp dir
     (unless ``images`` is given), starts the server on a Unix socket (or TCP with
