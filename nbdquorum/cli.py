@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from nbdquorum import __version__
 from nbdquorum.block.errors import GraphError
@@ -74,7 +75,50 @@ class ServeConfig:
     control: str | None = None
     state_dir: str | None = None
     read_only: bool = False
+    max_errors: int = 20
+    child_timeout: float = 30.0
+    resync_speed: int = 0
+    intent_interval: float = 5.0
+    reset_state: bool = False
+    fault_injection: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+
+
+def apply_state(cfg: ServeConfig, state: dict[str, Any], state_dir: str) -> ServeConfig:
+    """Take the membership and options recorded in the state dir.
+
+    The state records the live membership, which QMP may have changed since
+    the command line was written; a command line that names other children
+    or options is refused with the way out spelled out.
+    """
+    rec = [ChildSpec(c["node-name"], c["filename"]) for c in state["children"]]
+    qstate = state["quorum"]
+    if cfg.children:
+        given = [(c.name, os.path.abspath(c.path)) for c in cfg.children]
+        recorded = [(c.name, c.path) for c in rec]
+        if sorted(given) != sorted(recorded):
+            fmt = lambda xs: ", ".join(f"{n}={p}" for n, p in xs)  # noqa: E731
+            raise UsageError(
+                f"{state_dir} records the children {fmt(recorded)} (the live membership, "
+                f"perhaps changed over QMP), but the command line gives {fmt(given)}. "
+                "Run without --child to use the recorded membership, or pass --reset-state "
+                "to discard the recorded state (children then start active, unsynced)."
+            )
+    for opt, key in (("vote_threshold", "vote-threshold"), ("node_name", "node-name")):
+        val = getattr(cfg, opt)
+        if opt in cfg.extra and val != qstate[key]:
+            raise UsageError(
+                f"--{opt.replace('_', '-')} {val} disagrees with {state_dir}, which records "
+                f"{qstate[key]} (changed live?). Drop the option, or pass --reset-state."
+            )
+    cfg.children = rec
+    cfg.vote_threshold = int(qstate["vote-threshold"])
+    cfg.node_name = str(qstate["node-name"])
+    if "read_pattern" not in cfg.extra:
+        cfg.read_pattern = str(qstate["read-pattern"])
+    if "rewrite_corrupted" not in cfg.extra:
+        cfg.rewrite_corrupted = bool(qstate["rewrite-corrupted"])
+    return cfg
 
 
 def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
@@ -103,11 +147,19 @@ def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
     children: list[BlockNode] = []
     try:
         for spec in cfg.children:
-            children.append(
-                graph.open_raw_file(
-                    spec.name, spec.path, read_only=cfg.read_only, create_size=cfg.size
+            if cfg.fault_injection:
+                from nbdquorum.block.faulty import FaultyNode
+
+                raw = graph.open_raw_file(f"{spec.name}-raw", spec.path, read_only=cfg.read_only,
+                                          create_size=cfg.size)
+                raw.owned_by_monitor = False
+                children.append(graph.add(FaultyNode(spec.name, raw)))
+            else:
+                children.append(
+                    graph.open_raw_file(
+                        spec.name, spec.path, read_only=cfg.read_only, create_size=cfg.size
+                    )
                 )
-            )
         quorum = QuorumNode(
             cfg.node_name,
             children,
@@ -116,6 +168,8 @@ def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
             read_pattern=ReadPattern(cfg.read_pattern),
             rewrite_corrupted=cfg.rewrite_corrupted and not cfg.read_only,
             read_only=cfg.read_only,
+            max_errors=cfg.max_errors,
+            child_timeout=cfg.child_timeout,
         )
         graph.check_new_name(cfg.node_name)
         graph.add(quorum)
@@ -135,9 +189,46 @@ def log_event(ev: Event) -> None:
 async def serve(cfg: ServeConfig) -> int:
     from nbdquorum.nbd.server import Export, NBDServer
 
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+    from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
+
     bus = EventBus()
     bus.subscribe(log_event)
+    store = None
+    state = None
+    if cfg.state_dir:
+        try:
+            store = StateStore(cfg.state_dir)
+            state = None if cfg.reset_state else store.load()
+        except (OSError, StateError) as err:
+            raise UsageError(f"state dir {cfg.state_dir}: {err}") from err
+        if state is not None:
+            cfg = apply_state(cfg, state, cfg.state_dir)
+    if not cfg.children:
+        raise UsageError("serve needs at least one --child (or a --state-dir that records them)")
     graph, quorum = build_graph(cfg, bus)
+    intent = None
+    tasks: list[asyncio.Task[None]] = []
+    if store is not None:
+        if state is not None:
+            restore(quorum, state)
+        intent = WriteIntentLog(store.intent_path, quorum.size())
+        if state is not None and not state.get("clean", False) and intent.recovered.count():
+            log.warning("unclean stop detected: resolving %d dirty regions before serving",
+                        intent.recovered.count())
+            await crash_recover(quorum, intent.recovered)
+        quorum.write_intent = intent
+        store.save(quorum, clean=False)
+        quorum.on_change.append(lambda: store.save(quorum))
+        await intent.clean(quorum)
+        tasks.append(asyncio.create_task(intent.run_cleaner(quorum, cfg.intent_interval)))
+    jobs = JobManager(bus)
+    resync = ResyncManager(
+        graph, jobs, speed=cfg.resync_speed,
+        on_progress=(lambda: store.save_progress(quorum)) if store is not None else None,
+    )
+    resync.resume_all()
     export = Export(cfg.export_name, quorum, description="nbdquorum " + quorum.node_name,
                     read_only=cfg.read_only)
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
@@ -154,6 +245,8 @@ async def serve(cfg: ServeConfig) -> int:
                 from nbdquorum.qmp.server import QMPServer
 
                 qmp = QMPServer(graph, bus)
+                qmp.jobs = jobs
+                qmp.resync = resync
                 await qmp.listen_unix(cfg.control)
         except OSError as err:
             raise UsageError(f"cannot listen: {err.strerror or err}") from err
@@ -178,14 +271,27 @@ async def serve(cfg: ServeConfig) -> int:
         await nbd.shutdown()
         if qmp is not None:
             await qmp.shutdown()
+        await jobs.shutdown()
+        for t in tasks:
+            t.cancel()
         try:
             await quorum.flush()
+            if intent is not None:
+                await intent.clean(quorum)
         except OSError as err:
             log.error("final flush failed: %s", err)
+            if store is not None:
+                store.save(quorum, clean=False)
             return 1
+        if store is not None:
+            store.save(quorum, clean=intent is None or intent.bitmap.count() == 0)
         log.info("stopped cleanly")
         return 0
     finally:
+        for t in tasks:
+            t.cancel()
+        if intent is not None:
+            intent.close()
         graph.close()
         from nbdquorum.block import aio
 
@@ -209,6 +315,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--control", metavar="PATH", help="Unix socket for QMP")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--max-errors", type=int, default=20, metavar="N",
+                   help="errors after which a child is marked faulted (0: never; default 20)")
+    p.add_argument("--child-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a child slower than this counts as failed (default 30)")
+    p.add_argument("--resync-speed", type=parse_size, default=0, metavar="BYTES",
+                   help="default resync rate limit in bytes/second (512M, ...; default unlimited)")
+    p.add_argument("--intent-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="how often flushed regions leave the write-intent bitmap")
+    p.add_argument("--reset-state", action="store_true",
+                   help="discard the membership recorded in --state-dir")
+    p.add_argument("--fault-injection", action="store_true",
+                   help="put a fault injector (x-faulty-set over QMP) above each child")
     p.add_argument("-v", "--verbose", action="count", default=0)
 
 
@@ -231,8 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         if args.command == "serve":
-            if not args.child:
-                parser.error("serve needs at least one --child")
+            explicit = {
+                k: True for k in ("vote_threshold", "node_name", "read_pattern", "rewrite_corrupted")
+                if f"--{k.replace('_', '-')}" in " ".join(argv if argv is not None else sys.argv)
+            }
             cfg = ServeConfig(
                 children=[parse_child(c, i) for i, c in enumerate(args.child)],
                 size=args.size,
@@ -246,7 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 control=args.control,
                 state_dir=args.state_dir,
                 read_only=args.read_only,
+                max_errors=args.max_errors,
+                child_timeout=args.child_timeout,
+                resync_speed=args.resync_speed,
+                intent_interval=args.intent_interval,
+                reset_state=args.reset_state,
+                fault_injection=args.fault_injection,
+                extra=dict(explicit),
             )
+            if not cfg.children and not cfg.state_dir:
+                parser.error("serve needs at least one --child")
             return asyncio.run(serve(cfg))
     except UsageError as err:
         print(f"nbdquorum: error: {err}", file=sys.stderr)
