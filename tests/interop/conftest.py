@@ -41,6 +41,7 @@ IMAGE_SIZE = 16 * MiB
 QUORUM_NODE = "quorum0"
 EXPORT = "disk"
 TARGETS = ("nbdquorum", "qsd")
+EIO_TEXT = os.strerror(errno.EIO)  # "Input/output error", as qemu-io prints it
 
 # Start-up and shutdown budgets. Generous: CI machines have 2 cores and run other jobs.
 START_TIMEOUT = 30.0
@@ -99,23 +100,37 @@ def nbdsh_command() -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "nbd"], env
 
 
-def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = CLIENT_TIMEOUT,
-        env: dict[str, str] | None = None, input: bytes | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = CLIENT_TIMEOUT,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a client, capture text output; never raises on a non-zero exit."""
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, timeout=timeout,
-                          env=env, input=input, check=False)
+    proc = subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        input=input,
+        check=False,
+    )
     return subprocess.CompletedProcess(
-        proc.args, proc.returncode,
-        proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+        proc.args,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
+    )
 
 
 def output(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def qemu_io(uri: str, *commands: str, read_only: bool = False,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def qemu_io(
+    uri: str, *commands: str, read_only: bool = False, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``qemu-io -f raw -c CMD ... URI``. With check, every command must succeed."""
     argv = [require("qemu-io"), "-f", "raw"]
     if read_only:
@@ -127,7 +142,8 @@ def qemu_io(uri: str, *commands: str, read_only: bool = False,
     if check:
         text = output(proc)
         assert proc.returncode == 0 and "failed" not in text and "error" not in text.lower(), (
-            f"qemu-io {list(commands)} on {uri} failed (rc={proc.returncode}):\n{text}")
+            f"qemu-io {list(commands)} on {uri} failed (rc={proc.returncode}):\n{text}"
+        )
     return proc
 
 
@@ -149,8 +165,9 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -184,15 +201,28 @@ def assert_pattern(path: Path, offset: int, length: int, byte: int) -> None:
     assert len(data) == length, f"{path.name}: short read at {offset}"
     if data.count(byte) != length:
         bad = next(i for i, b in enumerate(data) if b != byte)
-        pytest.fail(f"{path.name}: byte at offset {offset + bad} is {data[bad]:#04x}, "
-                    f"expected {byte:#04x}", pytrace=False)
+        pytest.fail(
+            f"{path.name}: byte at offset {offset + bad} is {data[bad]:#04x}, expected {byte:#04x}",
+            pytrace=False,
+        )
 
 
 def corrupt(path: Path, offset: int, length: int, byte: int) -> None:
     """Overwrite part of a child image behind the server's back with dd conv=notrunc."""
-    proc = run([require("dd"), f"of={path}", f"bs={length}", "count=1", f"seek={offset}",
-                "oflag=seek_bytes", "iflag=fullblock", "conv=notrunc", "status=none"],
-               input=bytes([byte]) * length)
+    proc = run(
+        [
+            require("dd"),
+            f"of={path}",
+            f"bs={length}",
+            "count=1",
+            f"seek={offset}",
+            "oflag=seek_bytes",
+            "iflag=fullblock",
+            "conv=notrunc",
+            "status=none",
+        ],
+        input=bytes([byte]) * length,
+    )
     assert proc.returncode == 0, output(proc)
     assert_pattern(path, offset, length, byte)
 
@@ -210,7 +240,8 @@ def assert_identical(paths: Sequence[Path]) -> None:
     first = paths[0]
     for other in paths[1:]:
         assert filecmp.cmp(first, other, shallow=False), (
-            f"{first.name} and {other.name} differ: {sha256_file(first)} != {sha256_file(other)}")
+            f"{first.name} and {other.name} differ: {sha256_file(first)} != {sha256_file(other)}"
+        )
 
 
 def sectors(offset: int, length: int) -> tuple[int, int]:
@@ -233,8 +264,11 @@ def select(events: Sequence[dict[str, Any]], name: str, **data: Any) -> list[dic
     Keyword names use ``_`` for ``-``: ``select(evs, "QUORUM_REPORT_BAD", node_name="c1")``.
     """
     want = {k.replace("_", "-"): v for k, v in data.items()}
-    return [e for e in events
-            if e["event"] == name and all(e["data"].get(k) == v for k, v in want.items())]
+    return [
+        e
+        for e in events
+        if e["event"] == name and all(e["data"].get(k) == v for k, v in want.items())
+    ]
 
 
 class QmpEventReader:
@@ -299,10 +333,20 @@ class Server:
 
     kind = ""
 
-    def __init__(self, tmp: Path, images: list[Path], names: list[str], *,
-                 vote_threshold: int | None, read_pattern: str | None,
-                 rewrite_corrupted: bool, read_only: bool, listen: tuple[str, int] | None,
-                 export_name: str = EXPORT, node_name: str = QUORUM_NODE) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        images: list[Path],
+        names: list[str],
+        *,
+        vote_threshold: int | None,
+        read_pattern: str | None,
+        rewrite_corrupted: bool,
+        read_only: bool,
+        listen: tuple[str, int] | None,
+        export_name: str = EXPORT,
+        node_name: str = QUORUM_NODE,
+    ) -> None:
         self.tmp = tmp
         self.images = images
         self.names = names
@@ -329,9 +373,14 @@ class Server:
 
     def start(self) -> Server:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, cwd=self.tmp,
-                                         env=self.env())
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=self.tmp,
+                env=self.env(),
+            )
         wait_until(self._accepts, START_TIMEOUT, f"{self.kind} to accept connections")
         return self
 
@@ -347,8 +396,10 @@ class Server:
         assert self.proc is not None
         if self.proc.poll() is not None:
             self.returncode = self.proc.returncode  # reported here, not again in teardown
-            pytest.fail(f"{self.kind} exited with {self.proc.returncode} during start-up:\n"
-                        f"{self.stderr()}", pytrace=False)
+            pytest.fail(
+                f"{self.kind} exited with {self.proc.returncode} during start-up:\n{self.stderr()}",
+                pytrace=False,
+            )
         try:
             self._connect().close()
         except OSError:
@@ -371,8 +422,9 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             self.returncode = self.proc.returncode
-            pytest.fail(f"{self.kind} did not exit within {STOP_TIMEOUT}s of signal {sig}",
-                        pytrace=False)
+            pytest.fail(
+                f"{self.kind} did not exit within {STOP_TIMEOUT}s of signal {sig}", pytrace=False
+            )
         self._closed()
         return self.returncode
 
@@ -408,11 +460,13 @@ class Server:
     def _events(self) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def wait_event(self, name: str, timeout: float = EVENT_TIMEOUT,
-                   **data: Any) -> dict[str, Any]:
+    def wait_event(self, name: str, timeout: float = EVENT_TIMEOUT, **data: Any) -> dict[str, Any]:
         """Wait until an event called ``name`` with matching data has arrived."""
-        found = wait_until(lambda: select(self.events(), name, **data), timeout,
-                           f"{name} {data} from {self.kind}; got {self.events()}")
+        found = wait_until(
+            lambda: select(self.events(), name, **data),
+            timeout,
+            f"{name} {data} from {self.kind}; got {self.events()}",
+        )
         return found[0]
 
     def final_events(self) -> list[dict[str, Any]]:
@@ -436,8 +490,14 @@ class Server:
 class NbdquorumServer(Server):
     kind = "nbdquorum"
 
-    def __init__(self, *args: Any, extra: Sequence[str] = (), named: bool = False,
-                 create_size: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        extra: Sequence[str] = (),
+        named: bool = False,
+        create_size: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.extra = list(extra)
         self.named = named
         self.create_size = create_size
@@ -477,7 +537,7 @@ class NbdquorumServer(Server):
             if not line.startswith("EVENT "):
                 continue
             try:
-                msg = json.loads(line[len("EVENT "):])
+                msg = json.loads(line[len("EVENT ") :])
             except ValueError:
                 pytest.fail(f"malformed EVENT line on stderr: {line!r}", pytrace=False)
             assert isinstance(msg, dict) and set(msg) >= {"event", "data"}, line
@@ -485,7 +545,7 @@ class NbdquorumServer(Server):
         return found
 
     def reap(self) -> None:
-        if self.proc is None or self.returncode is not None and self.returncode != 0:
+        if self.proc is None or (self.returncode is not None and self.returncode != 0):
             return  # already reported
         super().reap()
         if "Traceback" in self.stderr():
@@ -503,10 +563,16 @@ class QsdServer(Server):
     def argv(self) -> list[str]:
         argv = [require("qemu-storage-daemon")]
         for i, (name, path) in enumerate(zip(self.names, self.images, strict=True)):
-            argv += ["--blockdev", f"driver=file,node-name=file{i},filename={path}",
-                     "--blockdev", f"driver=raw,node-name={name},file=file{i}"]
+            argv += [
+                "--blockdev",
+                f"driver=file,node-name=file{i},filename={path}",
+                "--blockdev",
+                f"driver=raw,node-name={name},file=file{i}",
+            ]
         quorum: dict[str, Any] = {
-            "driver": "quorum", "node-name": self.node_name, "children": self.names,
+            "driver": "quorum",
+            "node-name": self.node_name,
+            "children": self.names,
             "vote-threshold": self.vote_threshold or len(self.names) // 2 + 1,
         }
         if self.read_pattern is not None:
@@ -520,10 +586,15 @@ class QsdServer(Server):
         else:
             argv += ["--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
         writable = "off" if self.read_only else "on"
-        argv += ["--export", f"type=nbd,id=e0,node-name={self.node_name},"
-                             f"name={self.export_name},writable={writable}",
-                 "--chardev", f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
-                 "--monitor", "chardev=m0"]
+        argv += [
+            "--export",
+            f"type=nbd,id=e0,node-name={self.node_name},"
+            f"name={self.export_name},writable={writable}",
+            "--chardev",
+            f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+        ]
         return argv
 
     def start(self) -> Server:
@@ -557,8 +628,7 @@ def nbdquorum_env() -> dict[str, str]:
 
 def nbdquorum_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m nbdquorum ARGS`` to completion (for argument-error tests)."""
-    return run([sys.executable, "-m", "nbdquorum", *args], timeout=timeout,
-               env=nbdquorum_env())
+    return run([sys.executable, "-m", "nbdquorum", *args], timeout=timeout, env=nbdquorum_env())
 
 
 StartServer = Callable[..., Server]
@@ -579,26 +649,42 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """
     started: list[Server] = []
 
-    def start(target: str = "nbdquorum", *, children: int = 3, size: int = IMAGE_SIZE,
-              images: list[Path] | None = None, vote_threshold: int | None = None,
-              read_pattern: str | None = None, rewrite_corrupted: bool = False,
-              read_only: bool = False, listen: bool = False,
-              export_name: str = EXPORT, names: list[str] | None = None,
-              node_name: str = QUORUM_NODE, **extra: Any) -> Server:
+    def start(
+        target: str = "nbdquorum",
+        *,
+        children: int = 3,
+        size: int = IMAGE_SIZE,
+        images: list[Path] | None = None,
+        vote_threshold: int | None = None,
+        read_pattern: str | None = None,
+        rewrite_corrupted: bool = False,
+        read_only: bool = False,
+        listen: bool = False,
+        export_name: str = EXPORT,
+        names: list[str] | None = None,
+        node_name: str = QUORUM_NODE,
+        **extra: Any,
+    ) -> Server:
         workdir = tmp_path / f"{target}{len(started)}"
         workdir.mkdir()
         if images is None:
-            images = [make_image(tmp_path / f"c{len(started)}-{i}.raw", size)
-                      for i in range(children)]
+            images = [
+                make_image(tmp_path / f"c{len(started)}-{i}.raw", size) for i in range(children)
+            ]
         if names is None:
             names = [f"child{i}" for i in range(len(images))]
         elif target == "nbdquorum":
             extra["named"] = True
         address = ("127.0.0.1", free_tcp_port()) if listen else None
         kwargs: dict[str, Any] = dict(
-            vote_threshold=vote_threshold, read_pattern=read_pattern,
-            rewrite_corrupted=rewrite_corrupted, read_only=read_only, listen=address,
-            export_name=export_name, node_name=node_name)
+            vote_threshold=vote_threshold,
+            read_pattern=read_pattern,
+            rewrite_corrupted=rewrite_corrupted,
+            read_only=read_only,
+            listen=address,
+            export_name=export_name,
+            node_name=node_name,
+        )
         server: Server
         if target == "nbdquorum":
             server = NbdquorumServer(workdir, images, names, **kwargs, **extra)
@@ -639,21 +725,11 @@ def server(start_server: StartServer, target: str) -> Server:
     return start_server(target)
 
 
-def xfail_for(target: str, kinds: str | Sequence[str], reason: str,
-              request: pytest.FixtureRequest) -> None:
+def xfail_for(
+    target: str, kinds: str | Sequence[str], reason: str, request: pytest.FixtureRequest
+) -> None:
     """Mark the running test xfail(strict=True) when ``target`` is one of ``kinds``."""
     if isinstance(kinds, str):
         kinds = (kinds,)
     if target in kinds:
         request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-__all__ = [
-    "EIO_TEXT", "EVENT_TIMEOUT", "EXPORT", "IMAGE_SIZE", "MiB", "QUORUM_NODE", "Server",
-    "assert_identical", "assert_pattern", "corrupt", "free_tcp_port", "make_image",
-    "nbdinfo", "nbdinfo_json", "nbdquorum_cli", "nbdsh_command", "output", "qemu_io",
-    "read_at", "require", "require_libnbd", "run", "sectors", "select", "sha256_file",
-    "wait_until", "xfail_for",
-]
-
-EIO_TEXT = os.strerror(errno.EIO)  # "Input/output error"

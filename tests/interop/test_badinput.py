@@ -18,7 +18,6 @@ from .conftest import (
     IMAGE_SIZE,
     MiB,
     Server,
-    StartServer,
     nbdinfo_json,
     qemu_io,
     xfail_for,
@@ -145,11 +144,17 @@ class Wire:
 
     # ----- transmission
 
-    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
-                payload: bytes = b"", magic: int = REQUEST_MAGIC) -> int:
+    def request(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+        magic: int = REQUEST_MAGIC,
+    ) -> int:
         self.cookie += 1
-        self.send(struct.pack(">IHHQQI", magic, flags, cmd, self.cookie, offset, length)
-                  + payload)
+        self.send(struct.pack(">IHHQQI", magic, flags, cmd, self.cookie, offset, length) + payload)
         return self.cookie
 
     def reply(self, cookie: int) -> int:
@@ -162,8 +167,9 @@ class Wire:
         error = self.reply(self.request(CMD_READ, offset, length, flags))
         return error, (self.recv_exact(length) if error == 0 else b"")
 
-    def command(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
-                payload: bytes = b"") -> int:
+    def command(
+        self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b""
+    ) -> int:
         return self.reply(self.request(cmd, offset, length, flags, payload))
 
 
@@ -235,7 +241,7 @@ def test_option_list_then_go(server: Server) -> None:
                 break
             assert rtype == REP_SERVER
             (length,) = struct.unpack(">I", data[:4])
-            names.append(data[4:4 + length].decode())
+            names.append(data[4 : 4 + length].decode())
         assert names == ["disk"]
         assert w.go()[0] == IMAGE_SIZE
 
@@ -328,8 +334,9 @@ def test_read_past_the_end_is_einval(server: Server) -> None:
     still_serving(server)
 
 
-def test_write_past_the_end_is_enospc(server: Server, target: str,
-                                      request: pytest.FixtureRequest) -> None:
+def test_write_past_the_end_is_enospc(
+    server: Server, target: str, request: pytest.FixtureRequest
+) -> None:
     xfail_for(target, "qsd", "QEMU 7.2 answers EINVAL to a write past the end", request)
     with Wire(server) as w:
         w.handshake()
@@ -377,8 +384,9 @@ def test_unknown_command_flag_is_einval(server: Server) -> None:
     still_serving(server)
 
 
-def test_flush_with_nonzero_offset_is_einval(server: Server, target: str,
-                                            request: pytest.FixtureRequest) -> None:
+def test_flush_with_nonzero_offset_is_einval(
+    server: Server, target: str, request: pytest.FixtureRequest
+) -> None:
     xfail_for(target, "qsd", "QEMU ignores the offset and length of NBD_CMD_FLUSH", request)
     with Wire(server) as w:
         w.handshake()

@@ -31,7 +31,7 @@ def random_image(path: Path, size: int, seed: int) -> Path:
     for _ in range(8):
         start = rng.randrange(0, size - MiB)
         length = rng.choice([512, 4096, 65536, MiB])
-        data[start:start + length] = bytes(length)
+        data[start : start + length] = bytes(length)
     path.write_bytes(data)
     return path
 
@@ -54,8 +54,9 @@ def test_nbdcopy_multiple_connections(server: Server, tmp_path: Path) -> None:
     """multi-conn: 4 connections write disjoint parts of the same export."""
     nbdcopy = require("nbdcopy")
     source = random_image(tmp_path / "source.img", IMAGE_SIZE, seed=2)
-    proc = run([nbdcopy, "--connections=4", "--requests=16", "--flush", source, server.uri()],
-               timeout=60)
+    proc = run(
+        [nbdcopy, "--connections=4", "--requests=16", "--flush", source, server.uri()], timeout=60
+    )
     assert proc.returncode == 0, output(proc)
     proc = run([nbdcopy, "--connections=4", server.uri(), tmp_path / "back.img"], timeout=60)
     assert proc.returncode == 0, output(proc)
@@ -80,6 +81,7 @@ class Inflight:
             if value:
                 self.errors.append(f"{what}: errno {value}")
             return 1  # auto-retire the command
+
         return cb
 
     def pwrite(self, data: bytes, offset: int) -> None:
@@ -100,8 +102,9 @@ class Inflight:
 
 def layout(rng: random.Random, count: int, limit: int) -> list[tuple[int, int]]:
     """``count`` disjoint (offset, length) extents below ``limit``, sizes 512 B..1 MiB."""
-    sizes = [MiB] * 4 + [rng.choice([512, 1000, 4096, 16384, 65536, 100_000])
-                         for _ in range(count - 4)]
+    sizes = [MiB] * 4 + [
+        rng.choice([512, 1000, 4096, 16384, 65536, 100_000]) for _ in range(count - 4)
+    ]
     assert sum(sizes) <= limit
     gaps = limit - sum(sizes)
     cuts = sorted(rng.randrange(0, gaps + 1) for _ in range(count))
@@ -152,7 +155,7 @@ def test_256_concurrent_aio_requests(server: Server) -> None:
         assert h.aio_in_flight() > 1, "requests were not in flight together"
         io.wait(256)
         for off, length, buf in reads:
-            assert buf.to_bytearray() == pre[off - pre_off:off - pre_off + length]
+            assert buf.to_bytearray() == pre[off - pre_off : off - pre_off + length]
 
         # Phase 2: read every extent back, 176 reads in flight together.
         io = Inflight(h, nbd)
@@ -173,6 +176,8 @@ def test_256_concurrent_aio_requests(server: Server) -> None:
     assert_identical(server.images)
     image = server.images[0].read_bytes()
     for (off, length), data in payload.items():
-        assert image[off:off + length] == data, f"child0 wrong at {off}+{length}"
-    assert image[hot:hot + len(final)] == final
-    assert hashlib.sha256(image[pre_off:pre_off + pre_len]).digest() == hashlib.sha256(pre).digest()
+        assert image[off : off + length] == data, f"child0 wrong at {off}+{length}"
+    assert image[hot : hot + len(final)] == final
+    assert (
+        hashlib.sha256(image[pre_off : pre_off + pre_len]).digest() == hashlib.sha256(pre).digest()
+    )

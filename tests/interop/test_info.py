@@ -45,8 +45,7 @@ def test_size_follows_the_images(start_server: StartServer, target: str) -> None
     assert qemu_img_info(server.uri())["virtual-size"] == 3 * 1024 * 1024 + 512
 
 
-def test_nbdinfo_json_size_block_sizes_and_flags(start_server: StartServer,
-                                                 target: str) -> None:
+def test_nbdinfo_json_size_block_sizes_and_flags(start_server: StartServer, target: str) -> None:
     server = start_server(target)
     export = nbdinfo_json(server.uri())
     assert export["export-name"] == "disk"
@@ -54,8 +53,15 @@ def test_nbdinfo_json_size_block_sizes_and_flags(start_server: StartServer,
     assert export["block_size_minimum"] == 1
     assert export["block_size_preferred"] == 4096
     assert export["block_size_maximum"] == 32 * 1024 * 1024
-    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn",
-                 "can_cache", "can_fast_zero"):
+    for flag in (
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_cache",
+        "can_fast_zero",
+    ):
         assert export[flag] is True, f"{flag} is {export[flag]}"
     assert export["is_read_only"] is False
 
@@ -75,10 +81,10 @@ def test_nbdinfo_list_shows_the_export(start_server: StartServer, target: str) -
     assert names == ["disk"]
 
 
-def test_default_export_name_selects_disk(start_server: StartServer, target: str,
-                                          request: pytest.FixtureRequest) -> None:
-    xfail_for(target, "qsd", "QEMU has no default export: '' is just an unknown name",
-              request)
+def test_default_export_name_selects_disk(
+    start_server: StartServer, target: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_for(target, "qsd", "QEMU has no default export: '' is just an unknown name", request)
     server = start_server(target)
     assert server.uri("").startswith("nbd+unix:///?socket=")
     assert nbdinfo_json(server.uri(""))["export-size"] == IMAGE_SIZE

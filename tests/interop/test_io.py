@@ -33,16 +33,26 @@ def check_children(server: Server, offset: int, length: int, byte: int) -> None:
 
 
 def test_aligned_write_and_read(server: Server) -> None:
-    qemu_io(server.uri(), "write -P 0x11 64k 64k", "read -P 0x11 64k 64k",
-            "read -P 0 0 64k", "read -P 0 128k 64k")
+    qemu_io(
+        server.uri(),
+        "write -P 0x11 64k 64k",
+        "read -P 0x11 64k 64k",
+        "read -P 0 0 64k",
+        "read -P 0 128k 64k",
+    )
     check_children(server, 64 * 1024, 64 * 1024, 0x11)
     assert_pattern(server.images[0], 0, 64 * 1024, 0)
 
 
 def test_unaligned_write_offset_1_length_513(server: Server) -> None:
-    qemu_io(server.uri(), "write -P 0xa5 1 513", "read -P 0 0 1", "read -P 0xa5 1 513",
-            "read -P 0 514 3582")
-    check_children(server, 1, 513, 0xa5)
+    qemu_io(
+        server.uri(),
+        "write -P 0xa5 1 513",
+        "read -P 0 0 1",
+        "read -P 0xa5 1 513",
+        "read -P 0 514 3582",
+    )
+    check_children(server, 1, 513, 0xA5)
     for image in server.images:
         assert read_at(image, 0, 1) == b"\0"
         assert read_at(image, 514, 512) == bytes(512)
@@ -55,25 +65,32 @@ def test_unaligned_read_inside_written_data(server: Server) -> None:
 
 def test_last_byte_of_the_disk(server: Server) -> None:
     last = IMAGE_SIZE - 1
-    qemu_io(server.uri(), f"write -P 0x7f {last} 1", f"read -P 0x7f {last} 1",
-            f"read -P 0 {last - 511} 511")
-    check_children(server, last, 1, 0x7f)
+    qemu_io(
+        server.uri(),
+        f"write -P 0x7f {last} 1",
+        f"read -P 0x7f {last} 1",
+        f"read -P 0 {last - 511} 511",
+    )
+    check_children(server, last, 1, 0x7F)
     for image in server.images:
         assert os.path.getsize(image) == IMAGE_SIZE, "a write at the end grew the image"
 
 
 def test_4mib_write_spanning_chunks(server: Server) -> None:
     offset, length = 2 * MiB + 123, 4 * MiB
-    qemu_io(server.uri(), f"write -P 0x5c {offset} {length}",
-            f"read -P 0x5c {offset} {length}", f"read -P 0 {offset - 123} 123",
-            f"read -P 0 {offset + length} 4096")
-    check_children(server, offset, length, 0x5c)
+    qemu_io(
+        server.uri(),
+        f"write -P 0x5c {offset} {length}",
+        f"read -P 0x5c {offset} {length}",
+        f"read -P 0 {offset - 123} 123",
+        f"read -P 0 {offset + length} 4096",
+    )
+    check_children(server, offset, length, 0x5C)
 
 
 def test_write_zeroes(server: Server) -> None:
     qemu_io(server.uri(), "write -P 0x44 0 1M", "write -z 64k 128k")
-    qemu_io(server.uri(), "read -P 0x44 0 64k", "read -P 0 64k 128k",
-            "read -P 0x44 192k 832k")
+    qemu_io(server.uri(), "read -P 0x44 0 64k", "read -P 0 64k 128k", "read -P 0x44 192k 832k")
     check_children(server, 64 * 1024, 128 * 1024, 0)
     check_children(server, 192 * 1024, 832 * 1024, 0x44)
 
@@ -84,10 +101,16 @@ def test_write_zeroes_unaligned(server: Server) -> None:
     check_children(server, 1000, 3000, 0)
 
 
-def test_discard_then_reads_return_zeros(server: Server, target: str,
-                                         request: pytest.FixtureRequest) -> None:
-    xfail_for(target, "qsd", "QEMU quorum has no discard: it is a silent no-op (qemu-quorum.md "
-              "1.5), so the old data stays", request)
+def test_discard_then_reads_return_zeros(
+    server: Server, target: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_for(
+        target,
+        "qsd",
+        "QEMU quorum has no discard: it is a silent no-op (qemu-quorum.md "
+        "1.5), so the old data stays",
+        request,
+    )
     qemu_io(server.uri(), "write -P 0x44 0 2M")
     qemu_io(server.uri(), "discard 0 1M")
     qemu_io(server.uri(), "read -P 0 0 1M", "read -P 0x44 1M 1M")
@@ -103,12 +126,14 @@ def _punch_hole_supported(directory: Path) -> bool:
         os.fsync(f.fileno())
     try:
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
         fd = os.open(probe, os.O_RDWR)
         try:
-            rc = libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
-                                ctypes.c_long(0), ctypes.c_long(MiB))
+            rc = libc.fallocate(
+                fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, ctypes.c_long(0), ctypes.c_long(MiB)
+            )
         finally:
             os.close(fd)
         return rc == 0
@@ -148,41 +173,55 @@ def test_write_zeroes_fua(server: Server) -> None:
 
 def test_mixed_session_leaves_identical_children(server: Server) -> None:
     """One qemu-io session with every kind of request; afterwards the children agree."""
-    qemu_io(server.uri(),
-            "write -P 0x01 0 1M",
-            "write -P 0x02 1 513",
-            "write -f -P 0x03 1M 64k",
-            "write -z 512k 4k",
-            f"write -P 0x04 {IMAGE_SIZE - 1} 1",
-            f"write -P 0x05 {5 * MiB - 7} {4 * MiB}",
-            "flush")
-    qemu_io(server.uri(), "read -P 0x01 0 1", "read -P 0x02 1 513", "read -P 0x01 514 510",
-            "read -P 0 512k 4k", "read -P 0x03 1M 64k", f"read -P 0x04 {IMAGE_SIZE - 1} 1",
-            f"read -P 0x05 {5 * MiB - 7} {4 * MiB}")
+    qemu_io(
+        server.uri(),
+        "write -P 0x01 0 1M",
+        "write -P 0x02 1 513",
+        "write -f -P 0x03 1M 64k",
+        "write -z 512k 4k",
+        f"write -P 0x04 {IMAGE_SIZE - 1} 1",
+        f"write -P 0x05 {5 * MiB - 7} {4 * MiB}",
+        "flush",
+    )
+    qemu_io(
+        server.uri(),
+        "read -P 0x01 0 1",
+        "read -P 0x02 1 513",
+        "read -P 0x01 514 510",
+        "read -P 0 512k 4k",
+        "read -P 0x03 1M 64k",
+        f"read -P 0x04 {IMAGE_SIZE - 1} 1",
+        f"read -P 0x05 {5 * MiB - 7} {4 * MiB}",
+    )
     assert_identical(server.images)
     assert read_at(server.images[2], 0, 2) == b"\x01\x02"
     assert_pattern(server.images[1], 5 * MiB - 7, 4 * MiB, 0x05)
 
 
-def test_read_only_export_refuses_qemu_io_writes(start_server: StartServer,
-                                                 target: str) -> None:
+def test_read_only_export_refuses_qemu_io_writes(start_server: StartServer, target: str) -> None:
     server = start_server(target, read_only=True)
     proc = qemu_io(server.uri(), "write -P 0x66 0 4k", check=False)
     assert proc.returncode != 0
     # qemu-io sees the read-only flag and refuses to open read-write (EACCES), or the
     # write itself is refused (EPERM); either way nothing is written.
-    assert ("Permission denied" in output(proc) or "Operation not permitted" in output(proc)
-            ), output(proc)
+    assert "Permission denied" in output(proc) or "Operation not permitted" in output(proc), output(
+        proc
+    )
     qemu_io(server.uri(), "read -P 0 0 4k", read_only=True)
     check_children(server, 0, 4096, 0)
 
 
 @pytest.mark.parametrize("command", ["pwrite", "zero", "trim"])
-def test_read_only_export_answers_eperm(start_server: StartServer, target: str,
-                                        command: str, request: pytest.FixtureRequest) -> None:
+def test_read_only_export_answers_eperm(
+    start_server: StartServer, target: str, command: str, request: pytest.FixtureRequest
+) -> None:
     """A client that ignores the read-only flag gets EPERM from the server."""
-    xfail_for(target, "qsd", "QEMU 7.2 answers EINVAL, not EPERM, to writes to a read-only "
-              "export", request)
+    xfail_for(
+        target,
+        "qsd",
+        "QEMU 7.2 answers EINVAL, not EPERM, to writes to a read-only export",
+        request,
+    )
     nbd = require_libnbd()
     server = start_server(target, read_only=True)
     h = nbd.NBD()

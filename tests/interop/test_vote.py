@@ -19,8 +19,8 @@ import pytest
 from .conftest import (
     EIO_TEXT,
     IMAGE_SIZE,
-    MiB,
     QUORUM_NODE,
+    MiB,
     Server,
     StartServer,
     assert_identical,
@@ -55,8 +55,9 @@ def written(server: Server, length: int = MiB) -> Server:
     return server
 
 
-def expected_span(target: str, offset: int = BAD_OFFSET, length: int = BAD_LENGTH
-                  ) -> tuple[int, int]:
+def expected_span(
+    target: str, offset: int = BAD_OFFSET, length: int = BAD_LENGTH
+) -> tuple[int, int]:
     """(sector-num, sectors-count) each target reports for a bad span inside REQUEST."""
     if target == "qsd":
         return sectors(*REQUEST)  # QEMU reports the whole request
@@ -96,11 +97,19 @@ def test_one_corrupt_child_is_outvoted(server: Server, target: str) -> None:
     assert_pattern(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
 
 
-@pytest.mark.parametrize(("offset", "length"), [
-    (0, 1), (511, 2), (8192, 512), (BAD_OFFSET, BAD_LENGTH), (65536 - 1, 4097),
-])
-def test_report_bad_span_is_the_differing_sectors(start_server: StartServer, offset: int,
-                                                  length: int) -> None:
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (0, 1),
+        (511, 2),
+        (8192, 512),
+        (BAD_OFFSET, BAD_LENGTH),
+        (65536 - 1, 4097),
+    ],
+)
+def test_report_bad_span_is_the_differing_sectors(
+    start_server: StartServer, offset: int, length: int
+) -> None:
     server = written(start_server("nbdquorum"))
     corrupt(server.images[2], offset, length, 0x42)
     qemu_io(server.uri(), READ_ALL)
@@ -132,8 +141,11 @@ def test_rewrite_corrupted_repairs_the_child(start_server: StartServer, target: 
     event = server.wait_event(REPORT_BAD, node_name="child1")
     assert event["data"]["type"] == "read"
     assert span(event) == expected_span(target)
-    wait_until(lambda: read_at(server.images[1], BAD_OFFSET, BAD_LENGTH) == bytes(
-        [GOOD]) * BAD_LENGTH, 10, "child1 to be rewritten with the voted data")
+    wait_until(
+        lambda: read_at(server.images[1], BAD_OFFSET, BAD_LENGTH) == bytes([GOOD]) * BAD_LENGTH,
+        10,
+        "child1 to be rewritten with the voted data",
+    )
     assert_identical(server.images)
     # Repaired: the next read finds nothing to report.
     qemu_io(server.uri(), READ_ALL)
@@ -161,11 +173,15 @@ def test_two_differently_corrupt_children_break_the_quorum(server: Server) -> No
     assert not select(events, REPORT_BAD), "no winner, so no child is reported bad"
 
 
-def test_quorum_failure_is_an_eio_reply_not_a_disconnect(server: Server, target: str,
-                                                         request: pytest.FixtureRequest
-                                                         ) -> None:
-    xfail_for(target, "qsd", "qsd 7.2 drops the connection when a read fails "
-              "(qemu-quorum.md 3.5)", request)
+def test_quorum_failure_is_an_eio_reply_not_a_disconnect(
+    server: Server, target: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_for(
+        target,
+        "qsd",
+        "qsd 7.2 drops the connection when a read fails (qemu-quorum.md 3.5)",
+        request,
+    )
     nbd = require_libnbd()
     written(server)
     corrupt(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x41)
@@ -181,16 +197,14 @@ def test_quorum_failure_is_an_eio_reply_not_a_disconnect(server: Server, target:
         h.shutdown()
 
 
-def test_threshold_3_of_3_fails_with_one_bad_child(start_server: StartServer,
-                                                   target: str) -> None:
+def test_threshold_3_of_3_fails_with_one_bad_child(start_server: StartServer, target: str) -> None:
     server = written(start_server(target, vote_threshold=3))
     corrupt(server.images[2], BAD_OFFSET, BAD_LENGTH, 0x42)
     read_fails_with_eio(server)
     assert server.wait_event(FAILURE)["data"]["reference"] == QUORUM_NODE
 
 
-def test_threshold_1_of_3_one_bad_child_is_outvoted(start_server: StartServer,
-                                                    target: str) -> None:
+def test_threshold_1_of_3_one_bad_child_is_outvoted(start_server: StartServer, target: str) -> None:
     server = written(start_server(target, vote_threshold=1))
     corrupt(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x42)
     qemu_io(server.uri(), READ_ALL)
@@ -211,8 +225,9 @@ def test_fifo_reads_the_first_child_only(start_server: StartServer, target: str)
     corrupt(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x42)
     proc = qemu_io(server.uri(), READ_ALL, check=False)
     assert "Pattern verification failed" in output(proc), output(proc)
-    qemu_io(server.uri(), f"read -P 0x42 {BAD_OFFSET} {BAD_LENGTH}",
-            f"read -P {GOOD:#x} 0 {BAD_OFFSET}")
+    qemu_io(
+        server.uri(), f"read -P 0x42 {BAD_OFFSET} {BAD_LENGTH}", f"read -P {GOOD:#x} 0 {BAD_OFFSET}"
+    )
     assert server.final_events() == []
 
 
@@ -244,10 +259,10 @@ def test_tie_of_two_against_two(start_server: StartServer, target: str) -> None:
         assert not select(server.final_events(), REPORT_BAD)
 
 
-def test_named_children_and_node_name_appear_in_events(start_server: StartServer,
-                                                       target: str) -> None:
-    server = written(start_server(target, names=["alpha", "beta", "gamma"],
-                                  node_name="q9"))
+def test_named_children_and_node_name_appear_in_events(
+    start_server: StartServer, target: str
+) -> None:
+    server = written(start_server(target, names=["alpha", "beta", "gamma"], node_name="q9"))
     corrupt(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
     qemu_io(server.uri(), READ_ALL)
     server.wait_event(REPORT_BAD, node_name="beta")
