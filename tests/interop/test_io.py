@@ -15,10 +15,12 @@ from .conftest import (
     StartServer,
     assert_identical,
     assert_pattern,
+    nbdsh_command,
     output,
     qemu_io,
     read_at,
     require_libnbd,
+    run,
     xfail_for,
 )
 
@@ -242,3 +244,21 @@ def test_read_only_export_answers_eperm(
     finally:
         h.shutdown()
     check_children(server, 0, 4096, 0)
+
+
+def test_nbdsh_write_flush_cache_read(server: Server) -> None:
+    argv, env = nbdsh_command()
+    script = "; ".join(
+        [
+            "h.pwrite(b'\\x24' * 3000, 777)",
+            "h.flush()",
+            "h.cache(65536, 0)",
+            "assert h.pread(3000, 777) == b'\\x24' * 3000",
+            "assert h.pread(777, 0) == bytes(777)",
+            "print(h.get_size(), h.can_flush(), h.can_fua(), h.can_cache())",
+        ]
+    )
+    proc = run([*argv, "-u", server.uri(), "-c", script], env=env)
+    assert proc.returncode == 0, output(proc)
+    assert proc.stdout.split() == [str(IMAGE_SIZE), "True", "True", "True"]
+    check_children(server, 777, 3000, 0x24)

@@ -88,7 +88,8 @@ def test_one_corrupt_child_is_outvoted(server: Server, target: str) -> None:
 
     event = server.wait_event(REPORT_BAD, node_name="child1")
     assert event["data"]["type"] == "read"
-    assert "error" not in event["data"], event
+    assert "error" not in event["data"], event  # a content mismatch, not an I/O error
+    assert set(event["data"]) == {"node-name", "type", "sector-num", "sectors-count"}
     assert span(event) == expected_span(target)
     events = server.final_events()
     assert select(events, REPORT_BAD) == [event], events
@@ -161,6 +162,7 @@ def test_two_differently_corrupt_children_break_the_quorum(server: Server) -> No
 
     event = server.wait_event(FAILURE)
     assert event["data"]["reference"] == QUORUM_NODE
+    assert set(event["data"]) == {"reference", "sector-num", "sectors-count"}
     start, count = span(event)
     bad_start, bad_count = sectors(BAD_OFFSET, BAD_LENGTH)
     assert start <= bad_start and start + count >= bad_start + bad_count, event
