@@ -13,8 +13,10 @@ from .conftest import (
     IMAGE_SIZE,
     MiB,
     Server,
+    StartServer,
     assert_identical,
     output,
+    read_at,
     require,
     require_libnbd,
     run,
@@ -181,3 +183,30 @@ def test_256_concurrent_aio_requests(server: Server) -> None:
     assert (
         hashlib.sha256(image[pre_off : pre_off + pre_len]).digest() == hashlib.sha256(pre).digest()
     )
+
+
+@pytest.mark.timeout(120)
+def test_overlapping_concurrent_writes_land_in_the_same_order_on_every_child(
+    start_server: StartServer,
+) -> None:
+    """nbdquorum's range lock orders overlapping writes the same way on every child, so
+    the children stay identical without any later overwrite (QEMU gives no such promise)."""
+    nbd = require_libnbd()
+    server = start_server("nbdquorum")
+    rng = random.Random(4242)
+    h = nbd.NBD()
+    h.connect_uri(server.uri())
+    try:
+        for _round in range(4):
+            io = Inflight(h, nbd)
+            for _ in range(256):
+                offset = rng.randrange(0, MiB - 512) // 512 * 512 + rng.choice([0, 0, 1, 511])
+                length = min(rng.choice([512, 4096, 65536, 262_144]), MiB - offset)
+                io.pwrite(rng.randbytes(length), 4 * MiB + offset)
+            io.wait(256)
+        h.flush()
+        seen = bytes(h.pread(MiB, 4 * MiB))
+    finally:
+        h.shutdown()
+    assert_identical(server.images)
+    assert read_at(server.images[0], 4 * MiB, MiB) == seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -262,3 +263,76 @@ def test_nbdsh_write_flush_cache_read(server: Server) -> None:
     assert proc.returncode == 0, output(proc)
     assert proc.stdout.split() == [str(IMAGE_SIZE), "True", "True", "True"]
     check_children(server, 777, 3000, 0x24)
+
+
+def test_largest_request_32mib(start_server: StartServer, target: str) -> None:
+    """One 32 MiB write and one 32 MiB read: the advertised maximum block size."""
+    server = start_server(target, size=48 * MiB)
+    offset, length = 8 * MiB + 512, 32 * MiB
+    qemu_io(server.uri(), f"write -P 0x6b {offset} {length}")
+    qemu_io(server.uri(), f"read -P 0x6b {offset} {length}")
+    check_children(server, offset, length, 0x6B)
+
+
+def test_block_status_never_calls_data_zero(server: Server) -> None:
+    """Extents that nbdinfo --map calls zero read back as zeros; written data is data."""
+    qemu_io(server.uri(), "write -P 0x15 1M 1M", "write -P 0x16 5M 4k", "write -z 6M 1M")
+    proc = run(["nbdinfo", "--map", "--json", server.uri()])
+    assert proc.returncode == 0, output(proc)
+    extents = json.loads(proc.stdout)
+    assert extents[0]["offset"] == 0
+    assert sum(e["length"] for e in extents) == IMAGE_SIZE
+    image = server.images[0].read_bytes()
+    for e in extents:
+        start, end = e["offset"], e["offset"] + e["length"]
+        if "zero" in e["description"]:
+            assert image[start:end].count(0) == end - start, f"{e} is not zero"
+            assert not (start < 2 * MiB and end > MiB), f"{e} hides the data at 1M"
+            assert not (start < 5 * MiB + 4096 and end > 5 * MiB), f"{e} hides the data at 5M"
+
+
+@pytest.mark.parametrize("flag", ["FAST_ZERO", "NO_HOLE"])
+def test_write_zeroes_flags(server: Server, flag: str) -> None:
+    nbd = require_libnbd()
+    qemu_io(server.uri(), "write -P 0x17 0 256k")
+    h = nbd.NBD()
+    h.connect_uri(server.uri())
+    try:
+        try:
+            h.zero(128 * 1024, 64 * 1024, getattr(nbd, f"CMD_FLAG_{flag}"))
+        except nbd.Error as e:
+            # A fast zero may be refused as not fast; nothing else is acceptable.
+            assert flag == "FAST_ZERO" and e.errnum == errno.ENOTSUP, str(e)
+            return
+        assert h.pread(128 * 1024, 64 * 1024) == bytes(128 * 1024)
+    finally:
+        h.shutdown()
+    check_children(server, 64 * 1024, 128 * 1024, 0)
+    check_children(server, 192 * 1024, 64 * 1024, 0x17)
+
+
+def test_unaligned_discard_reads_zeros(
+    server: Server, target: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_for(target, "qsd", "QEMU quorum has no discard (qemu-quorum.md 1.5)", request)
+    qemu_io(server.uri(), "write -P 0x18 0 64k")
+    qemu_io(server.uri(), "discard 1000 5000")
+    qemu_io(server.uri(), "read -P 0x18 0 1000", "read -P 0 1000 5000", "read -P 0x18 6000 59536")
+    check_children(server, 1000, 5000, 0)
+
+
+def test_multi_conn_flush_makes_writes_visible(server: Server) -> None:
+    """can_multi_conn: a write on one connection, flush on another, read on a third."""
+    nbd = require_libnbd()
+    handles = [nbd.NBD() for _ in range(3)]
+    for h in handles:
+        h.connect_uri(server.uri())
+    try:
+        assert all(h.can_multi_conn() for h in handles)
+        handles[0].pwrite(b"\x19" * 65536, 3 * MiB)
+        handles[1].flush()
+        assert handles[2].pread(65536, 3 * MiB) == b"\x19" * 65536
+    finally:
+        for h in handles:
+            h.shutdown()
+    check_children(server, 3 * MiB, 65536, 0x19)

@@ -271,3 +271,63 @@ def test_named_children_and_node_name_appear_in_events(
     corrupt(server.images[2], BAD_OFFSET, BAD_LENGTH, 0x43)
     read_fails_with_eio(server)
     server.wait_event(FAILURE, reference="q9")
+
+
+def test_rewrite_of_a_partial_read_keeps_the_bytes_around_it(
+    start_server: StartServer, target: str
+) -> None:
+    """A read of part of a bad sector repairs what it read and corrupts nothing else."""
+    server = written(start_server(target, rewrite_corrupted=True))
+    corrupt(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
+    qemu_io(server.uri(), f"read -P {GOOD:#x} 4100 50")
+    server.wait_event(REPORT_BAD, node_name="child1")
+    good = bytes([GOOD]) * 50
+    wait_until(
+        lambda: read_at(server.images[1], 4100, 50) == good, 10, "child1 to be repaired at 4100+50"
+    )
+    server.final_events()
+    around = read_at(server.images[1], 3584, 1024)  # sectors 7 and 8
+    for i, byte in enumerate(around):
+        offset = 3584 + i
+        if BAD_OFFSET <= offset < BAD_OFFSET + BAD_LENGTH:
+            assert byte in (GOOD, 0x42), f"offset {offset}: {byte:#x}"
+        else:
+            assert byte == GOOD, f"offset {offset} was good and is now {byte:#x}"
+    assert_identical(server.images[::2])
+
+
+def test_rewrite_does_nothing_without_a_winner(start_server: StartServer, target: str) -> None:
+    server = written(start_server(target, rewrite_corrupted=True))
+    corrupt(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x41)
+    corrupt(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
+    read_fails_with_eio(server)
+    server.wait_event(FAILURE)
+    server.final_events()
+    assert_pattern(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x41)
+    assert_pattern(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
+    assert_pattern(server.images[2], BAD_OFFSET, BAD_LENGTH, GOOD)
+
+
+def test_three_different_versions_fail(server: Server) -> None:
+    written(server)
+    corrupt(server.images[0], BAD_OFFSET, BAD_LENGTH, 0x41)
+    corrupt(server.images[2], BAD_OFFSET, BAD_LENGTH, 0x43)
+    corrupt(server.images[1], BAD_OFFSET, BAD_LENGTH, 0x42)
+    read_fails_with_eio(server)
+    assert server.wait_event(FAILURE)["data"]["reference"] == QUORUM_NODE
+
+
+def test_the_vote_is_per_request(server: Server) -> None:
+    """Two children bad at different places: a read spanning both has three versions and
+    fails; a read of either place alone has a 2-of-3 majority and succeeds."""
+    written(server)
+    corrupt(server.images[0], 0, 512, 0x41)
+    corrupt(server.images[2], 8192, 512, 0x43)
+    read_fails_with_eio(server)
+    server.wait_event(FAILURE)
+    qemu_io(server.uri(), f"read -P {GOOD:#x} 0 4k")
+    server.wait_event(REPORT_BAD, node_name="child0")
+    qemu_io(server.uri(), f"read -P {GOOD:#x} 8k 4k")
+    server.wait_event(REPORT_BAD, node_name="child2")
+    events = server.final_events()
+    assert not select(events, REPORT_BAD, node_name="child1"), events
