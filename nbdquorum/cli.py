@@ -97,7 +97,10 @@ def apply_state(cfg: ServeConfig, state: dict[str, Any], state_dir: str) -> Serv
         given = [(c.name, os.path.abspath(c.path)) for c in cfg.children]
         recorded = [(c.name, c.path) for c in rec]
         if sorted(given) != sorted(recorded):
-            fmt = lambda xs: ", ".join(f"{n}={p}" for n, p in xs)  # noqa: E731
+
+            def fmt(xs: list[tuple[str, str]]) -> str:
+                return ", ".join(f"{n}={p}" for n, p in xs)
+
             raise UsageError(
                 f"{state_dir} records the children {fmt(recorded)} (the live membership, "
                 f"perhaps changed over QMP), but the command line gives {fmt(given)}. "
@@ -187,10 +190,9 @@ def log_event(ev: Event) -> None:
 
 
 async def serve(cfg: ServeConfig) -> int:
-    from nbdquorum.nbd.server import Export, NBDServer
-
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
+    from nbdquorum.nbd.server import Export, NBDServer
     from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
 
     bus = EventBus()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import itertools
 import logging
 import os
 import time
@@ -613,7 +614,7 @@ def intersect_extents(maps: Sequence[Sequence[Extent]], length: int) -> list[Ext
         return 0
 
     out: list[Extent] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         if b <= a:
             continue
         f = STATE_HOLE | STATE_ZERO

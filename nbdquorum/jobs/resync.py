@@ -84,7 +84,7 @@ class ResyncManager:
         self.speed = speed  # default rate limit for new jobs, bytes/second
         self.on_progress = on_progress
         graph.new_child_state = ChildState.RESYNCING
-        graph.on_child_added.append(lambda q, slot: self.ensure(q, slot))
+        graph.on_child_added.append(self._on_added)
         self._hooked: set[int] = set()
         for q in graph.quorums():
             self.hook(q)
@@ -92,7 +92,10 @@ class ResyncManager:
     def hook(self, q: QuorumNode) -> None:
         if id(q) not in self._hooked:
             self._hooked.add(id(q))
-            q.on_missed_write.append(lambda slot, off, n: self.ensure(q, slot))
+            q.on_missed_write.append(lambda slot, off, n: self._on_added(q, slot))
+
+    def _on_added(self, q: QuorumNode, slot: ChildSlot) -> None:
+        self.ensure(q, slot)
 
     def job_for(self, slot: ChildSlot) -> ResyncJob | None:
         job = self.jobs.jobs.get(f"resync-{slot.node.node_name}")

@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nbdquorum.block.node import BlockNode
 from nbdquorum.nbd.constants import Cmd, CmdFlag, NbdErrno, TransmissionFlag
@@ -113,14 +114,17 @@ class Connection:
         self.export: Export | None = None
         self.send_lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.read_task: asyncio.Task[None] | None = None
+        self.read_task: asyncio.Task[Any] | None = None
 
     async def run(self) -> None:
-        self.read_task = asyncio.current_task()  # type: ignore[assignment]
+        # The read loop is its own task so that shutdown can stop reading
+        # without cancelling the replies and the close below.
+        self.writer.write(self.proto.initial_bytes())
+        self.read_task = asyncio.create_task(self._read_loop())
         try:
-            self.writer.write(self.proto.initial_bytes())
-            await self._read_loop()
+            await asyncio.shield(self.read_task)
         except asyncio.CancelledError:
+            self.read_task.cancel()
             if not self.server.stopping:
                 raise
         except RemoteProtocolError as err:
@@ -189,9 +193,9 @@ class Connection:
                 await self.server.budget.release(cost)
 
     async def _dispatch(self, req: Request) -> object:
-        err = self.proto.validate(req)
-        if err:
-            return ErrorReply(req.cookie, err, f"invalid request: {req.cmd!r}")
+        bad = self.proto.validate(req)
+        if bad:
+            return ErrorReply(req.cookie, bad, f"invalid request (command {int(req.cmd)})")
         assert self.export is not None
         node = self.export.node
         fua = bool(req.flags & CmdFlag.FUA)
@@ -217,14 +221,14 @@ class Connection:
             elif req.cmd == Cmd.BLOCK_STATUS:
                 extents = await node.block_status(req.offset, req.length)
                 if req.flags & CmdFlag.REQ_ONE:
-                    extents = extents[:1]
+                    extents = [(min(extents[0][0], req.length), extents[0][1])]
                 ctx = next(iter(self.proto.meta_contexts))
                 return BlockStatusReply(req.cookie, ctx, extents)
             else:
                 return ErrorReply(req.cookie, NbdErrno.EINVAL, "unsupported command")
         except OSError as err:
             code = to_nbd_errno(err, req.flags)
-            self.log.info("%s at %d+%d failed: %s", req.cmd.name, req.offset, req.length, err)
+            self.log.info("%s at %d+%d failed: %s", Cmd(req.cmd).name, req.offset, req.length, err)
             return ErrorReply(req.cookie, code, str(err.strerror or err))
         return SimpleReply(req.cookie)
 
@@ -238,6 +242,8 @@ class NBDServer:
         self.budget = Budget(budget)
         self.servers: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
+        self._idle = asyncio.Event()  # set while no connection is open
+        self._idle.set()
         self.stopping = False
         self._ids = 0
 
@@ -254,15 +260,16 @@ class NBDServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, reader, writer)
         self.connections.add(conn)
+        self._idle.clear()
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            if not self.connections:
+                self._idle.set()
 
     async def listen_unix(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not _socket_alive(path):
-                os.unlink(path)
+        remove_stale_socket(path)
         self.servers.append(
             await asyncio.start_unix_server(self._handle, path=path, limit=READ_CHUNK)
         )
@@ -281,11 +288,17 @@ class NBDServer:
         for conn in list(self.connections):
             if conn.read_task is not None:
                 conn.read_task.cancel()
-        while self.connections:
-            await asyncio.sleep(0.01)
+        await self._idle.wait()
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket file that nobody listens on (left by a crash)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.exists(path) and not _socket_alive(path):
+            os.unlink(path)
 
 
 def _socket_alive(path: str) -> bool:

@@ -74,7 +74,7 @@ def test_added_child_resyncs_under_writes_then_becomes_active(tmp_path: Path) ->
 
 
 def test_resync_pause_resume_cancel(tmp_path: Path) -> None:
-    g, q, seen = setup(tmp_path)
+    g, _q, seen = setup(tmp_path)
 
     async def main() -> None:
         jobs = JobManager(g.bus)
@@ -100,7 +100,7 @@ def test_resync_pause_resume_cancel(tmp_path: Path) -> None:
 
 
 def test_scrub_counts_and_repairs_the_minority(tmp_path: Path) -> None:
-    g, q, seen = setup(tmp_path)
+    g, q, _seen = setup(tmp_path)
     run(q.pwrite(0, b"\x32" * SIZE))
     with open(tmp_path / "c1.raw", "r+b") as f:
         f.seek(3 << 20)
