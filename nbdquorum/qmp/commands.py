@@ -1,0 +1,375 @@
+"""The command handlers, registered by wire name, and the dispatcher.
+
+A handler takes a :class:`Context` and the command's arguments, already
+checked against the table in schema.py and spelled the Python way
+(``node_name``).  It returns the JSON value of the reply (``None`` for
+``{}``) or raises :class:`~nbdquorum.qmp.errors.QMPError`; errors of the block
+graph (:class:`~nbdquorum.block.errors.GraphError`) pass through unchanged,
+since they already carry QEMU's texts.  Every change to the graph goes through
+:class:`~nbdquorum.block.graph.Graph`.
+
+Handlers run on the event loop thread and, apart from async ones, never yield:
+a graph change is therefore atomic with respect to NBD requests, which hold
+their own snapshot of a quorum's children (graph.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from nbdquorum import __version__
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.node import BlockNode
+from nbdquorum.block.quorum import QuorumNode, ReadPattern, check_options
+from nbdquorum.block.raw import RawNode
+from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
+from nbdquorum.qmp.protocol import (
+    NO_ID,
+    Execute,
+    Message,
+    ServerConnection,
+    error_message,
+    return_message,
+)
+from nbdquorum.qmp.schema import COMMANDS, check_arguments
+
+if TYPE_CHECKING:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+
+#: wire name -> handler; filled by @handler, checked against COMMANDS by tests
+HANDLERS: Final[dict[str, Handler]] = {}
+
+
+def handler(name: str) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as the handler of the command ``name`` (which must be in the table)."""
+
+    def register(fn: Handler) -> Handler:
+        if name not in COMMANDS:
+            raise ValueError(f"{name} is not declared in qmp/schema.py")
+        if name in HANDLERS:
+            raise ValueError(f"two handlers for {name}")
+        HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class Context:
+    """What a handler may use: the graph, its connection, and the server's hooks."""
+
+    graph: Graph
+    conn: ServerConnection | None = None  # the client's protocol state (qmp_capabilities)
+    request_quit: Callable[[], None] = field(default=lambda: None)  # quit: after the reply
+    jobs: JobManager | None = None  # background jobs (job commands)
+    resync: ResyncManager | None = None  # resync of new children
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _lookup(ctx: Context, ev: Execute) -> Handler:
+    negotiated = ctx.conn is None or ctx.conn.negotiated
+    if ev.name not in COMMANDS or ev.name not in HANDLERS or (
+        not negotiated and ev.name != "qmp_capabilities"
+    ):
+        if not negotiated:  # monitor/qmp.c: "Provide a more useful error message"
+            raise command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'")
+        raise command_not_found(f"The command {ev.name} has not been found")
+    if ev.oob:
+        raise generic(f"The command {ev.name} does not support OOB")
+    return HANDLERS[ev.name]
+
+
+async def execute(ctx: Context, ev: Execute) -> Any:
+    """Run one command; returns its JSON value.
+
+    Raises:
+        QMPError: the command failed (any handler error is turned into one).
+    """
+    fn = _lookup(ctx, ev)
+    args = check_arguments(COMMANDS[ev.name], ev.arguments)
+    try:
+        result = fn(ctx, **args)
+        if inspect.isawaitable(result):
+            result = await result
+    except QMPError:
+        raise
+    except GraphError as err:
+        raise QMPError(err.error_class, err.desc) from err
+    except OSError as err:
+        raise generic(err.strerror or str(err)) from err
+    except Exception as err:
+        desc = getattr(err, "desc", None)  # job errors carry a client-facing text
+        if isinstance(desc, str):
+            raise generic(desc) from err
+        log.exception("command %s failed", ev.name)
+        raise generic(f"Internal error in {ev.name}: {err}") from err
+    return {} if result is None else result
+
+
+async def dispatch(ctx: Context, ev: Execute) -> Message:
+    """The reply message for ``ev``: a return or an error, with ``ev``'s id."""
+    try:
+        value = await execute(ctx, ev)
+    except QMPError as err:
+        return error_message(err.error_class, err.desc, ev.id)
+    return return_message(value, ev.id)
+
+
+# --------------------------------------------------------------------------- session
+
+
+@handler("qmp_capabilities")
+def qmp_capabilities(ctx: Context, *, enable: list[str] | None = None) -> None:
+    if ctx.conn is None or ctx.conn.negotiated:
+        raise QMPError(ErrorClass.COMMAND_NOT_FOUND,
+                       "Capabilities negotiation is already complete, command ignored")
+    ctx.conn.negotiate(enable or [])
+
+
+def version_triple() -> tuple[int, int, int]:
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in __version__.split(".")]
+    major, minor, micro = [*parts, 0, 0, 0][:3]
+    return major, minor, micro
+
+
+@handler("query-version")
+def query_version(ctx: Context) -> dict[str, Any]:
+    major, minor, micro = version_triple()
+    return {"qemu": {"micro": micro, "minor": minor, "major": major},
+            "package": f"nbdquorum {__version__}"}
+
+
+@handler("query-commands")
+def query_commands(ctx: Context) -> list[dict[str, str]]:
+    return [{"name": name} for name in COMMANDS if name in HANDLERS]
+
+
+@handler("quit")
+def quit(ctx: Context) -> None:
+    ctx.request_quit()
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+@handler("blockdev-add")
+def blockdev_add(ctx: Context, **options: Any) -> None:
+    graph = ctx.graph
+    driver = options["driver"]
+    node_name = options.get("node_name")
+    read_only = bool(options.get("read_only", False))
+    if node_name is None:
+        raise generic("'node-name' must be specified for the root node")
+    if driver == "file":
+        graph.open_file(node_name, options["filename"], read_only=read_only)
+    elif driver == "raw":
+        file = options["file"]
+        if isinstance(file, str):
+            _raw_over_node(graph, node_name, file, read_only)
+        else:
+            _raw_over_inline_file(graph, node_name, file, read_only)
+    else:
+        raise generic(f"blockdev-add cannot create a '{driver}' node: the quorum is created "
+                      "by 'nbdquorum serve'; use blockdev-reopen to change it")
+
+
+def _raw_over_node(graph: Graph, node_name: str, reference: str, read_only: bool) -> None:
+    file = graph.lookup_device(reference)
+    graph.check_new_name(node_name)
+    if isinstance(file, QuorumNode) or reference in graph.in_use:
+        raise generic(f"Node '{reference}' cannot be the file of a raw node")
+    if graph.parents(file):
+        raise generic(f"The node {reference} already has a parent")
+    graph.add(RawNode(node_name, file, read_only=read_only))
+
+
+def _raw_over_inline_file(graph: Graph, node_name: str, file: dict[str, Any],
+                          read_only: bool) -> None:
+    if file["driver"] != "file":
+        raise generic(f"The file of a raw node must use the 'file' driver, not "
+                      f"'{file['driver']}'")
+    file_node_name = file.get("node_name")
+    if file_node_name == node_name:
+        raise generic(f"Duplicate nodes with node-name='{node_name}'")
+    graph.open_raw_file(node_name, file["filename"], file_node_name=file_node_name,
+                        read_only=read_only or bool(file.get("read_only", False)))
+
+
+@handler("blockdev-del")
+def blockdev_del(ctx: Context, *, node_name: str) -> None:
+    ctx.graph.delete(node_name)
+
+
+@handler("query-named-block-nodes")
+def query_named_block_nodes(ctx: Context, *, flat: bool = False) -> list[dict[str, Any]]:
+    return ctx.graph.query_named_block_nodes(flat)
+
+
+# --------------------------------------------------------------------------- quorum children
+
+
+@handler("x-blockdev-change")
+def x_blockdev_change(ctx: Context, *, parent: str, child: str | None = None,
+                      node: str | None = None) -> None:
+    # The order of the checks is QEMU's qmp_x_blockdev_change(), so the same
+    # mistake gets the same text.
+    graph = ctx.graph
+    p = graph.lookup_device(parent)
+    if (child is None) == (node is None):
+        if child is not None:
+            raise generic("The parameters child and node are in conflict")
+        raise generic("Either child or node must be specified")
+    if child is not None:
+        if not isinstance(p, QuorumNode):
+            edges = {"file"} if isinstance(p, RawNode) else set()
+            if child not in edges:
+                raise generic(f"Node '{parent}' does not have child '{child}'")
+        graph.child_del(parent, child)
+    if node is not None:
+        graph.get(node)
+        graph.child_add(parent, node)
+
+
+@handler("x-blockdev-child-add")
+def x_blockdev_child_add(ctx: Context, *, parent: str, child: str) -> None:
+    ctx.graph.lookup_device(parent)
+    ctx.graph.get(child)
+    ctx.graph.child_add(parent, child)
+
+
+@handler("x-blockdev-child-del")
+def x_blockdev_child_del(ctx: Context, *, parent: str, child: str) -> None:
+    q = ctx.graph.lookup_device(parent)
+    by_edge = (isinstance(q, QuorumNode) and q.slot(child) is not None
+               and not any(s.node.node_name == child for s in q.slots))
+    ctx.graph.child_del(parent, child, by_node_name=not by_edge)
+
+
+# --------------------------------------------------------------------------- reopen
+
+
+@dataclass
+class _Reopen:
+    """One validated blockdev-reopen entry for a quorum node."""
+
+    quorum: QuorumNode
+    vote_threshold: int
+    read_pattern: ReadPattern
+    rewrite_corrupted: bool
+    add: list[str]  # node-names to attach, in order
+    remove: list[str]  # edge names to detach
+
+
+def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]) -> _Reopen:
+    name = opts.get("node_name")
+    if name is None:
+        raise generic("node-name not specified")
+    node = graph.nodes.get(name)
+    if node is None:
+        raise generic(f"Failed to find node with node-name='{name}'")
+    if opts["driver"] != node.driver:
+        raise generic("Cannot change the option 'driver'")
+    if not isinstance(node, QuorumNode):
+        raise generic(f"Block format '{node.driver}' used by node '{name}' does not support "
+                      "reopening files")
+    q = node
+    if "read_only" in opts and opts["read_only"] != q.read_only:
+        raise generic("Cannot change the option 'read-only'")
+    current = [s.node.node_name for s in q.slots]
+    wanted: list[str] = opts.get("children", current)
+    if not wanted:
+        raise generic("Number of provided children must be 1 or more")
+    seen: set[str] = set()
+    add: list[str] = []
+    for child in wanted:
+        if child in seen:
+            raise generic(f"Node '{child}' is listed more than once in 'children'")
+        seen.add(child)
+        if child in current:
+            continue
+        c: BlockNode = graph.lookup_device(child)
+        if c is q:
+            raise generic(f"The node {child} cannot be a child of itself")
+        if graph.parents(c) or child in claimed:
+            raise generic(f"The node {child} already has a parent")
+        if child in graph.in_use:
+            raise generic(f"Node {child} is in use")
+        if c.size() != q.size():
+            raise generic(f"Cannot add node '{child}' of size {c.size()} to quorum "
+                          f"'{q.node_name}' of size {q.size()}")
+        claimed.add(child)
+        add.append(child)
+    remove = [s.name for s in q.slots if s.node.node_name not in seen]
+    threshold = opts.get("vote_threshold", q.vote_threshold)
+    pattern = opts.get("read_pattern", str(q.read_pattern))
+    rewrite = opts.get("rewrite_corrupted", q.rewrite_corrupted)
+    check_options(len(wanted), threshold, pattern, rewrite)
+    return _Reopen(q, threshold, ReadPattern(pattern), rewrite, add, remove)
+
+
+def _apply_reopen(graph: Graph, plan: _Reopen) -> None:
+    """Apply a validated plan without yielding to the event loop.
+
+    The threshold is lowered first and raised last, so no intermediate step
+    trips detach()'s "fewer children than the vote threshold" check.
+    """
+    q = plan.quorum
+    if plan.vote_threshold < q.vote_threshold:
+        q.vote_threshold = plan.vote_threshold
+    for name in plan.add:
+        graph.child_add(q.node_name, name)
+    for edge in plan.remove:
+        graph.child_del(q.node_name, edge)
+    changed = (q.vote_threshold, q.read_pattern, q.rewrite_corrupted) != (
+        plan.vote_threshold, plan.read_pattern, plan.rewrite_corrupted)
+    q.vote_threshold = plan.vote_threshold
+    q.read_pattern = plan.read_pattern
+    q.rewrite_corrupted = plan.rewrite_corrupted
+    if changed:
+        for fn in list(q.on_change):  # persistence and status watchers
+            fn()
+    log.warning("quorum %s reopened: vote-threshold %d, read-pattern %s, rewrite-corrupted %s, "
+                "children %s", q.node_name, q.vote_threshold, q.read_pattern,
+                q.rewrite_corrupted, [s.node.node_name for s in q.slots])
+
+
+@handler("blockdev-reopen")
+def blockdev_reopen(ctx: Context, *, options: list[dict[str, Any]]) -> None:
+    graph = ctx.graph
+    claimed: set[str] = set()
+    plans: list[_Reopen] = []
+    for opts in options:
+        plan = _plan_reopen(graph, opts, claimed)
+        if any(p.quorum is plan.quorum for p in plans):
+            raise generic(f"Node '{plan.quorum.node_name}' is listed more than once")
+        plans.append(plan)
+    for plan in plans:
+        _apply_reopen(graph, plan)
+
+
+# --------------------------------------------------------------------------- status
+
+
+@handler("query-quorum-status")
+def query_quorum_status(ctx: Context, *, node_name: str | None = None) -> list[dict[str, Any]]:
+    if node_name is None:
+        return [q.status() for q in ctx.graph.quorums()]
+    node = ctx.graph.lookup_device(node_name)
+    if not isinstance(node, QuorumNode):
+        raise generic(f"Node '{node_name}' is not a quorum node")
+    return [node.status()]
+
+
+__all__ = ["HANDLERS", "NO_ID", "Context", "dispatch", "execute", "handler"]

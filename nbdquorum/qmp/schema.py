@@ -1,0 +1,679 @@
+"""The one table of QMP commands, types and events.
+
+Everything about the monitor's surface is declared here once, in the spirit of
+QAPI (qemu/qemu docs/devel/qapi-code-gen.rst, qapi/block-core.json): names,
+argument schemas (``'*name'`` is optional), return values, documentation and
+examples.  Dispatch (commands.py), argument checking (:func:`check_arguments`),
+``query-commands`` and docs/qmp.md (``python -m nbdquorum.qmp.schema
+--markdown``) are all driven by it; unit tests check that the handlers match
+the table and that docs/qmp.md is up to date.
+
+Wire names use dashes (``node-name``); handlers get Python names
+(``node_name``).  The conversion happens only here, in :func:`py_name`.
+
+Argument errors use QEMU's input-visitor texts (qapi/qobject-input-visitor.c),
+with QEMU's full member names (``file.filename``, ``children[1]``):
+"Parameter 'x' is missing", "Parameter 'x' is unexpected",
+"Invalid parameter type for 'x', expected: string",
+"Parameter 'x' does not accept value 'y'".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from nbdquorum.qmp.errors import generic
+
+#: a type reference: a builtin ("str", "int", "bool", "number", "any"), a
+#: declared type's name, or a one-element list for an array of that type
+TypeRef = str | list[str]
+
+BUILTINS: Final = {
+    "str": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "number": "number",
+    "any": "any",
+}
+
+
+def py_name(wire: str) -> str:
+    """``node-name`` -> ``node_name``: the only place names change spelling."""
+    return wire.replace("-", "_")
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # wire name, without the '*'
+    type: TypeRef
+    optional: bool
+    doc: str
+
+
+def _members(data: Mapping[str, TypeRef], docs: Mapping[str, str]) -> tuple[Member, ...]:
+    out = []
+    for key, typ in data.items():
+        name = key.lstrip("*")
+        out.append(Member(name, typ, key.startswith("*"), docs.get(name, "")))
+    unknown = set(docs) - {m.name for m in out}
+    if unknown:
+        raise ValueError(f"docs for unknown members {sorted(unknown)}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class EnumType:
+    name: str
+    values: tuple[str, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class StructType:
+    name: str
+    members: tuple[Member, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class UnionType:
+    """A flat union: common ``base`` members, then those of the variant chosen
+    by the ``discriminator`` member (an enum)."""
+
+    name: str
+    base: tuple[Member, ...]
+    discriminator: str
+    variants: Mapping[str, str]  # discriminator value -> StructType name
+    doc: str
+
+
+@dataclass(frozen=True)
+class AlternateType:
+    """One of several JSON kinds: ``string`` -> a type, ``object`` -> another."""
+
+    name: str
+    choices: Mapping[str, TypeRef]  # JSON kind ("string", "object") -> type
+    doc: str
+
+
+NamedType = EnumType | StructType | UnionType | AlternateType
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # wire name
+    members: tuple[Member, ...]  # the arguments object's members
+    boxed: str | None  # or: the arguments object is this union/struct type
+    returns: str  # the return value, in QAPI notation (docs only)
+    doc: str
+    examples: tuple[str, ...] = ()  # "-> {...}" / "<- {...}" lines
+    features: tuple[str, ...] = ()  # "unstable" for x- commands
+    returns_doc: str = ""
+
+
+@dataclass(frozen=True)
+class EventDef:
+    name: str
+    members: tuple[Member, ...]
+    doc: str
+    examples: tuple[str, ...] = ()
+    throttled: bool = False  # at most one a second per key (server.py)
+
+
+@dataclass
+class _Registry:
+    types: dict[str, NamedType] = field(default_factory=dict)
+
+    def add(self, t: NamedType) -> None:
+        if t.name in self.types or t.name in BUILTINS:
+            raise ValueError(f"duplicate type {t.name}")
+        self.types[t.name] = t
+
+
+_reg = _Registry()
+
+
+def enum(name: str, values: Sequence[str], doc: str) -> None:
+    _reg.add(EnumType(name, tuple(values), doc))
+
+
+def struct(name: str, data: Mapping[str, TypeRef], doc: str,
+           docs: Mapping[str, str] | None = None) -> None:
+    _reg.add(StructType(name, _members(data, docs or {}), doc))
+
+
+def union(name: str, base: Mapping[str, TypeRef], discriminator: str,
+          variants: Mapping[str, str], doc: str, docs: Mapping[str, str] | None = None) -> None:
+    _reg.add(UnionType(name, _members(base, docs or {}), discriminator, dict(variants), doc))
+
+
+def alternate(name: str, choices: Mapping[str, TypeRef], doc: str) -> None:
+    _reg.add(AlternateType(name, dict(choices), doc))
+
+
+def cmd(name: str, data: Mapping[str, TypeRef] | str, *, returns: str = "{}", doc: str,
+        docs: Mapping[str, str] | None = None, examples: Sequence[str] = (),
+        returns_doc: str = "") -> Command:
+    features = ("unstable",) if name.startswith("x-") else ()
+    if isinstance(data, str):
+        return Command(name, (), data, returns, doc, tuple(examples), features, returns_doc)
+    return Command(name, _members(data, docs or {}), None, returns, doc, tuple(examples),
+                   features, returns_doc)
+
+
+def event(name: str, data: Mapping[str, TypeRef], *, doc: str,
+          docs: Mapping[str, str] | None = None, examples: Sequence[str] = (),
+          throttled: bool = False) -> EventDef:
+    return EventDef(name, _members(data, docs or {}), doc, tuple(examples), throttled)
+
+
+# --------------------------------------------------------------------------- types
+
+enum("QMPCapability", ["oob"], "A QMP capability (qmp_capabilities `enable`).")
+enum("BlockdevDriver", ["file", "raw", "quorum"],
+     "Drivers known to blockdev-add and blockdev-reopen.")
+enum("QuorumReadPattern", ["quorum", "fifo"],
+     "`quorum`: read every active child and vote; `fifo`: read the first child that works.")
+enum("QuorumOpType", ["read", "write", "flush"], "The kind of request a quorum event is about.")
+
+_NODE_NAME_DOC = "the node's name (letters, digits, `-_.`, at most 31, starting with a letter)"
+
+union(
+    "BlockdevOptions",
+    {"driver": "BlockdevDriver", "*node-name": "str", "*read-only": "bool"},
+    "driver",
+    {"file": "BlockdevOptionsFile", "raw": "BlockdevOptionsRaw",
+     "quorum": "BlockdevOptionsQuorum"},
+    "Options of a block node, selected by `driver` (QEMU's BlockdevOptions, reduced "
+    "to what nbdquorum implements).",
+    docs={"driver": "block driver", "node-name": _NODE_NAME_DOC,
+          "read-only": "open without write permission (default false)"},
+)
+struct("BlockdevOptionsFile", {"filename": "str"}, "A host file or block device.",
+       docs={"filename": "path of the image"})
+struct("BlockdevOptionsRaw", {"file": "BlockdevRef"}, "The raw format over a `file` node.",
+       docs={"file": "the protocol node: inline options or an existing node's name"})
+struct(
+    "BlockdevOptionsQuorum",
+    {"*vote-threshold": "int", "*read-pattern": "QuorumReadPattern",
+     "*rewrite-corrupted": "bool", "*children": ["str"]},
+    "Options of a quorum node. Only blockdev-reopen takes them: an omitted member "
+    "keeps its current value (QEMU would reset it to its default).",
+    docs={"vote-threshold": "children that must agree (1 .. number of children)",
+          "read-pattern": "how reads are served",
+          "rewrite-corrupted": "rewrite children that lose a read vote",
+          "children": "the complete new list of child node-names; children not listed are "
+                      "detached, nodes not yet children are attached"},
+)
+alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
+          "Inline node options, or the node-name of an existing node.")
+
+# --------------------------------------------------------------------------- commands
+
+COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
+    cmd(
+        "qmp_capabilities", {"*enable": ["QMPCapability"]},
+        doc="Leave capabilities negotiation mode; every other command (and every event) "
+            "becomes available. Before it, any other command fails with CommandNotFound "
+            "\"Expecting capabilities negotiation with 'qmp_capabilities'\"; after it, "
+            "a second call fails with CommandNotFound \"Capabilities negotiation is "
+            "already complete, command ignored\".",
+        docs={"enable": "capabilities to enable; only `oob` exists (exec-oob is accepted, "
+                        "but no command allows out-of-band execution)"},
+        examples=['-> {"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "query-version", {}, returns="VersionInfo",
+        doc="The server's version, in QEMU's shape: nbdquorum's version is reported as "
+            "the `qemu` triple and `package` names it.",
+        examples=['-> {"execute": "query-version"}',
+                  '<- {"return": {"qemu": {"micro": 0, "minor": 1, "major": 0}, '
+                  '"package": "nbdquorum 0.1.0"}}'],
+    ),
+    cmd(
+        "query-commands", {}, returns="[CommandInfo]",
+        doc="The commands this monitor accepts, as `[{\"name\": ...}]`.",
+        examples=['-> {"execute": "query-commands"}',
+                  '<- {"return": [{"name": "qmp_capabilities"}, {"name": "query-version"}, '
+                  '...]}'],
+    ),
+    cmd(
+        "quit", {},
+        doc="Stop the server, as SIGTERM does: stop accepting, finish in-flight requests, "
+            "flush every child, exit 0. The reply is sent first.",
+        examples=['-> {"execute": "quit"}', '<- {"return": {}}'],
+    ),
+    cmd(
+        "blockdev-add", "BlockdevOptions",
+        doc="Open a node: `raw` over an inline `file` (or over an existing file node "
+            "given by name), or a bare `file` node. `node-name` is required for the node "
+            "itself; an inline file without one gets an automatic name (`#block001`) and "
+            "is deleted with its raw node. The image must exist. A `quorum` node cannot "
+            "be created here (the server creates its quorum from the command line).",
+        examples=[
+            '-> {"execute": "blockdev-add", "arguments": {"driver": "raw", '
+            '"node-name": "new_node", "file": {"driver": "file", '
+            '"filename": "/srv/img/new.raw"}}}',
+            '<- {"return": {}}',
+            '-> {"execute": "blockdev-add", "arguments": {"driver": "file", '
+            '"node-name": "f3", "filename": "/srv/img/c3.raw"}}',
+            '<- {"return": {}}',
+            '-> {"execute": "blockdev-add", "arguments": {"driver": "raw", '
+            '"node-name": "c3", "file": "f3"}}',
+            '<- {"return": {}}',
+        ],
+    ),
+    cmd(
+        "blockdev-del", {"node-name": "str"},
+        doc="Close a node created by blockdev-add (or by the command line). Refused while "
+            "the node is a child (\"Block device X is in use\") or exported "
+            "(\"Node X is in use\"); an inline file node goes with its raw node.",
+        docs={"node-name": "the node to delete"},
+        examples=['-> {"execute": "blockdev-del", "arguments": {"node-name": "new_node"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "x-blockdev-change", {"parent": "str", "*child": "str", "*node": "str"},
+        doc="QEMU's command to change a quorum's children: `node` attaches that node as "
+            "the next child edge (`children.N`, N = one past the highest in use), "
+            "`child` detaches the edge of that name. Exactly one of the two. A detached "
+            "node stays open until blockdev-del. Until the repair issue lands, a new child "
+            "holds stale data wherever it has not been written since it joined: attach "
+            "only a node whose contents already match the quorum's, as QEMU requires.",
+        docs={"parent": "the quorum's node-name",
+              "child": "the edge to remove, e.g. `children.1`",
+              "node": "the node-name of the node to attach"},
+        examples=[
+            '-> {"execute": "x-blockdev-change", "arguments": {"parent": "quorum0", '
+            '"node": "new_node"}}',
+            '<- {"return": {}}',
+            '-> {"execute": "x-blockdev-change", "arguments": {"parent": "quorum0", '
+            '"child": "children.3"}}',
+            '<- {"return": {}}',
+        ],
+    ),
+    cmd(
+        "x-blockdev-child-add", {"parent": "str", "child": "str"},
+        doc="Attach the node `child` to the quorum `parent` (the seed's name for "
+            "x-blockdev-change with `node`). Refused, with nothing changed, for an unknown "
+            "parent or node, a parent that is not a quorum, a node that already has a "
+            "parent, and a node whose size differs from the quorum's.",
+        docs={"parent": "the quorum's node-name", "child": "node-name of the node to attach"},
+        examples=[
+            '-> {"execute": "x-blockdev-child-add", "arguments": {"parent": "quorum0", '
+            '"child": "new_node"}}',
+            '<- {"return": {}}',
+        ],
+    ),
+    cmd(
+        "x-blockdev-child-del", {"parent": "str", "child": "str"},
+        doc="Detach a child of the quorum `parent`, named by its node-name (or by its edge "
+            "name, `children.N`). Refused when fewer children than the vote threshold "
+            "would remain.",
+        docs={"parent": "the quorum's node-name",
+              "child": "node-name of the child (or its edge name)"},
+        examples=[
+            '-> {"execute": "x-blockdev-child-del", "arguments": {"parent": "quorum0", '
+            '"child": "new_node"}}',
+            '<- {"return": {}}',
+        ],
+    ),
+    cmd(
+        "blockdev-reopen", {"options": ["BlockdevOptions"]},
+        doc="Change a quorum's options live: `vote-threshold`, `read-pattern`, "
+            "`rewrite-corrupted`, and its whole `children` list. All entries are checked "
+            "first and then applied in one step, between two requests: either everything "
+            "changes or nothing does. A new threshold must lie between 1 and the new number "
+            "of children. Omitted members keep their values. Only quorum nodes can be "
+            "reopened (QEMU's quorum cannot be reopened at all).",
+        docs={"options": "one entry per node to reopen, each with `driver` and `node-name`"},
+        examples=[
+            '-> {"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "quorum", '
+            '"node-name": "quorum0", "vote-threshold": 3, '
+            '"children": ["child0", "child1", "child2", "new_node"]}]}}',
+            '<- {"return": {}}',
+        ],
+    ),
+    cmd(
+        "query-named-block-nodes", {"*flat": "bool"}, returns="[BlockDeviceInfo]",
+        doc="Every node, in QEMU's BlockDeviceInfo shape (`node-name`, `drv`, `ro`, `file`, "
+            "`image` with `virtual-size`, ...). A quorum's entry also lists its members as "
+            "`children`: `[{\"child\": \"children.N\", \"node-name\": ...}]`.",
+        docs={"flat": "accepted for QEMU compatibility; there are no backing chains"},
+        examples=[
+            '-> {"execute": "query-named-block-nodes", "arguments": {"flat": true}}',
+            '<- {"return": [{"node-name": "quorum0", "drv": "quorum", "ro": false, '
+            '"image": {"virtual-size": 16777216, ...}, "children": [{"child": "children.0", '
+            '"node-name": "child0"}, ...], ...}, ...]}',
+        ],
+    ),
+    cmd(
+        "query-quorum-status", {"*node-name": "str"}, returns="[QuorumStatus]",
+        doc="Beyond QEMU, in the spirit of `zpool status`: each quorum's options and, per "
+            "child, its edge name, node-name, file, state (`active`, `resyncing`, `faulted`) "
+            "and counters (reads, writes, read/write/flush errors, checksum mismatches, "
+            "repaired bytes). Counters are exact even when events are throttled.",
+        docs={"node-name": "only this quorum (default: all)"},
+        examples=[
+            '-> {"execute": "query-quorum-status"}',
+            '<- {"return": [{"node-name": "quorum0", "vote-threshold": 2, '
+            '"read-pattern": "quorum", "rewrite-corrupted": false, "size": 16777216, '
+            '"children": [{"child": "children.0", "node-name": "child0", '
+            '"filename": "/srv/img/c0.raw", "state": "active", "reads": 12, "writes": 40, '
+            '"read-errors": 0, "write-errors": 0, "flush-errors": 0, '
+            '"checksum-errors": 1, "repaired-bytes": 0, ...}, ...]}]}',
+        ],
+    ),
+]}
+
+# --------------------------------------------------------------------------- events
+
+EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in [
+    event(
+        "QUORUM_REPORT_BAD",
+        {"type": "QuorumOpType", "*error": "str", "node-name": "str", "sector-num": "int",
+         "sectors-count": "int"},
+        throttled=True,
+        doc="A child failed a request or lost a read vote (qapi/block.json). At most one a "
+            "second per child node: within the second, later ones replace each other and "
+            "the last is delivered when the second ends, with its own timestamp.",
+        docs={"type": "the request's kind", "error": "strerror text; absent for a content "
+                                                     "mismatch",
+              "node-name": "the child node", "sector-num": "first 512-byte sector",
+              "sectors-count": "number of sectors"},
+        examples=['<- {"timestamp": {"seconds": 1795630054, "microseconds": 102390}, '
+                  '"event": "QUORUM_REPORT_BAD", "data": {"node-name": "child1", '
+                  '"sectors-count": 128, "sector-num": 0, "type": "read"}}'],
+    ),
+    event(
+        "QUORUM_FAILURE",
+        {"reference": "str", "sector-num": "int", "sectors-count": "int"},
+        throttled=True,
+        doc="A request could not reach the vote threshold and failed (qapi/block.json). "
+            "Throttled like QUORUM_REPORT_BAD, but by event name alone, as QEMU does.",
+        docs={"reference": "the quorum's node-name", "sector-num": "first 512-byte sector",
+              "sectors-count": "number of sectors"},
+        examples=['<- {"timestamp": {"seconds": 1795630059, "microseconds": 29277}, '
+                  '"event": "QUORUM_FAILURE", "data": {"reference": "quorum0", '
+                  '"sectors-count": 8, "sector-num": 0}}'],
+    ),
+]}
+
+#: Every other event on the block layer's bus (job events, child state changes)
+#: is forwarded unthrottled, with the data its emitter gives it.
+FORWARD_UNDECLARED: Final = True
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def named_type(name: str) -> NamedType:
+    return _reg.types[name]
+
+
+def all_types() -> dict[str, NamedType]:
+    return dict(_reg.types)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "null"
+
+
+def _full(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _bad_type(name: str, expected: str) -> Exception:
+    return generic(f"Invalid parameter type for '{name or 'null'}', expected: {expected}")
+
+
+def _visit(typ: TypeRef, value: Any, name: str) -> Any:
+    """Check ``value`` against ``typ``; returns it with struct keys in Python spelling.
+
+    Raises:
+        QMPError: GenericError with QEMU's input-visitor text.
+    """
+    if isinstance(typ, list):
+        if not isinstance(value, list):
+            raise _bad_type(name, "array")
+        return [_visit(typ[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if typ in BUILTINS:
+        kind = _kind(value)
+        if typ == "any":
+            return value
+        if typ == "number":
+            if kind not in ("integer", "number"):
+                raise _bad_type(name, "number")
+            return value
+        if kind != BUILTINS[typ]:
+            raise _bad_type(name, BUILTINS[typ])
+        if typ == "int" and not -(1 << 63) <= value < (1 << 63):
+            raise _bad_type(name, "integer")
+        return value
+    t = _reg.types[typ]
+    if isinstance(t, EnumType):
+        if not isinstance(value, str):
+            raise _bad_type(name, "string")
+        if value not in t.values:
+            raise generic(f"Parameter '{name or 'null'}' does not accept value '{value}'")
+        return value
+    if isinstance(t, AlternateType):
+        kind = _kind(value)
+        if kind not in t.choices:
+            raise _bad_type(name, t.name)
+        return _visit(t.choices[kind], value, name)
+    if not isinstance(value, dict):
+        raise _bad_type(name, "object")
+    if isinstance(t, StructType):
+        return _visit_members(t.members, value, name)
+    members = t.base
+    out = _visit_members(members, value, name, strict=False)
+    variant = _reg.types[t.variants[value[t.discriminator]]]
+    assert isinstance(variant, StructType)
+    out.update(_visit_members(members + variant.members, value, name))
+    return out
+
+
+def _visit_members(members: Sequence[Member], value: Mapping[str, Any], prefix: str,
+                   strict: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in members:
+        full = _full(prefix, m.name)
+        if m.name not in value:
+            if not m.optional:
+                raise generic(f"Parameter '{full}' is missing")
+            continue
+        out[py_name(m.name)] = _visit(m.type, value[m.name], full)
+    if strict:
+        known = {m.name for m in members}
+        for key in value:
+            if key not in known:
+                raise generic(f"Parameter '{_full(prefix, key)}' is unexpected")
+    return out
+
+
+def check_arguments(command: Command, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked arguments of ``command``, keyed by Python names.
+
+    Raises:
+        QMPError: GenericError "Parameter 'x' is missing" (or unexpected, or of the
+            wrong type), as QEMU words it.
+    """
+    if command.boxed is not None:
+        result = _visit(command.boxed, dict(arguments), "")
+        assert isinstance(result, dict)
+        return result
+    return _visit_members(command.members, arguments, "")
+
+
+def check_event(name: str, data: Mapping[str, Any]) -> None:
+    """Check an event's data against the table (tests; the server only logs).
+
+    Raises:
+        KeyError: the event is not declared.
+        QMPError: the data does not match.
+    """
+    _visit_members(EVENTS[name].members, data, "")
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _type_text(typ: TypeRef) -> str:
+    if isinstance(typ, list):
+        return f"[{_type_text(typ[0])}]"
+    return typ
+
+
+def _member_rows(members: Sequence[Member]) -> list[str]:
+    if not members:
+        return ["No arguments.", ""]
+    rows = ["| member | type | |", "|---|---|---|"]
+    for m in members:
+        opt = " (optional)" if m.optional else ""
+        rows.append(f"| `{m.name}`{opt} | `{_type_text(m.type)}` | {m.doc} |")
+    return [*rows, ""]
+
+
+def _examples(lines: Sequence[str]) -> list[str]:
+    if not lines:
+        return []
+    return ["Example:", "", "```", *lines, "```", ""]
+
+
+def markdown() -> str:
+    """docs/qmp.md, generated from the table."""
+    out = [
+        "# QMP reference",
+        "",
+        "<!-- Generated by `python -m nbdquorum.qmp.schema --markdown > docs/qmp.md`;",
+        "     do not edit. A unit test checks that this file is up to date. -->",
+        "",
+        "nbdquorum speaks QMP on the Unix socket given by `serve --control PATH` (created with",
+        "mode 0600). The wire format is QEMU's (docs/interop/qmp-spec): one JSON object a line,",
+        "`\\r\\n`-terminated replies, `{\"execute\", \"arguments\"?, \"id\"?}` in,",
+        "`{\"return\", \"id\"}` or `{\"id\", \"error\": {\"class\", \"desc\"}}` out. Existing",
+        "clients (qemu.qmp's `QMPClient`, `qmp-shell`, socat) work unchanged, and so does the",
+        "`nbdquorum ctl` tool.",
+        "",
+        "## Session",
+        "",
+        "```",
+        '<- {"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 0}, '
+        '"package": "nbdquorum 0.1.0"}, "capabilities": ["oob"]}}',
+        '-> {"execute": "query-version", "id": 1}',
+        '<- {"id": 1, "error": {"class": "CommandNotFound", '
+        '"desc": "Expecting capabilities negotiation with \'qmp_capabilities\'"}}',
+        '-> {"execute": "qmp_capabilities", "id": 2}',
+        '<- {"return": {}, "id": 2}',
+        '-> {"execute": "x-blockdev-change", "arguments": {"parent": "quorum0"}, "id": 3}',
+        '<- {"id": 3, "error": {"class": "GenericError", '
+        '"desc": "Either child or node must be specified"}}',
+        "```",
+        "",
+        "Errors use QEMU's classes (`GenericError`, `CommandNotFound`, `DeviceNotFound`) and,",
+        "where QEMU has a text for the same situation, QEMU's text. Input that is not a QMP",
+        "command gets an error and the monitor keeps working:",
+        "",
+        "| input | `desc` |",
+        "|---|---|",
+        "| `{ \"execute\": }` | `JSON parse error, expecting value` (no `id`) |",
+        "| `[1, 2]` | `QMP input must be a JSON object` |",
+        "| `{\"foo\": 1}` | `QMP input member 'foo' is unexpected` |",
+        "| `{\"execute\": 1}` | `QMP input member 'execute' must be a string` |",
+        "| `{\"execute\": \"quit\", \"arguments\": []}` |"
+        " `QMP input member 'arguments' must be an object` |",
+        "| an unknown command `x` | `The command x has not been found` (CommandNotFound) |",
+        "| a missing argument | `Parameter 'node-name' is missing` |",
+        "| an unknown argument | `Parameter 'bogus' is unexpected` |",
+        "| a wrong type | `Invalid parameter type for 'parent', expected: string` |",
+        "",
+        "Single-quoted strings are accepted, as QEMU does. An incomplete object waits for more",
+        "bytes (even across newlines); an ASCII control character other than whitespace (or",
+        "0xFF) drops it with a parse error. After any other parse error the rest of the line",
+        "is skipped, so garbage costs one error reply per line (QEMU sends one per token).",
+        "A pending message larger than 64 MiB, or nested deeper than 1024, is dropped.",
+        "",
+        "Events go to every client that has completed negotiation, as",
+        "`{\"timestamp\": {\"seconds\", \"microseconds\"}, \"event\", \"data\"}`.",
+        "",
+        "## Commands",
+        "",
+    ]
+    for c in COMMANDS.values():
+        out += [f"### {c.name}", ""]
+        if c.features:
+            out += [f"Features: {', '.join(c.features)}.", ""]
+        out += [c.doc, ""]
+        if c.boxed is not None:
+            out += [f"Arguments: the members of `{c.boxed}` (see Types).", ""]
+        else:
+            out += _member_rows(c.members)
+        out += [f"Returns: `{c.returns}`" + (f": {c.returns_doc}" if c.returns_doc else ""), ""]
+        out += _examples(c.examples)
+    out += ["## Events", ""]
+    for e in EVENTS.values():
+        out += [f"### {e.name}", "", e.doc, ""]
+        out += _member_rows(e.members)
+        out += _examples(e.examples)
+    out += [
+        "Every other event of the block layer (job events such as `JOB_STATUS_CHANGE` and",
+        "`BLOCK_JOB_COMPLETED`, child state changes) is forwarded as emitted, unthrottled.",
+        "",
+        "## Types",
+        "",
+    ]
+    for t in _reg.types.values():
+        out += [f"### {t.name}", "", t.doc, ""]
+        if isinstance(t, EnumType):
+            out += ["Values: " + ", ".join(f"`{v}`" for v in t.values) + ".", ""]
+        elif isinstance(t, StructType):
+            out += _member_rows(t.members)
+        elif isinstance(t, UnionType):
+            out += _member_rows(t.base)
+            variants = ", ".join(f"`{k}`: `{v}`" for k, v in t.variants.items())
+            out += [f"Then, by `{t.discriminator}`: {variants}.", ""]
+        else:
+            choices = ", ".join(f"a JSON {k}: `{_type_text(v)}`" for k, v in t.choices.items())
+            out += [f"One of: {choices}.", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nbdquorum.qmp.schema")
+    parser.add_argument("--markdown", action="store_true", help="print docs/qmp.md")
+    parser.add_argument("--json", action="store_true", help="print the command names as JSON")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown())
+    elif args.json:
+        print(json.dumps(sorted(COMMANDS)))
+    else:
+        parser.print_help()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
