@@ -1,0 +1,343 @@
+"""The asyncio glue of the QMP monitor: a Unix socket, clients, and events.
+
+Each client is one task: read, feed its sans-I/O ServerConnection, run each
+command to completion in order (as QEMU's in-band monitor does), write the
+reply.  Writes are synchronous calls into the transport, so a reply or event
+always goes out whole and needs no lock; a client whose unread output passes
+``MAX_UNSENT`` is disconnected instead of growing memory without bound.
+
+Events come from the block layer's bus, go through one server-wide throttle
+(throttle.py: QEMU's one-a-second rule for the quorum events) and then to
+every client that has completed capabilities negotiation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from nbdquorum import __version__
+from nbdquorum.block.graph import Graph
+from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.qmp.commands import Context, dispatch, version_triple
+from nbdquorum.qmp.errors import ErrorClass, LocalProtocolError, QMPError
+from nbdquorum.qmp.protocol import (
+    NEED_DATA,
+    NO_ID,
+    BadRequest,
+    ConnectionClosed,
+    Execute,
+    Message,
+    ParseError,
+    ServerConnection,
+    error_message,
+    event_message,
+    greeting,
+)
+from nbdquorum.qmp.schema import EVENTS, check_event
+from nbdquorum.qmp.throttle import DEFAULT_PERIODS, EventThrottle
+
+if TYPE_CHECKING:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+log = logging.getLogger(__name__)
+
+READ_SIZE: Final = 64 << 10
+#: a client that leaves this much output unread is disconnected
+MAX_UNSENT: Final = 16 << 20
+
+
+class _Client:
+    """One monitor connection."""
+
+    def __init__(self, number: int, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.log = log.getChild(f"client{number}")
+        self.quit_requested = False
+
+    def write(self, data: bytes) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
+            self.log.warning("client does not read its output; disconnecting")
+            self.writer.transport.abort()
+
+    def send(self, message: Message) -> None:
+        try:
+            data = self.conn.send(message)
+        except LocalProtocolError as err:  # an unserializable reply: a bug, not the client's
+            self.log.exception("cannot send %r", message)
+            data = self.conn.send(error_message(ErrorClass.GENERIC_ERROR, f"Internal error: {err}",
+                                                message.get("id", NO_ID)))
+        self.write(data)
+
+
+class QMPServer:
+    def __init__(self, graph: Graph, bus: EventBus, *,
+                 throttle: EventThrottle | None = None) -> None:
+        self.graph = graph
+        self.bus = bus
+        #: called (once) after the reply to ``quit`` has been written
+        self.on_quit: Callable[[], None] | None = None
+        self.path: str | None = None
+        #: background jobs and the resync manager, for the job commands (set by cli.serve)
+        self.jobs: JobManager | None = None
+        self.resync: ResyncManager | None = None
+        self._throttle = throttle or EventThrottle(DEFAULT_PERIODS)
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._inode: tuple[int, int] | None = None
+        self._numbers = itertools.count(1)
+        major, minor, micro = version_triple()
+        self._greeting = greeting(major, minor, micro, f"nbdquorum {__version__}")
+
+    # ----- life cycle
+
+    async def listen_unix(self, path: str) -> None:
+        """Listen on ``path``, a socket of mode 0600 (a stale socket there is replaced).
+
+        Raises:
+            OSError: the path is in use by a live server, or is not a socket.
+        """
+        self._start()
+        sock = _bind_private(path)
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.path = path
+        st = os.stat(path)
+        self._inode = (st.st_dev, st.st_ino)
+        log.info("QMP monitor listening on %s", path)
+
+    async def serve_connection(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        """Serve one already-connected client (tests use socketpairs)."""
+        self._start()
+        await self._accept(reader, writer)
+
+    def _start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._unsubscribe = self.bus.subscribe(self._on_bus_event)
+
+    async def shutdown(self) -> None:
+        """Stop listening, disconnect every client, remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held = self._throttle.pending()
+        if held:
+            log.info("dropping %d throttled event(s) at shutdown", len(held))
+        for client in list(self._clients):
+            client.writer.close()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        if self.path is None or self._inode is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+        self._inode = None
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    # ----- clients
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        client = _Client(next(self._numbers), ServerConnection(self._greeting), writer)
+        self._clients.add(client)
+        client.log.debug("connected")
+        try:
+            await self._serve(client, reader)
+        except (ConnectionError, OSError) as err:
+            client.log.debug("connection lost: %s", err)
+        finally:
+            self._clients.discard(client)
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+            client.log.debug("disconnected")
+        if client.quit_requested:  # the client hung up before its reply went out
+            self._quit()
+
+    async def _serve(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        conn = client.conn
+        client.write(conn.initial_bytes())
+
+        def request_quit() -> None:
+            client.quit_requested = True
+
+        ctx = Context(self.graph, conn, request_quit, jobs=self.jobs, resync=self.resync)
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                conn.receive_data(await reader.read(READ_SIZE))
+                continue
+            if isinstance(ev, ConnectionClosed):
+                return
+            if isinstance(ev, ParseError):
+                client.log.debug("parse error: %s", ev.desc)
+                client.send(error_message(ErrorClass.GENERIC_ERROR, ev.desc))
+            elif isinstance(ev, BadRequest):
+                client.log.debug("bad request: %s", ev.desc)
+                client.send(error_message(ErrorClass.GENERIC_ERROR, ev.desc, ev.id))
+            elif isinstance(ev, Execute):
+                client.log.debug("execute %s %s", ev.name, ev.arguments)
+                reply = await dispatch(ctx, ev)
+                if "error" in reply:
+                    client.log.info("%s failed: %s", ev.name, reply["error"]["desc"])
+                client.send(reply)
+            if client.writer.is_closing():
+                return
+            await client.writer.drain()
+            if client.quit_requested:
+                client.quit_requested = False
+                self._quit()
+
+    def _quit(self) -> None:
+        log.info("quit requested over QMP")
+        if self.on_quit is not None:
+            self.on_quit()
+
+    # ----- events
+
+    def _on_bus_event(self, ev: Event) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() != self._loop_thread:
+            loop.call_soon_threadsafe(self._offer, ev)
+        else:
+            self._offer(ev)
+
+    def _offer(self, ev: Event) -> None:
+        if ev.name in EVENTS:
+            try:
+                check_event(ev.name, ev.data)
+            except QMPError as err:
+                log.warning("event %s does not match the schema: %s", ev.name, err.desc)
+        assert self._loop is not None
+        for out in self._throttle.push(ev, self._loop.time()):
+            self._broadcast(out)
+        self._arm()
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        deadline = self._throttle.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        for out in self._throttle.due(self._loop.time()):
+            self._broadcast(out)
+        self._arm()
+
+    def _broadcast(self, ev: Event) -> None:
+        try:
+            data = bytes(event_message(ev.name, ev.data, ev.timestamp))
+        except LocalProtocolError:
+            log.exception("event %s cannot be serialized", ev.name)
+            return
+        for client in list(self._clients):
+            if client.conn.negotiated:
+                client.write(data)
+
+
+def _bind_private(path: str) -> socket.socket:
+    """A Unix socket bound at ``path`` that only its owner can connect to.
+
+    The socket is bound under a temporary name, chmod-ed to 0600 and renamed into
+    place, so it never exists at ``path`` with looser permissions.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}~")
+    try:
+        if len(os.fsencode(tmp)) < 108:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock.bind(tmp)
+            try:
+                os.chmod(tmp, 0o600)
+                os.rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        else:  # no room for a temporary name: a restrictive umask instead
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
