@@ -271,6 +271,16 @@ def select(events: Sequence[dict[str, Any]], name: str, **data: Any) -> list[dic
     ]
 
 
+def nbd_uri(socket_path: Path | str, export: str = EXPORT) -> str:
+    """``nbd+unix:///EXPORT?socket=PATH``; ``export=""`` asks for the default export."""
+    return f"nbd+unix:///{export}?socket={socket_path}"
+
+
+def events(server: Server, every: bool = False) -> list[dict[str, Any]]:
+    """The server's QUORUM_* events so far, parsed (see ``Server.events``)."""
+    return server.events(every)
+
+
 class QmpEventReader:
     """A minimal QMP client: negotiates capabilities, then collects events in a thread."""
 
@@ -444,7 +454,7 @@ class Server:
         if self.listen is not None:
             host, port = self.listen
             return f"nbd://{host}:{port}/{name}"
-        return f"nbd+unix:///{name}?socket={self.socket}"
+        return nbd_uri(self.socket, name)
 
     # ----- events
 

@@ -6,6 +6,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from .conftest import (
     make_image,
     nbdinfo_json,
     nbdquorum_cli,
+    nbdquorum_env,
     qemu_io,
     read_at,
     require_libnbd,
@@ -25,16 +28,50 @@ from .conftest import (
 pytestmark = pytest.mark.timeout(60)
 
 
+def refused(*args: str, address: Path | tuple[str, int]) -> subprocess.CompletedProcess[str]:
+    """Run ``serve ARGS``, which must exit with an error instead of serving.
+
+    If the server accepts a connection on ``address`` instead, it is stopped and the test
+    fails at once (rather than after a long timeout).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdquorum", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=nbdquorum_env(),
+    )
+
+    def serving() -> bool:
+        try:
+            if isinstance(address, Path):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(address))
+            else:
+                socket.create_connection(address, timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 20
+    while proc.poll() is None:
+        if serving() or time.monotonic() > deadline:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+            pytest.fail(
+                f"serve {list(args)} started serving instead of refusing:\n{err.decode()}",
+                pytrace=False,
+            )
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+
 def serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``serve`` with arguments that must be refused before it starts serving."""
-    return nbdquorum_cli(
-        "serve",
-        "--socket",
-        str(tmp_path / "nbd.sock"),
-        "--state-dir",
-        str(tmp_path / "state"),
-        *args,
-        timeout=20,
+    """``serve ARGS`` on a Unix socket in ``tmp_path``; must be refused."""
+    sock = tmp_path / "nbd.sock"
+    return refused(
+        "--socket", str(sock), "--state-dir", str(tmp_path / "state"), *args, address=sock
     )
 
 
@@ -121,10 +158,8 @@ def test_same_node_name_twice(tmp_path: Path) -> None:
 
 def test_socket_directory_missing(tmp_path: Path) -> None:
     images = [make_image(tmp_path / f"{i}.raw") for i in range(3)]
-    proc = nbdquorum_cli(
-        "serve", *children(*images), "--socket", str(tmp_path / "nodir" / "nbd.sock"), timeout=20
-    )
-    assert_one_line_error(proc)
+    sock = tmp_path / "nodir" / "nbd.sock"
+    assert_one_line_error(refused(*children(*images), "--socket", str(sock), address=sock))
 
 
 def test_port_in_use(tmp_path: Path) -> None:
@@ -231,3 +266,35 @@ def test_restart_on_the_same_images_keeps_the_data(
     second = start_server("nbdquorum", images=images)
     qemu_io(second.uri(), "read -P 0x63 1M 64k")
     assert nbdinfo_json(second.uri())["export-size"] == IMAGE_SIZE
+
+
+def test_same_image_twice_is_refused(tmp_path: Path) -> None:
+    """One file counted as two children would outvote the third on its own."""
+    a, b = make_image(tmp_path / "a.raw"), make_image(tmp_path / "b.raw")
+    assert_one_line_error(serve(tmp_path, *children(a, a, b)), "a.raw")
+
+
+def test_same_image_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    a, b = make_image(tmp_path / "a.raw"), make_image(tmp_path / "b.raw")
+    (tmp_path / "alias.raw").symlink_to(a)
+    assert_one_line_error(serve(tmp_path, *children(a, b, tmp_path / "alias.raw")))
+
+
+def test_images_in_use_by_a_running_server_are_refused(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Like QEMU's image locking: two servers writing one set of children diverge them."""
+    images = [make_image(tmp_path / f"l{i}.raw") for i in range(3)]
+    first = start_server("nbdquorum", images=images)
+    second = tmp_path / "second.sock"
+    proc = refused(
+        *children(*images),
+        "--socket",
+        str(second),
+        "--state-dir",
+        str(tmp_path / "second-state"),
+        address=second,
+    )
+    assert_one_line_error(proc)
+    assert first.alive()
+    qemu_io(first.uri(), "write -P 0x64 0 4k", "read -P 0x64 0 4k")

@@ -16,6 +16,7 @@ from .conftest import (
     StartServer,
     assert_identical,
     assert_pattern,
+    nbdinfo_json,
     nbdsh_command,
     output,
     qemu_io,
@@ -336,3 +337,16 @@ def test_multi_conn_flush_makes_writes_visible(server: Server) -> None:
         for h in handles:
             h.shutdown()
     check_children(server, 3 * MiB, 65536, 0x19)
+
+
+def test_image_size_not_a_multiple_of_512(
+    start_server: StartServer, target: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_for(target, "qsd", "QEMU rounds a raw file's size up to whole 512-byte sectors", request)
+    size = 3 * MiB + 1001
+    server = start_server(target, size=size)
+    assert nbdinfo_json(server.uri())["export-size"] == size
+    qemu_io(server.uri(), f"write -P 0x1a {size - 700} 700", f"read -P 0x1a {size - 700} 700")
+    for image in server.images:
+        assert os.path.getsize(image) == size
+        assert read_at(image, size - 701, 701) == b"\0" + b"\x1a" * 700
