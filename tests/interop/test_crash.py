@@ -49,14 +49,25 @@ def _socket_ready(path: Path) -> bool:
 
 def _start(tmp: Path, images: list[Path], log: Path) -> subprocess.Popen[bytes]:
     sock = tmp / "nbd.sock"
-    argv = [sys.executable, "-m", "nbdquorum", "serve", "--socket", str(sock),
-            "--state-dir", str(tmp / "state"), "--intent-interval", "0.2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "nbdquorum",
+        "serve",
+        "--socket",
+        str(sock),
+        "--state-dir",
+        str(tmp / "state"),
+        "--intent-interval",
+        "0.2",
+    ]
     for i, img in enumerate(images):
         argv += ["--child", f"c{i}={img}"]
     with open(log, "ab") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=nbdquorum_env())
-    wait_until(lambda: proc.poll() is not None or _socket_ready(sock), START_TIMEOUT,
-               "the server socket")
+    wait_until(
+        lambda: proc.poll() is not None or _socket_ready(sock), START_TIMEOUT, "the server socket"
+    )
     assert proc.poll() is None, log.read_text()
     return proc
 
@@ -66,8 +77,15 @@ def _content(slot: int, gen: int) -> bytes:
     return (head * (SLOT // len(head) + 1))[:SLOT]
 
 
-def _writer(nbd: Any, uri: str, rng: random.Random, durable: dict[int, int],
-            maybe: dict[int, set[int]], gen0: int, stop: threading.Event) -> None:
+def _writer(
+    nbd: Any,
+    uri: str,
+    rng: random.Random,
+    durable: dict[int, int],
+    maybe: dict[int, set[int]],
+    gen0: int,
+    stop: threading.Event,
+) -> None:
     """Write random slots, flush every few writes; record what a flush made durable."""
     h = nbd.NBD()
     try:
