@@ -34,8 +34,11 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 FLAG_FIXED_NEWSTYLE = 1 << 0
 FLAG_NO_ZEROES = 1 << 1
 
+OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
 OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
 OPT_GO = 7
 REP_ACK = 1
 REP_SERVER = 2
@@ -226,6 +229,47 @@ def test_unknown_option_is_unsupported_and_handshake_continues(server: Server) -
         assert size == IMAGE_SIZE
         assert w.read(0, 512) == (0, bytes(512))
     still_serving(server)
+
+
+def test_export_name_option_old_style(server: Server) -> None:
+    """NBD_OPT_EXPORT_NAME: no option reply; size, flags, then straight to transmission."""
+    with Wire(server) as w:
+        w.greeting()
+        w.client_flags()
+        w.option(OPT_EXPORT_NAME, b"disk")
+        size, _flags = struct.unpack(">QH", w.recv_exact(10))  # NO_ZEROES: no padding
+        assert size == IMAGE_SIZE
+        assert w.command(CMD_WRITE, 0, 3, payload=b"old") == 0
+        assert w.read(0, 3) == (0, b"old")
+
+
+def test_option_info_then_go(server: Server) -> None:
+    with Wire(server) as w:
+        w.greeting()
+        w.client_flags()
+        w.option(OPT_INFO, struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0))
+        replies = []
+        while True:
+            opt, rtype, data = w.option_reply()
+            assert opt == OPT_INFO
+            replies.append((rtype, data))
+            if rtype == REP_ACK:
+                break
+        exports = [d for t, d in replies if t == REP_INFO and d[:2] == b"\0\0"]
+        assert exports and struct.unpack(">Q", exports[0][2:10])[0] == IMAGE_SIZE
+        assert w.go()[0] == IMAGE_SIZE  # INFO does not end the handshake
+
+
+def test_starttls_is_refused_and_handshake_continues(server: Server) -> None:
+    with Wire(server) as w:
+        w.greeting()
+        w.client_flags()
+        w.option(OPT_STARTTLS)
+        opt, rtype, _ = w.option_reply()
+        assert opt == OPT_STARTTLS
+        assert rtype & 0x80000000, f"STARTTLS answered {rtype:#x}, not an error"
+        assert w.go()[0] == IMAGE_SIZE
+        assert w.read(0, 512) == (0, bytes(512))
 
 
 def test_option_list_then_go(server: Server) -> None:
