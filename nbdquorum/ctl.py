@@ -1,0 +1,529 @@
+"""``nbdquorum ctl``: the operator's client for a running server's QMP socket.
+
+Subcommands: ``status`` (a table of children, states and counters, like
+``zpool status``), ``add NAME=PATH``, ``remove NAME``, ``replace OLD NAME=PATH``,
+``threshold N``, ``events`` (follow) and ``qmp JSON`` (raw).  Each is a short
+sequence of ordinary QMP commands, so anything ctl does can be scripted with
+any QMP client too.
+
+Exit codes scripts can rely on:
+    0  success
+    1  the server refused a command (its ``desc`` goes to stderr)
+    2  usage error (bad arguments, an ambiguous quorum)
+    3  cannot connect to the control socket, or the connection broke
+
+The QMP client here uses plain blocking sockets: ctl must run where only the
+standard library is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, Final
+
+EXIT_OK: Final = 0
+EXIT_QMP_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CONNECT: Final = 3
+
+DEFAULT_TIMEOUT: Final = 30.0
+POLL_INTERVAL: Final = 0.2
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CtlError(Exception):
+    """Ends the command with ``exit_code``; ``str()`` is the message for stderr."""
+
+    exit_code = EXIT_QMP_ERROR
+
+
+class QMPReplyError(CtlError):
+    """The server answered with an error."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class ConnectError(CtlError):
+    exit_code = EXIT_CONNECT
+
+
+class UsageProblem(CtlError):
+    exit_code = EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- client
+
+
+class QMPClient:
+    """A small synchronous QMP client: greeting, negotiation, commands, events."""
+
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.events: list[dict[str, Any]] = []
+        self._next_id = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as err:
+            self.sock.close()
+            raise ConnectError(f"cannot connect to {path}: {err.strerror or err}") from err
+        self._file: IO[bytes] = self.sock.makefile("rb")
+        self.greeting = self.recv()
+        if "QMP" not in self.greeting:
+            self.close()
+            raise ConnectError(f"{path} is not a QMP monitor (greeting: {self.greeting})")
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except (OSError, AttributeError):
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> QMPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def recv(self, *, block: bool = False) -> dict[str, Any]:
+        """The next message; ``block`` waits without the client's timeout."""
+        if block:
+            self.sock.settimeout(None)
+        try:
+            line = self._file.readline()
+        except TimeoutError as err:
+            raise ConnectError(f"no answer from {self.path} within {self.timeout}s") from err
+        except OSError as err:
+            raise ConnectError(f"connection to {self.path} broke: {err.strerror or err}") from err
+        finally:
+            if block:
+                self.sock.settimeout(self.timeout)
+        if not line:
+            raise ConnectError(f"{self.path} closed the connection")
+        try:
+            msg = json.loads(line)
+        except ValueError as err:
+            raise ConnectError(f"{self.path} sent something that is not JSON: {line!r}") from err
+        if not isinstance(msg, dict):
+            raise ConnectError(f"{self.path} sent a non-object: {line!r}")
+        return msg
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
+        except OSError as err:
+            raise ConnectError(f"connection to {self.path} broke: {err.strerror or err}") from err
+
+    def raw(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send ``msg`` as given; returns the first message that is not an event."""
+        self.send(msg)
+        while True:
+            reply = self.recv()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            return reply
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run a command; returns its ``return`` value.
+
+        Raises:
+            QMPReplyError: the server answered with an error.
+            ConnectError: the connection failed.
+        """
+        self._next_id += 1
+        ident = f"ctl-{self._next_id}"
+        msg: dict[str, Any] = {"execute": name, "id": ident}
+        if arguments:
+            msg["arguments"] = arguments
+        self.send(msg)
+        while True:
+            reply = self.recv()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != ident:
+                if "error" in reply and "id" not in reply:  # a parse error: ours is broken
+                    err = reply["error"]
+                    raise QMPReplyError(err.get("class", "?"), err.get("desc", "?"))
+                continue  # not ours: qmp-spec says to drop it
+            if "error" in reply:
+                err = reply["error"]
+                raise QMPReplyError(err.get("class", "?"), err.get("desc", "?"))
+            return reply.get("return")
+
+    def follow(self) -> Iterator[dict[str, Any]]:
+        """Every event, as it arrives, forever."""
+        while True:
+            while self.events:
+                yield self.events.pop(0)
+            msg = self.recv(block=True)
+            if "event" in msg:
+                yield msg
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise UsageProblem(f"expected NAME=PATH, got {text!r}")
+    return name, os.path.abspath(path)
+
+
+def quorum_status(client: QMPClient, node: str | None = None) -> list[dict[str, Any]]:
+    args = {"node-name": node} if node else None
+    result = client.execute("query-quorum-status", args)
+    assert isinstance(result, list)
+    return result
+
+
+def pick_parent(client: QMPClient, parent: str | None) -> str:
+    """The quorum to act on: ``--parent``, or the server's only quorum."""
+    if parent:
+        return parent
+    names = [q["node-name"] for q in quorum_status(client)]
+    if not names:
+        raise CtlError("the server has no quorum node")
+    if len(names) > 1:
+        raise UsageProblem(f"the server has several quorum nodes ({', '.join(names)}): "
+                           "give --parent")
+    return str(names[0])
+
+
+def child_of(status: dict[str, Any], node: str) -> dict[str, Any] | None:
+    return next((c for c in status["children"] if c.get("node-name") == node), None)
+
+
+def add_child(client: QMPClient, parent: str, name: str, path: str) -> None:
+    client.execute("blockdev-add", {"driver": "raw", "node-name": name,
+                                    "file": {"driver": "file", "filename": path}})
+    try:
+        client.execute("x-blockdev-child-add", {"parent": parent, "child": name})
+    except QMPReplyError:
+        try:  # leave nothing behind
+            client.execute("blockdev-del", {"node-name": name})
+        except QMPReplyError as err:
+            print(f"nbdquorum ctl: could not delete {name} again: {err.desc}", file=sys.stderr)
+        raise
+
+
+def wait_active(client: QMPClient, parent: str, name: str, timeout: float | None,
+                out: IO[str]) -> None:
+    """Poll until the child ``name`` votes (its resync is done)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = None
+    while True:
+        (status,) = quorum_status(client, parent)
+        child = child_of(status, name)
+        if child is None:
+            raise CtlError(f"{name} left {parent} while it was being synchronized")
+        state = child.get("state")
+        if state == "active":
+            return
+        if state == "faulted":
+            raise CtlError(f"{name} faulted while it was being synchronized")
+        left = child.get("unsynced-bytes")
+        if left != shown:
+            print(f"waiting for {name} to resync ({state}"
+                  + (f", {left} bytes to go" if isinstance(left, int) else "") + ")",
+                  file=out, flush=True)
+            shown = left
+        if deadline is not None and time.monotonic() > deadline:
+            raise CtlError(f"{name} is still {state} after {timeout}s")
+        time.sleep(POLL_INTERVAL)
+
+
+# --------------------------------------------------------------------------- status table
+
+_FIRST: Final = ("child", "node-name", "state")
+_LAST: Final = ("filename",)
+#: counters first in zpool's order of interest; any other numeric member follows
+_COUNTERS: Final = ("reads", "writes", "read-errors", "write-errors", "flush-errors",
+                    "checksum-errors", "repaired-bytes", "unsynced-bytes")
+_LABELS: Final = {"child": "EDGE", "node-name": "NODE", "read-errors": "READ-ERR",
+                  "write-errors": "WRITE-ERR", "flush-errors": "FLUSH-ERR",
+                  "checksum-errors": "CKSUM", "repaired-bytes": "REPAIRED",
+                  "unsynced-bytes": "UNSYNCED", "filename": "FILE"}
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def format_status(statuses: Sequence[dict[str, Any]]) -> str:
+    """``zpool status``-like text: one block per quorum, one row per child."""
+    out: list[str] = []
+    for st in statuses:
+        children = st.get("children", [])
+        active = sum(1 for c in children if c.get("state") == "active")
+        health = "healthy" if active == len(children) else (
+            f"degraded ({active} of {len(children)} children active)")
+        out.append(f"{st.get('node-name')}: {health}")
+        opts = [f"vote-threshold {st.get('vote-threshold')}",
+                f"read-pattern {st.get('read-pattern')}",
+                f"rewrite-corrupted {'on' if st.get('rewrite-corrupted') else 'off'}"]
+        if isinstance(st.get("size"), int):
+            opts.append(f"size {_human(st['size'])}")
+        out.append("  " + ", ".join(opts))
+        cols = [*_FIRST, *(c for c in _COUNTERS if any(c in ch for ch in children))]
+        for child in children:
+            for key, value in child.items():
+                if (key not in cols and key not in _LAST and isinstance(value, int | float)
+                        and not isinstance(value, bool)):
+                    cols.append(key)
+        cols += [c for c in _LAST if any(c in ch for ch in children)]
+        rows = [[_LABELS.get(k, k.upper()) for k in cols]]
+        rows += [["" if ch.get(k) is None else str(ch.get(k)) for k in cols] for ch in children]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        for r in rows:
+            cells = []
+            for i, cell in enumerate(r):
+                numeric = cols[i] not in _FIRST and cols[i] not in _LAST
+                cells.append(cell.rjust(widths[i]) if numeric else cell.ljust(widths[i]))
+            out.append("  " + "  ".join(cells).rstrip())
+        scrub = st.get("last-scrub")
+        if isinstance(scrub, dict):
+            out.append("  last scrub: " + ", ".join(f"{k} {v}" for k, v in scrub.items()))
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_status(client: QMPClient, args: argparse.Namespace) -> int:
+    statuses = quorum_status(client, args.node)
+    if args.json:
+        print(json.dumps(statuses, indent=2))
+    else:
+        sys.stdout.write(format_status(statuses))
+    return EXIT_OK
+
+
+def cmd_add(client: QMPClient, args: argparse.Namespace) -> int:
+    name, path = parse_named_path(args.spec)
+    parent = pick_parent(client, args.parent)
+    add_child(client, parent, name, path)
+    if args.wait:
+        wait_active(client, parent, name, args.wait_timeout, sys.stderr)
+    _report(args, {"parent": parent, "added": name, "filename": path})
+    return EXIT_OK
+
+
+def cmd_remove(client: QMPClient, args: argparse.Namespace) -> int:
+    parent = pick_parent(client, args.parent)
+    client.execute("x-blockdev-child-del", {"parent": parent, "child": args.name})
+    if not args.keep_node:
+        try:
+            client.execute("blockdev-del", {"node-name": args.name})
+        except QMPReplyError as err:
+            raise QMPReplyError(err.error_class, f"{args.name} was detached from {parent}, "
+                                                 f"but not closed: {err.desc}") from err
+    _report(args, {"parent": parent, "removed": args.name})
+    return EXIT_OK
+
+
+def cmd_replace(client: QMPClient, args: argparse.Namespace) -> int:
+    name, path = parse_named_path(args.spec)
+    parent = pick_parent(client, args.parent)
+    (status,) = quorum_status(client, parent)
+    if child_of(status, args.old) is None:
+        raise QMPReplyError("GenericError", f"Node '{args.old}' is not a child of '{parent}'")
+    add_child(client, parent, name, path)
+    if not args.no_wait:
+        wait_active(client, parent, name, args.wait_timeout, sys.stderr)
+    client.execute("x-blockdev-child-del", {"parent": parent, "child": args.old})
+    if not args.keep_node:
+        client.execute("blockdev-del", {"node-name": args.old})
+    _report(args, {"parent": parent, "added": name, "filename": path, "removed": args.old})
+    return EXIT_OK
+
+
+def cmd_threshold(client: QMPClient, args: argparse.Namespace) -> int:
+    parent = pick_parent(client, args.parent)
+    client.execute("blockdev-reopen", {"options": [
+        {"driver": "quorum", "node-name": parent, "vote-threshold": args.n}]})
+    _report(args, {"parent": parent, "vote-threshold": args.n})
+    return EXIT_OK
+
+
+def cmd_events(client: QMPClient, args: argparse.Namespace) -> int:
+    seen = 0
+    if args.count is not None and args.count <= 0:
+        return EXIT_OK
+    for ev in client.follow():
+        if args.name and ev.get("event") not in args.name:
+            continue
+        print(json.dumps(ev), flush=True)
+        seen += 1
+        if args.count is not None and seen >= args.count:
+            break
+    return EXIT_OK
+
+
+def parse_message(text: str) -> dict[str, Any]:
+    try:
+        msg = json.loads(text)
+    except ValueError as err:
+        raise UsageProblem(f"not JSON: {err}") from err
+    if not isinstance(msg, dict):
+        raise UsageProblem("the message must be a JSON object")
+    return msg
+
+
+def cmd_qmp(client: QMPClient, args: argparse.Namespace) -> int:
+    reply = client.raw(parse_message(args.message))
+    print(json.dumps(reply))
+    if "error" in reply:
+        error = reply["error"]
+        print(f"nbdquorum ctl: {error.get('class')}: {error.get('desc')}", file=sys.stderr)
+        return EXIT_QMP_ERROR
+    return EXIT_OK
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """Argument problems argparse cannot see, found before connecting.
+
+    Raises:
+        UsageProblem: with the message for stderr.
+    """
+    if args.ctl_command == "qmp":
+        parse_message(args.message)
+    if args.ctl_command in ("add", "replace"):
+        parse_named_path(args.spec)
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+
+
+COMMANDS: Final = {
+    "status": cmd_status,
+    "add": cmd_add,
+    "remove": cmd_remove,
+    "replace": cmd_replace,
+    "threshold": cmd_threshold,
+    "events": cmd_events,
+    "qmp": cmd_qmp,
+}
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def _integer(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    return n
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``ctl`` on the main parser's subcommands."""
+    p = sub.add_parser(
+        "ctl", help="operate a running server over its QMP control socket",
+        description="Operate a running nbdquorum server over its QMP control socket. "
+                    "Exit codes: 0 ok, 1 the server refused a command, 2 usage, "
+                    "3 cannot connect.")
+    p.add_argument("--control", metavar="PATH", default=os.environ.get("NBDQUORUM_CONTROL"),
+                   help="the server's --control socket (default: $NBDQUORUM_CONTROL)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"for each reply (default {DEFAULT_TIMEOUT:g})")
+    csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+
+    s = csub.add_parser("status", help="children, states, counters and threshold")
+    s.add_argument("node", nargs="?", help="only this quorum node")
+    s.add_argument("--json", action="store_true", help="query-quorum-status as JSON")
+
+    def parent_opt(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--parent", metavar="NODE", help="the quorum (default: the only one)")
+        q.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    a = csub.add_parser("add", help="open an image and attach it as a new child")
+    a.add_argument("spec", metavar="NAME=PATH", help="node-name and raw image of the new child")
+    a.add_argument("--wait", action="store_true", help="wait until the new child is in sync")
+    a.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+    parent_opt(a)
+
+    r = csub.add_parser("remove", help="detach a child and close it")
+    r.add_argument("name", metavar="NAME", help="node-name of the child")
+    r.add_argument("--keep-node", action="store_true", help="detach only; keep the node open")
+    parent_opt(r)
+
+    rp = csub.add_parser("replace", help="add a new child, wait for its resync, remove OLD")
+    rp.add_argument("old", metavar="OLD", help="node-name of the child to replace")
+    rp.add_argument("spec", metavar="NAME=PATH", help="node-name and raw image of the new child")
+    rp.add_argument("--no-wait", action="store_true",
+                    help="remove OLD without waiting for the new child to resync")
+    rp.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+    rp.add_argument("--keep-node", action="store_true", help="keep OLD open after detaching it")
+    parent_opt(rp)
+
+    t = csub.add_parser("threshold", help="change the vote threshold (blockdev-reopen)")
+    t.add_argument("n", type=_integer, metavar="N")
+    parent_opt(t)
+
+    e = csub.add_parser("events", help="print events as JSON lines until interrupted")
+    e.add_argument("--count", type=_integer, metavar="N", help="stop after N events")
+    e.add_argument("--name", action="append", metavar="EVENT", help="only these events (repeat)")
+
+    q = csub.add_parser("qmp", help="send one raw QMP message and print the reply")
+    q.add_argument("message", metavar="JSON", help="""e.g. '{"execute": "query-version"}'""")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nbdquorum ctl``; returns the exit code."""
+    if not args.control:
+        print("nbdquorum ctl: error: --control PATH is required (or set NBDQUORUM_CONTROL)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    fn = COMMANDS[args.ctl_command]
+    timeout = args.timeout if args.timeout and args.timeout > 0 else None
+    try:
+        check_usage(args)
+        with QMPClient(args.control, timeout) as client:
+            return fn(client, args)
+    except CtlError as err:
+        print(f"nbdquorum ctl: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return EXIT_OK if args.ctl_command == "events" else 130
+    except BrokenPipeError:
+        return EXIT_OK  # stdout closed (ctl events | head)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nbdquorum.ctl ...`` without the main CLI (same arguments as ``ctl``)."""
+    parser = argparse.ArgumentParser(prog="nbdquorum")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["ctl", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""``nbdquorum ctl`` against an in-process QMP server: output, exit codes, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbdquorum import ctl
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.node import BlockNode
+from nbdquorum.block.quorum import QuorumNode
+from nbdquorum.cli import main as cli_main
+from nbdquorum.eventbus import EventBus
+from nbdquorum.qmp.server import QMPServer
+
+SIZE = 1 << 20
+
+
+class ThreadedServer:
+    """A graph and its QMP server on an event loop in a background thread."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.path = tmp / "qmp.sock"
+        self.bus = EventBus()
+        self.graph = Graph(self.bus)
+        kids: list[BlockNode] = [
+            self.graph.open_raw_file(f"child{i}", str(tmp / f"c{i}.raw"), create_size=SIZE)
+            for i in range(3)
+        ]
+        self.quorum = QuorumNode("quorum0", kids, vote_threshold=2, bus=self.bus)
+        self.graph.add(self.quorum)
+        self.graph.in_use["quorum0"] = "export 'disk'"
+        self.loop = asyncio.new_event_loop()
+        self.server = QMPServer(self.graph, self.bus)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.listen_unix(str(self.path)))
+        self.ready.set()
+        self.loop.run_forever()
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the loop thread (graph and bus are not thread-safe)."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def go() -> None:
+            box.append(fn(*args))
+            done.set()
+
+        self.loop.call_soon_threadsafe(go)
+        assert done.wait(10)
+        return box[0]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+        self.graph.close()
+
+    def image(self, name: str, size: int = SIZE) -> str:
+        path = self.tmp / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return str(path)
+
+    def edges(self) -> list[tuple[str, str]]:
+        return self.call(lambda: [(s.name, s.node.node_name) for s in self.quorum.slots])
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[ThreadedServer]:
+    s = ThreadedServer(tmp_path)
+    yield s
+    s.stop()
+
+
+def ctl_run(srv: ThreadedServer, capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = cli_main(["ctl", "--control", str(srv.path), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_table_and_json(srv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(srv, capsys, "status")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "quorum0: healthy"
+    assert "vote-threshold 2" in lines[1] and "size 1.0 MiB" in lines[1]
+    assert lines[2].split()[:5] == ["EDGE", "NODE", "STATE", "READS", "WRITES"]
+    assert "CKSUM" in lines[2]
+    assert lines[3].split()[:3] == ["children.0", "child0", "active"]
+    code, out, _ = ctl_run(srv, capsys, "status", "--json")
+    assert code == 0
+    (st,) = json.loads(out)
+    assert [c["node-name"] for c in st["children"]] == ["child0", "child1", "child2"]
+
+
+def test_add_remove_replace_threshold(srv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(srv, capsys, "add", f"n3={srv.image('n3.raw')}", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"parent": "quorum0", "added": "n3",
+                               "filename": str(srv.tmp / "n3.raw")}
+    assert srv.edges()[-1] == ("children.3", "n3")
+    code, _, err = ctl_run(srv, capsys, "threshold", "3")
+    assert code == 0, err
+    assert srv.call(lambda: srv.quorum.vote_threshold) == 3
+    code, _, err = ctl_run(srv, capsys, "replace", "child1", f"n4={srv.image('n4.raw')}")
+    assert code == 0, err
+    assert [n for _, n in srv.edges()] == ["child0", "child2", "n3", "n4"]
+    assert not srv.call(lambda: "child1" in srv.graph)  # closed, not just detached
+    code, _, err = ctl_run(srv, capsys, "remove", "n3")
+    assert code == 0, err
+    assert [n for _, n in srv.edges()] == ["child0", "child2", "n4"]
+
+
+def test_refusals_exit_1_with_the_desc_on_stderr(srv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(srv, capsys, "threshold", "4")
+    assert (code, out) == (1, "")
+    assert err == "nbdquorum ctl: threshold may not exceed children count\n"
+    code, _, err = ctl_run(srv, capsys, "remove", "nosuch")
+    assert code == 1 and "Node 'nosuch' not found" in err
+    small = srv.image("small.raw", SIZE // 2)
+    code, _, err = ctl_run(srv, capsys, "add", f"small={small}")
+    assert code == 1 and "of size" in err
+    assert not srv.call(lambda: "small" in srv.graph)  # the blockdev-add was rolled back
+    code, _, err = ctl_run(srv, capsys, "remove", "child0")
+    assert code == 0
+    code, _, err = ctl_run(srv, capsys, "remove", "child1")
+    assert code == 1 and "lower than the vote threshold 2" in err
+
+
+def test_raw_qmp(srv: ThreadedServer, capsys: Any) -> None:
+    code, out, _ = ctl_run(srv, capsys, "qmp", '{"execute": "query-version", "id": 9}')
+    assert code == 0
+    assert json.loads(out) == {"return": {"qemu": {"micro": 0, "minor": 1, "major": 0},
+                                          "package": "nbdquorum 0.1.0"}, "id": 9}
+    code, out, err = ctl_run(srv, capsys, "qmp", '{"execute": "nope"}')
+    assert code == 1
+    assert json.loads(out)["error"]["class"] == "CommandNotFound"
+    assert "The command nope has not been found" in err
+
+
+def test_usage_errors_exit_2_before_connecting(tmp_path: Path, capsys: Any) -> None:
+    missing = str(tmp_path / "none.sock")
+    assert cli_main(["ctl", "--control", missing, "qmp", "not json"]) == 2
+    assert cli_main(["ctl", "--control", missing, "add", "nopath"]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli_main(["ctl", "--control", missing, "frobnicate"])
+    assert info.value.code == 2
+    capsys.readouterr()
+
+
+def test_cannot_connect_exits_3(tmp_path: Path, capsys: Any) -> None:
+    assert cli_main(["ctl", "--control", str(tmp_path / "none.sock"), "status"]) == 3
+    assert "cannot connect" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["ctl", "--control", str(tmp_path / "file"), "status"]) == 3
+
+
+def test_events_count(srv: ThreadedServer, capsys: Any) -> None:
+    result: list[int] = []
+
+    def follow() -> None:
+        result.append(ctl.main(["--control", str(srv.path), "events", "--count", "2",
+                                "--name", "QUORUM_FAILURE"]))
+
+    t = threading.Thread(target=follow)
+    t.start()
+    # emit until the follower has connected and seen two (no sleeps: poll its progress)
+    for _ in range(2000):
+        if not t.is_alive():
+            break
+        srv.call(srv.bus.emit, "JOB_STATUS_CHANGE", {"status": "running", "id": "j"})
+        srv.call(srv.bus.emit, "QUORUM_FAILURE",
+                 {"reference": "quorum0", "sectors-count": 1, "sector-num": 0})
+        t.join(0.01)
+    t.join(10)
+    assert result == [0]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert all(json.loads(line)["event"] == "QUORUM_FAILURE" for line in lines)
+
+
+def test_status_of_several_quorums_needs_parent(srv: ThreadedServer, capsys: Any) -> None:
+    def second() -> None:
+        kid = srv.graph.open_raw_file("d0", srv.image("d0.raw"))
+        srv.graph.add(QuorumNode("quorum1", [kid], vote_threshold=1, bus=srv.bus))
+
+    srv.call(second)
+    code, _, err = ctl_run(srv, capsys, "threshold", "1")
+    assert code == 2 and "give --parent" in err
+    code, _, err = ctl_run(srv, capsys, "threshold", "1", "--parent", "quorum0")
+    assert code == 0, err
+    code, out, _ = ctl_run(srv, capsys, "status", "quorum1")
+    assert out.startswith("quorum1: healthy")
