@@ -218,13 +218,13 @@ _KEYWORD_RE: Final = re.compile(r"[A-Za-z]+")
 
 
 def _quote(raw: bytes) -> str:
-    """A token for an error text, escaped as QEMU prints it (``'\\u001B'``)."""
+    """A token for an error text.  Control characters stay raw, as QEMU leaves them:
+    the JSON encoder escapes them on the wire (``'\u001b'``)."""
     try:
         text = raw[:_QUOTE_MAX].decode("utf-8")
     except UnicodeDecodeError:
         text = raw[:_QUOTE_MAX].decode("latin-1")
-    out = "".join(c if 0x20 <= ord(c) < 0x7F else f"\\u{ord(c):04X}" for c in text)
-    return out + ("..." if len(raw) > _QUOTE_MAX else "")
+    return text + ("..." if len(raw) > _QUOTE_MAX else "")
 
 
 def _requote(text: str) -> str:

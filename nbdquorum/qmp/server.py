@@ -325,6 +325,7 @@ def _bind_private(path: str) -> socket.socket:
             sock.bind(tmp)
             try:
                 os.chmod(tmp, 0o600)
+                sock.listen(100)  # accept as soon as the name appears
                 os.rename(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -337,6 +338,7 @@ def _bind_private(path: str) -> socket.socket:
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
+            sock.listen(100)
     except BaseException:
         sock.close()
         raise
