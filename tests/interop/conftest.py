@@ -331,8 +331,9 @@ class QmpEventReader:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
         self.thread.join(timeout=5)
+        self.file.close()
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------- servers
@@ -399,7 +400,11 @@ class Server:
             return socket.create_connection(self.listen, timeout=2)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(2)
-        s.connect(str(self.socket))
+        try:
+            s.connect(str(self.socket))
+        except OSError:
+            s.close()
+            raise
         return s
 
     def _accepts(self) -> bool:
