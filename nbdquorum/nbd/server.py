@@ -10,6 +10,7 @@ which pushes back on the clients through their sockets.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -38,6 +39,8 @@ from nbdquorum.nbd.protocol import ServerConnection
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+#: replies at least this big are written buffer by buffer rather than joined
+BIG_PAYLOAD = 64 << 10
 #: default server-wide budget of request bytes in flight (back-pressure)
 DEFAULT_BUDGET = 64 << 20
 
@@ -80,22 +83,44 @@ class Export:
 
 
 class Budget:
-    """A byte budget shared by all connections; one oversized request may pass alone."""
+    """A byte budget shared by all connections; one oversized request may pass alone.
+
+    The uncontended path is a comparison and an addition: no lock, no task switch.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
 
     async def acquire(self, n: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+        if not self._waiters and self._fits(n):
             self.used += n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted, then cancelled: give it back
+            raise
 
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used -= n
-            self._cond.notify_all()
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters:
+            want, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(want):
+                break
+            self._waiters.popleft()
+            self.used += want
+            fut.set_result(None)
 
 
 class Connection:
@@ -175,7 +200,15 @@ class Connection:
     async def _send(self, reply: object) -> None:
         async with self.send_lock:
             iov = self.proto.send(reply)  # type: ignore[arg-type]
-            self.writer.writelines(iov)
+            if len(iov) > 1 and sum(len(b) for b in iov) >= BIG_PAYLOAD:
+                # Python 3.11's writelines() joins (copies) the buffers; for a big
+                # payload two sends are cheaper than a copy.  The transport either
+                # sends a buffer at once or copies what is left, so the payload's
+                # memory is free for reuse when write() returns.
+                for buf in iov:
+                    self.writer.write(buf)
+            else:
+                self.writer.writelines(iov)
             await self.writer.drain()
 
     async def _serve(self, req: Request, cost: int) -> None:
@@ -190,7 +223,7 @@ class Connection:
                 await self._send(ErrorReply(req.cookie, NbdErrno.EIO, "internal server error"))
         finally:
             if cost:
-                await self.server.budget.release(cost)
+                self.server.budget.release(cost)
 
     async def _dispatch(self, req: Request) -> object:
         bad = self.proto.validate(req)
