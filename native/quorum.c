@@ -327,3 +327,23 @@ int quorum_zero_range(int fd, uint64_t offset, uint64_t len)
     return 0;
 }
 #endif
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+int quorum_tune_malloc(size_t max_buffer)
+{
+    /* M_MMAP_THRESHOLD is capped by glibc at HEAP_MAX/2 (32 MiB on 64-bit). */
+    size_t threshold = max_buffer + 4096;
+    if (threshold > ((size_t)32 << 20))
+        threshold = (size_t)32 << 20;
+    mallopt(M_MMAP_THRESHOLD, (int)threshold);
+    mallopt(M_TRIM_THRESHOLD, (int)(4 * threshold));
+    return 1;
+}
+#else
+int quorum_tune_malloc(size_t max_buffer)
+{
+    (void)max_buffer;
+    return 0;
+}
+#endif

@@ -85,6 +85,14 @@ int quorum_punch_hole(int fd, uint64_t offset, uint64_t len);
  * KEEP_SIZE).  Returns as quorum_punch_hole. */
 int quorum_zero_range(int fd, uint64_t offset, uint64_t len);
 
+/* Tune the C allocator for a server that allocates many buffers of up to
+ * max_buffer bytes: glibc's default serves allocations of 128 KiB and more
+ * with a fresh mmap (and munmap on free), which costs more than reading and
+ * voting a 1 MiB request.  Raise the mmap threshold so such buffers are
+ * reused from the heap, and the trim threshold so the heap is not shrunk
+ * after every request.  Returns 1 if applied, 0 if not glibc. */
+int quorum_tune_malloc(size_t max_buffer);
+
 #ifdef __cplusplus
 }
 #endif

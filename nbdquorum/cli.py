@@ -195,6 +195,9 @@ async def serve(cfg: ServeConfig) -> int:
     from nbdquorum.nbd.server import Export, NBDServer
     from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
 
+    from nbdquorum import native
+
+    native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()
     bus.subscribe(log_event)
     store = None

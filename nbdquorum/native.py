@@ -32,6 +32,7 @@ __all__ = [
     "diff_span",
     "pread_vote",
     "punch_hole",
+    "tune_malloc",
     "pwrite_all",
     "vote",
     "zero_range",
@@ -209,3 +210,8 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
     """
     _check_offset(offset, length)
     return _check(lib.quorum_zero_range(fd, offset, length)) == 1
+
+
+def tune_malloc(max_buffer: int) -> bool:
+    """Keep buffers up to ``max_buffer`` bytes on the heap (no mmap per request)."""
+    return lib.quorum_tune_malloc(max_buffer) == 1
