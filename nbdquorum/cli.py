@@ -79,6 +79,7 @@ class ServeConfig:
     child_timeout: float = 30.0
     resync_speed: int = 0
     intent_interval: float = 5.0
+    health_interval: float = 1.0
     reset_state: bool = False
     fault_injection: bool = False
     extra: dict[str, object] = field(default_factory=dict)
@@ -228,6 +229,7 @@ async def serve(cfg: ServeConfig) -> int:
         quorum.on_change.append(lambda: store.save(quorum))
         await intent.clean(quorum)
         tasks.append(asyncio.create_task(intent.run_cleaner(quorum, cfg.intent_interval)))
+    tasks.append(asyncio.create_task(quorum.run_health_checks(cfg.health_interval)))
     jobs = JobManager(bus)
     resync = ResyncManager(
         graph, jobs, speed=cfg.resync_speed,
@@ -328,6 +330,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="default resync rate limit in bytes/second (512M, ...; default unlimited)")
     p.add_argument("--intent-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often flushed regions leave the write-intent bitmap")
+    p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often children are checked for deleted or resized files")
     p.add_argument("--reset-state", action="store_true",
                    help="discard the membership recorded in --state-dir")
     p.add_argument("--fault-injection", action="store_true",
@@ -382,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child_timeout=args.child_timeout,
                 resync_speed=args.resync_speed,
                 intent_interval=args.intent_interval,
+                health_interval=args.health_interval,
                 reset_state=args.reset_state,
                 fault_injection=args.fault_injection,
                 extra=dict(explicit),

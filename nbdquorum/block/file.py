@@ -83,6 +83,19 @@ class FileNode(BlockNode):
     def size(self) -> int:
         return self._size
 
+    def health(self) -> str | None:
+        if not self._fd_open():
+            return None
+        try:
+            st = os.fstat(self.fd)
+        except OSError as err:
+            return f"{self.path}: fstat failed: {err.strerror}"
+        if st.st_nlink == 0:
+            return f"{self.path} was deleted (the open file lives on until the child is replaced)"
+        if stat.S_ISREG(st.st_mode) and st.st_size != self._size:
+            return f"{self.path} changed size from {self._size} to {st.st_size} bytes"
+        return None
+
     def filename(self) -> str:
         return self.path
 

@@ -80,6 +80,14 @@ class BlockNode:
         """
         return None
 
+    def health(self) -> str | None:
+        """A problem the node can see without I/O (file deleted, truncated), or None."""
+        for c in self.children_nodes():
+            problem = c.health()
+            if problem:
+                return problem
+        return None
+
     def pin(self) -> None:
         """Keep this node's descriptors open across an in-flight request.
 

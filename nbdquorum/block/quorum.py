@@ -538,6 +538,29 @@ class QuorumNode(BlockNode):
             return [(length, 0)]
         return intersect_extents(good, length)
 
+    def check_health(self) -> list[tuple[ChildSlot, str]]:
+        """Fault children whose files were deleted or resized under us.
+
+        I/O alone cannot see a deleted image (the open file keeps working) or a
+        truncation beyond the range read so far; a periodic fstat can.
+        """
+        found = []
+        for slot in list(self.slots):
+            if slot.state is ChildState.FAULTED:
+                continue
+            problem = slot.node.health()
+            if problem:
+                log.error("child %s: %s", slot.node.node_name, problem)
+                self._report_bad(slot, "read", 0, 0, oserror(errno.EIO, problem))
+                self.set_state(slot, ChildState.FAULTED)
+                found.append((slot, problem))
+        return found
+
+    async def run_health_checks(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check_health()
+
     # -- membership (called only by graph.py) ------------------------------------
     def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE) -> ChildSlot:
         if node.size() != self._size:

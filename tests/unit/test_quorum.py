@@ -334,3 +334,20 @@ def test_hung_child_times_out_without_failing_the_client(events: Any) -> None:
     bad = [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
     assert bad[0].data["node-name"] == "h"
     assert bad[0].data["error"] == os.strerror(errno.ETIMEDOUT)
+
+
+def test_deleted_or_truncated_child_file_is_faulted_by_health_check(
+    tmp_path: Path, events: Any
+) -> None:
+    bus, seen = events
+    g, q = file_quorum(tmp_path, bus)
+    assert q.check_health() == []
+    os.unlink(tmp_path / "c1.raw")
+    os.truncate(tmp_path / "c2.raw", SIZE // 2)
+    found = q.check_health()
+    assert [s.node.node_name for s, _ in found] == ["c1", "c2"]
+    assert "deleted" in found[0][1] and "changed size" in found[1][1]
+    assert q.slots[1].state is ChildState.FAULTED and q.slots[2].state is ChildState.FAULTED
+    bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+    assert [b["node-name"] for b in bad] == ["c1", "c2"] and all("error" in b for b in bad)
+    g.close()
