@@ -191,12 +191,11 @@ def log_event(ev: Event) -> None:
 
 
 async def serve(cfg: ServeConfig) -> int:
+    from nbdquorum import native
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
     from nbdquorum.nbd.server import Export, NBDServer
     from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
-
-    from nbdquorum import native
 
     native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()

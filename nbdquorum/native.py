@@ -32,8 +32,8 @@ __all__ = [
     "diff_span",
     "pread_vote",
     "punch_hole",
-    "tune_malloc",
     "pwrite_all",
+    "tune_malloc",
     "vote",
     "zero_range",
 ]
