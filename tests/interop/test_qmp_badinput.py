@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.interop.qmp_fixtures import (
+from .qmp_fixtures import (
     QUORUM,
     RawQMP,
     StartTarget,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from nbdquorum.qmp.schema import COMMANDS
-from tests.interop.qmp_fixtures import (
+
+from .qmp_fixtures import (
     QUORUM,
     StartTarget,
     Target,
@@ -219,7 +220,7 @@ def test_x_blockdev_change_errors_match_qemu(qmp_target: StartTarget, target: st
 
 @pytest.mark.parametrize("target", ["nbdquorum"])
 def test_events_arrive_only_after_negotiation(qmp_target: StartTarget, target: str) -> None:
-    from tests.interop.qmp_fixtures import RawQMP
+    from .qmp_fixtures import RawQMP
 
     t = qmp_target(target)
     early = RawQMP(t.qmp, negotiate=False)

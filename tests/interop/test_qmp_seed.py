@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.interop.qmp_fixtures import (
+from .qmp_fixtures import (
     QUORUM,
     SIZE,
     StartTarget,

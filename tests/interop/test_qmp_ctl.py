@@ -1,0 +1,124 @@
+"""``nbdquorum ctl`` against a real server: the operator's workflow and its exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from .qmp_fixtures import (
+    QUORUM,
+    StartTarget,
+    Target,
+    corrupt,
+    ctl,
+    make_image,
+    nbdquorum_env,
+    qemu_io,
+    qmp_target_fixture,  # noqa: F401  (the qmp_target fixture)
+)
+
+KiB = 1024
+
+
+def status(t: Target) -> dict[str, Any]:
+    proc = ctl(t.qmp, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (st,) = json.loads(proc.stdout)
+    assert isinstance(st, dict)
+    return st
+
+
+def test_status_table(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    qemu_io(t.uri, "write -P 0x32 0 64k", "read -P 0x32 0 64k")
+    proc = ctl(t.qmp, "status")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{QUORUM}: healthy"
+    assert "vote-threshold 2" in lines[1]
+    header = lines[2].split()
+    assert header[:3] == ["EDGE", "NODE", "STATE"] and "CKSUM" in header
+    rows = [line.split() for line in lines[3:6]]
+    assert [r[:3] for r in rows] == [[f"children.{i}", f"child{i}", "active"] for i in range(3)]
+    reads = header.index("READS")
+    assert all(int(r[reads]) >= 1 for r in rows)
+
+
+def test_add_remove_replace_threshold(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    qemu_io(t.uri, "write -P 0x32 0 1M", "flush")
+    spare = make_image(t.tmp / "spare.raw")
+    proc = ctl(t.qmp, "add", f"spare={spare}", "--wait", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"parent": QUORUM, "added": "spare",
+                                       "filename": str(spare)}
+    children = status(t)["children"]
+    assert [c["node-name"] for c in children][-1] == "spare"
+    assert all(c["state"] == "active" for c in children)
+    with open(spare, "rb") as f:
+        assert f.read(1 << 20) == b"\x32" * (1 << 20)  # resynced before --wait returned
+
+    assert ctl(t.qmp, "threshold", "3").returncode == 0
+    assert status(t)["vote-threshold"] == 3
+
+    fresh = make_image(t.tmp / "fresh.raw")
+    proc = ctl(t.qmp, "replace", "child1", f"fresh={fresh}")
+    assert proc.returncode == 0, proc.stderr
+    names = [c["node-name"] for c in status(t)["children"]]
+    assert names == ["child0", "child2", "spare", "fresh"]
+    with open(fresh, "rb") as f:
+        assert f.read(1 << 20) == b"\x32" * (1 << 20)  # replace waited for the resync
+
+    assert ctl(t.qmp, "remove", "spare").returncode == 0
+    proc = ctl(t.qmp, "remove", "child0")
+    assert proc.returncode == 1
+    assert "lower than the vote threshold 3" in proc.stderr
+    qemu_io(t.uri, "read -P 0x32 0 1M")
+
+
+def test_exit_codes(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    proc = ctl(t.qmp, "threshold", "9")
+    assert (proc.returncode, proc.stderr) == (
+        1, "nbdquorum ctl: threshold may not exceed children count\n")
+    proc = ctl(t.qmp, "add", f"bad={t.tmp / 'missing.raw'}")
+    assert proc.returncode == 1 and "No such file or directory" in proc.stderr
+    assert ctl(t.qmp, "qmp", "{not json").returncode == 2
+    assert ctl(t.qmp, "frobnicate").returncode == 2
+    assert ctl(t.tmp / "nosuch.sock", "status").returncode == 3
+    proc = ctl(t.qmp, "qmp", '{"execute": "query-version", "id": 1}')
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["return"]["package"] == "nbdquorum 0.1.0"
+    proc = ctl(t.qmp, "qmp", '{"execute": "nope", "id": 1}')
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["class"] == "CommandNotFound"
+
+
+def test_events_follows_a_corruption(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    qemu_io(t.uri, "write -P 0x32 0 64k", "flush")
+    corrupt(t.images[2], 0, 64 * KiB, 0x42)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "nbdquorum", "ctl", "--control", str(t.qmp), "events",
+         "--count", "1", "--name", "QUORUM_REPORT_BAD"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=nbdquorum_env())
+    try:
+        # the follower may not be connected yet: read until it has seen an event
+        for _ in range(200):
+            qemu_io(t.uri, "read -P 0x32 0 64k")
+            try:
+                follower.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                corrupt(t.images[2], 0, 64 * KiB, 0x42)
+        out, err = follower.communicate(timeout=10)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    (line,) = out.decode().splitlines()
+    ev = json.loads(line)
+    assert ev["event"] == "QUORUM_REPORT_BAD" and ev["data"]["node-name"] == "child2"
