@@ -218,6 +218,16 @@ alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
 
 # --------------------------------------------------------------------------- commands
 
+_NEW_CHILD_DOC = (
+    "A new child gets every write that starts after it joined, but holds stale data "
+    "wherever it has not been written since. In `nbdquorum serve` it therefore starts "
+    "in state `resyncing`: written, never read or counted in a vote, until a background "
+    "job (`resync-NODE`, reported by JOB_STATUS_CHANGE and BLOCK_JOB_COMPLETED) has "
+    "copied the quorum's voted contents to it; then it becomes `active` "
+    "(query-quorum-status shows both). QEMU instead lets the child vote at once and "
+    "requires its data to be consistent already."
+)
+
 COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
     cmd(
         "qmp_capabilities", {"*enable": ["QMPCapability"]},
@@ -286,9 +296,7 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         doc="QEMU's command to change a quorum's children: `node` attaches that node as "
             "the next child edge (`children.N`, N = one past the highest in use), "
             "`child` detaches the edge of that name. Exactly one of the two. A detached "
-            "node stays open until blockdev-del. Until the repair issue lands, a new child "
-            "holds stale data wherever it has not been written since it joined: attach "
-            "only a node whose contents already match the quorum's, as QEMU requires.",
+            "node stays open until blockdev-del. " + _NEW_CHILD_DOC,
         docs={"parent": "the quorum's node-name",
               "child": "the edge to remove, e.g. `children.1`",
               "node": "the node-name of the node to attach"},
@@ -306,7 +314,7 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         doc="Attach the node `child` to the quorum `parent` (the seed's name for "
             "x-blockdev-change with `node`). Refused, with nothing changed, for an unknown "
             "parent or node, a parent that is not a quorum, a node that already has a "
-            "parent, and a node whose size differs from the quorum's.",
+            "parent, and a node whose size differs from the quorum's. " + _NEW_CHILD_DOC,
         docs={"parent": "the quorum's node-name", "child": "node-name of the node to attach"},
         examples=[
             '-> {"execute": "x-blockdev-child-add", "arguments": {"parent": "quorum0", '
@@ -361,7 +369,9 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         doc="Beyond QEMU, in the spirit of `zpool status`: each quorum's options and, per "
             "child, its edge name, node-name, file, state (`active`, `resyncing`, `faulted`) "
             "and counters (reads, writes, read/write/flush errors, checksum mismatches, "
-            "repaired bytes). Counters are exact even when events are throttled.",
+            "repaired bytes, and `unsynced-bytes` while it resyncs), plus what the block "
+            "layer adds (`last-scrub`). Counters are exact even when events are throttled. "
+            "`nbdquorum ctl status` prints it as a table.",
         docs={"node-name": "only this quorum (default: all)"},
         examples=[
             '-> {"execute": "query-quorum-status"}',
@@ -562,6 +572,47 @@ def _examples(lines: Sequence[str]) -> list[str]:
     return ["Example:", "", "```", *lines, "```", ""]
 
 
+_CTL_DOC = [
+    "## The operator's CLI",
+    "",
+    "`nbdquorum ctl --control PATH COMMAND` (or `NBDQUORUM_CONTROL=PATH`) runs the usual",
+    "sequences of the commands above:",
+    "",
+    "| command | what it does |",
+    "|---|---|",
+    "| `status [NODE] [--json]` | query-quorum-status as a table: per child its edge, node, "
+    "state and counters |",
+    "| `add NAME=PATH [--wait] [--parent Q]` | blockdev-add (raw over file), then "
+    "x-blockdev-child-add; the node is deleted again if the attach is refused; `--wait` waits "
+    "until the child is `active` |",
+    "| `remove NAME [--keep-node]` | x-blockdev-child-del, then blockdev-del |",
+    "| `replace OLD NAME=PATH [--no-wait]` | add NAME, wait for its resync, then remove OLD |",
+    "| `threshold N` | blockdev-reopen with a new vote-threshold |",
+    "| `events [--count N] [--name EVENT]` | print events as JSON lines until interrupted |",
+    "| `qmp JSON` | send one raw message, print the reply |",
+    "",
+    "`--parent` is needed only when the server has several quorums. Exit codes: 0 success,",
+    "1 the server refused a command (its `desc` on stderr), 2 usage, 3 cannot connect.",
+    "",
+    "```",
+    "$ nbdquorum ctl --control /run/nbdq.qmp status",
+    "quorum0: healthy",
+    "  vote-threshold 2, read-pattern quorum, rewrite-corrupted off, size 16.0 MiB",
+    "  EDGE        NODE    STATE   READS  WRITES  READ-ERR  WRITE-ERR  FLUSH-ERR  CKSUM"
+    "  REPAIRED  UNSYNCED  ERRORS  FILE",
+    "  children.0  child0  active     12      40         0          0          0      0"
+    "         0         0       0  /srv/img/c0.raw",
+    "  children.1  child1  active     12      40         0          0          0      1"
+    "         0         0       0  /srv/img/c1.raw",
+    "  children.2  child2  active     12      40         0          0          0      0"
+    "         0         0       0  /srv/img/c2.raw",
+    "$ nbdquorum ctl --control /run/nbdq.qmp replace child1 child3=/srv/img/c3.raw",
+    "waiting for child3 to resync (resyncing, 16777216 bytes to go)",
+    "```",
+    "",
+]
+
+
 def markdown() -> str:
     """docs/qmp.md, generated from the table."""
     out = [
@@ -641,6 +692,7 @@ def markdown() -> str:
         "Every other event of the block layer (job events such as `JOB_STATUS_CHANGE` and",
         "`BLOCK_JOB_COMPLETED`, child state changes) is forwarded as emitted, unthrottled.",
         "",
+        *_CTL_DOC,
         "## Types",
         "",
     ]
