@@ -8,6 +8,7 @@ stay byte-identical, so trim is never a silent no-op here.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Any
@@ -60,7 +61,20 @@ class FileNode(BlockNode):
         else:
             fd = os.open(filename, flags)
         self.fd = fd
+        try:
+            # Like QEMU's image locking: two writers on one image (a second
+            # server, or the same file given twice) would let one disk
+            # outvote the others, so the second open is refused.
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(
+                errno.EBUSY,
+                f'Failed to get "{"shared" if read_only else "write"}" lock: {filename} is '
+                "in use (by another process, or given twice)",
+            ) from None
         st = os.fstat(fd)
+        self.inode = (st.st_dev, st.st_ino)  # identity, to refuse one image twice
         if stat.S_ISBLK(st.st_mode):
             self._size = os.lseek(fd, 0, os.SEEK_END)
         elif stat.S_ISREG(st.st_mode):

@@ -12,6 +12,7 @@ finishes (or fails) without failing the client while the quorum holds.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,6 +83,16 @@ class Graph:
         ) or not name[0].isalpha():
             raise GraphError(f"Invalid node-name: '{name}'")
 
+    def _check_not_open(self, filename: str) -> None:
+        try:
+            st = os.stat(filename)
+        except OSError:
+            return  # the open reports it
+        for n in self.nodes.values():
+            if isinstance(n, FileNode) and n.inode == (st.st_dev, st.st_ino):
+                owner = next((p.node_name for p in self.parents(n)), n.node_name)
+                raise GraphError(f"{filename} is already open as node '{owner}'")
+
     def open_raw_file(
         self, node_name: str, filename: str, *, file_node_name: str | None = None,
         read_only: bool = False, create_size: int | None = None,
@@ -91,6 +102,7 @@ class Graph:
         fname = file_node_name or self.auto_name()
         if file_node_name:
             self.check_new_name(file_node_name)
+        self._check_not_open(filename)
         try:
             f = FileNode(fname, filename, read_only=read_only, create_size=create_size)
         except OSError as err:
@@ -103,6 +115,7 @@ class Graph:
 
     def open_file(self, node_name: str, filename: str, *, read_only: bool = False) -> FileNode:
         self.check_new_name(node_name)
+        self._check_not_open(filename)
         try:
             f = FileNode(node_name, filename, read_only=read_only)
         except OSError as err:
