@@ -25,7 +25,7 @@ from nbdquorum import __version__
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import QuorumNode, ReadPattern, check_options
+from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReadPattern, check_options
 from nbdquorum.block.raw import RawNode
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.protocol import (
@@ -236,10 +236,40 @@ def x_blockdev_change(ctx: Context, *, parent: str, child: str | None = None,
             edges = {"file"} if isinstance(p, RawNode) else set()
             if child not in edges:
                 raise generic(f"Node '{parent}' does not have child '{child}'")
+        _guard_removal(graph, parent, child, by_node_name=False)
         graph.child_del(parent, child)
     if node is not None:
         graph.get(node)
         graph.child_add(parent, node)
+
+
+def _in_sync(n: int) -> str:
+    return f"{n} child{'' if n == 1 else 'ren'} would be left in sync (active)"
+
+
+def _guard_removal(graph: Graph, parent: str, child: str, *, by_node_name: bool) -> None:
+    """Refuse to detach an active child when fewer in-sync children than the threshold
+    would remain (resyncing children take writes but do not count towards it).
+
+    QEMU's own rule (graph.py: no fewer children than the threshold) is checked first by
+    Graph.child_del, so its text wins where both apply.
+    """
+    q = graph.nodes.get(parent)
+    if not isinstance(q, QuorumNode):
+        return
+    slot: ChildSlot | None
+    if by_node_name:
+        slot = next((s for s in q.slots if s.node.node_name == child), None)
+    else:
+        slot = q.slot(child)
+    if slot is None or slot.state is not ChildState.ACTIVE:
+        return
+    if len(q.slots) <= q.vote_threshold:
+        return  # Graph.child_del refuses with QEMU's text
+    left = len(q.active()) - 1
+    if left < q.vote_threshold:
+        raise generic(f"Cannot remove {slot.node.node_name}: {_in_sync(left)}, fewer than "
+                      f"the vote threshold {q.vote_threshold}")
 
 
 @handler("x-blockdev-child-add")
@@ -254,6 +284,7 @@ def x_blockdev_child_del(ctx: Context, *, parent: str, child: str) -> None:
     q = ctx.graph.lookup_device(parent)
     by_edge = (isinstance(q, QuorumNode) and q.slot(child) is not None
                and not any(s.node.node_name == child for s in q.slots))
+    _guard_removal(ctx.graph, parent, child, by_node_name=not by_edge)
     ctx.graph.child_del(parent, child, by_node_name=not by_edge)
 
 
@@ -316,6 +347,15 @@ def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]) -> _Reop
     pattern = opts.get("read_pattern", str(q.read_pattern))
     rewrite = opts.get("rewrite_corrupted", q.rewrite_corrupted)
     check_options(len(wanted), threshold, pattern, rewrite)
+    if rewrite and q.read_only:
+        raise generic(f"rewrite-corrupted=on cannot be used on the read-only node '{name}'")
+    # children that will vote right away: the active ones kept, and newcomers unless
+    # they start resyncing (graph.new_child_state)
+    kept_active = sum(1 for s in q.active() if s.node.node_name in seen)
+    voting = kept_active + (len(add) if graph.new_child_state is ChildState.ACTIVE else 0)
+    if voting < threshold:
+        raise generic(f"Cannot reopen {name}: {_in_sync(voting)}, fewer than the vote "
+                      f"threshold {threshold}")
     return _Reopen(q, threshold, ReadPattern(pattern), rewrite, add, remove)
 
 

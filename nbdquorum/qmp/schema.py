@@ -326,7 +326,9 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         "x-blockdev-child-del", {"parent": "str", "child": "str"},
         doc="Detach a child of the quorum `parent`, named by its node-name (or by its edge "
             "name, `children.N`). Refused when fewer children than the vote threshold "
-            "would remain.",
+            "would remain (QEMU's rule), and when detaching an `active` child would leave "
+            "fewer children in sync than the threshold (children still resyncing take "
+            "writes but do not count), since every write would then fail.",
         docs={"parent": "the quorum's node-name",
               "child": "node-name of the child (or its edge name)"},
         examples=[
@@ -341,8 +343,9 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
             "`rewrite-corrupted`, and its whole `children` list. All entries are checked "
             "first and then applied in one step, between two requests: either everything "
             "changes or nothing does. A new threshold must lie between 1 and the new number "
-            "of children. Omitted members keep their values. Only quorum nodes can be "
-            "reopened (QEMU's quorum cannot be reopened at all).",
+            "of children, and at least that many children must be in sync afterwards "
+            "(new children resync before they vote). Omitted members keep their values. "
+            "Only quorum nodes can be reopened (QEMU's quorum cannot be reopened at all).",
         docs={"options": "one entry per node to reopen, each with `driver` and `node-name`"},
         examples=[
             '-> {"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "quorum", '

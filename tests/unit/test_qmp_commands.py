@@ -10,7 +10,7 @@ import pytest
 
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import QuorumNode
+from nbdquorum.block.quorum import ChildState, QuorumNode
 from nbdquorum.eventbus import EventBus
 from nbdquorum.qmp.commands import Context, dispatch, execute
 from nbdquorum.qmp.errors import QMPError
@@ -369,3 +369,47 @@ def test_an_unexpected_handler_error_is_a_generic_error(env: Env, monkeypatch: A
 
 def test_a_quorum_is_a_quorum(env: Env) -> None:
     assert isinstance(env.graph.get("quorum0"), QuorumNode)
+
+
+# --------------------------------------------------------------------------- children in resync
+
+
+def test_an_active_child_cannot_leave_if_too_few_would_stay_in_sync(env: Env) -> None:
+    env.graph.new_child_state = ChildState.RESYNCING  # as in the server, with a resync job
+    env.add_raw("n3")
+    env.ok("x-blockdev-child-add", parent="quorum0", child="n3")
+    assert env.quorum.slots[-1].state is ChildState.RESYNCING
+    env.ok("x-blockdev-child-del", parent="quorum0", child="child0")
+    # 3 children remain, more than the threshold (QEMU's rule), but only 2 vote
+    assert env.err("x-blockdev-child-del", parent="quorum0", child="child1") == (
+        "Cannot remove child1: 1 child would be left in sync (active), fewer than the "
+        "vote threshold 2")
+    assert env.err("x-blockdev-change", parent="quorum0", child="children.2") == (
+        "Cannot remove child2: 1 child would be left in sync (active), fewer than the "
+        "vote threshold 2")
+    # the resyncing child itself can go
+    env.ok("x-blockdev-child-del", parent="quorum0", child="n3")
+
+
+def test_reopen_refuses_a_quorum_that_could_not_write(env: Env) -> None:
+    env.graph.new_child_state = ChildState.RESYNCING
+    for n in ("n3", "n4", "n5"):
+        env.add_raw(n)
+    assert reopen_err(env, {"driver": "quorum", "node-name": "quorum0",
+                            "children": ["n3", "n4", "n5"]}) == (
+        "Cannot reopen quorum0: 0 children would be left in sync (active), fewer than the "
+        "vote threshold 2")
+    assert reopen_err(env, {"driver": "quorum", "node-name": "quorum0", "vote-threshold": 4,
+                            "children": ["child0", "child1", "child2", "n3"]}) == (
+        "Cannot reopen quorum0: 3 children would be left in sync (active), fewer than the "
+        "vote threshold 4")
+    reopen(env, children=["child0", "child1", "n3"])
+    assert [s.state for s in env.quorum.slots] == [ChildState.ACTIVE, ChildState.ACTIVE,
+                                                   ChildState.RESYNCING]
+
+
+def test_rewrite_corrupted_is_refused_on_a_read_only_quorum(env: Env) -> None:
+    env.quorum.read_only = True
+    assert reopen_err(env, {"driver": "quorum", "node-name": "quorum0",
+                            "rewrite-corrupted": True}) == (
+        "rewrite-corrupted=on cannot be used on the read-only node 'quorum0'")
