@@ -217,6 +217,14 @@ class Target:
             return can_connect(self.nbd) and self.qmp.exists()
 
         wait_until(up, START_TIMEOUT, f"{self.kind} to listen")
+        if self.kind == "nbdquorum":
+            # serve() installs its SIGTERM handler right after logging "serving", without
+            # yielding to the event loop; a greeting read after that line has been written
+            # therefore proves the handler is in place (a SIGTERM any earlier kills the
+            # process with -15 instead of a clean stop).
+            wait_until(lambda: "serving " in self.stderr(), START_TIMEOUT, "the serving line")
+            probe = RawQMP(self.qmp, negotiate=False)
+            probe.close()
         return self
 
     def stderr(self) -> str:
