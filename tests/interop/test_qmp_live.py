@@ -62,8 +62,8 @@ def fio(t: Target, *extra: str) -> subprocess.Popen[bytes]:
     argv = [require("fio"), "--name=live", "--ioengine=nbd", f"--uri={t.uri}",
             "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={SIZE}",
             "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=256",
-            "--output-format=json", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            "--verify_state_save=0", "--output-format=json", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=t.tmp)
 
 
 def stale_or_equal(new: Path, ref: Path) -> tuple[int, int]:
