@@ -38,6 +38,7 @@ class ThreadedServer:
         self.graph.add(self.quorum)
         self.graph.in_use["quorum0"] = "export 'disk'"
         self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
         self.server = QMPServer(self.graph, self.bus)
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
