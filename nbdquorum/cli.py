@@ -240,6 +240,12 @@ async def serve(cfg: ServeConfig) -> int:
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
     nbd = NBDServer({cfg.export_name: export}, cfg.export_name)
     qmp = None
+    # Signal handlers first: a SIGTERM right after the socket appears must
+    # already mean "stop cleanly", not kill the process.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         try:
             if cfg.socket:
@@ -266,10 +272,6 @@ async def serve(cfg: ServeConfig) -> int:
             cfg.export_name, ", ".join(where),
             f"; QMP on {cfg.control}" if cfg.control else "",
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if qmp is not None:
             qmp.on_quit = stop.set
         await stop.wait()

@@ -581,6 +581,16 @@ class QuorumNode(BlockNode):
             raise GraphError(
                 f"The number of children cannot be lower than the vote threshold {self.vote_threshold}"
             )
+        # Beyond QEMU: resyncing children take writes but do not count towards
+        # the threshold, so removing an active child could leave a quorum
+        # where every write fails.
+        left = len(self.active()) - (slot.state is ChildState.ACTIVE)
+        if slot.state is ChildState.ACTIVE and left < self.vote_threshold:
+            what = f"{left} child{'' if left == 1 else 'ren'} would be left in sync (active)"
+            raise GraphError(
+                f"Cannot remove {slot.node.node_name}: {what}, fewer than the vote threshold "
+                f"{self.vote_threshold}"
+            )
         self.slots.remove(slot)
         # QEMU 5.2+ "stable children names": only the top index is reused
         if slot.name == f"children.{self.next_child_index - 1}":

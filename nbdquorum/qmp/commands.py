@@ -25,7 +25,7 @@ from nbdquorum import __version__
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReadPattern, check_options
+from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, check_options
 from nbdquorum.block.raw import RawNode
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.protocol import (
@@ -236,7 +236,6 @@ def x_blockdev_change(ctx: Context, *, parent: str, child: str | None = None,
             edges = {"file"} if isinstance(p, RawNode) else set()
             if child not in edges:
                 raise generic(f"Node '{parent}' does not have child '{child}'")
-        _guard_removal(graph, parent, child, by_node_name=False)
         graph.child_del(parent, child)
     if node is not None:
         graph.get(node)
@@ -245,31 +244,6 @@ def x_blockdev_change(ctx: Context, *, parent: str, child: str | None = None,
 
 def _in_sync(n: int) -> str:
     return f"{n} child{'' if n == 1 else 'ren'} would be left in sync (active)"
-
-
-def _guard_removal(graph: Graph, parent: str, child: str, *, by_node_name: bool) -> None:
-    """Refuse to detach an active child when fewer in-sync children than the threshold
-    would remain (resyncing children take writes but do not count towards it).
-
-    QEMU's own rule (graph.py: no fewer children than the threshold) is checked first by
-    Graph.child_del, so its text wins where both apply.
-    """
-    q = graph.nodes.get(parent)
-    if not isinstance(q, QuorumNode):
-        return
-    slot: ChildSlot | None
-    if by_node_name:
-        slot = next((s for s in q.slots if s.node.node_name == child), None)
-    else:
-        slot = q.slot(child)
-    if slot is None or slot.state is not ChildState.ACTIVE:
-        return
-    if len(q.slots) <= q.vote_threshold:
-        return  # Graph.child_del refuses with QEMU's text
-    left = len(q.active()) - 1
-    if left < q.vote_threshold:
-        raise generic(f"Cannot remove {slot.node.node_name}: {_in_sync(left)}, fewer than "
-                      f"the vote threshold {q.vote_threshold}")
 
 
 @handler("x-blockdev-child-add")
@@ -284,7 +258,6 @@ def x_blockdev_child_del(ctx: Context, *, parent: str, child: str) -> None:
     q = ctx.graph.lookup_device(parent)
     by_edge = (isinstance(q, QuorumNode) and q.slot(child) is not None
                and not any(s.node.node_name == child for s in q.slots))
-    _guard_removal(ctx.graph, parent, child, by_node_name=not by_edge)
     ctx.graph.child_del(parent, child, by_node_name=not by_edge)
 
 
