@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from nbdquorum import __version__
+from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
+from nbdquorum.block.faulty import FaultRule, FaultyNode
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, check_options
+from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReadPattern, check_options
 from nbdquorum.block.raw import RawNode
+from nbdquorum.jobs.job import JobStatus
+from nbdquorum.jobs.scrub import ScrubJob
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.protocol import (
     NO_ID,
@@ -180,6 +184,8 @@ def blockdev_add(ctx: Context, **options: Any) -> None:
             _raw_over_node(graph, node_name, file, read_only)
         else:
             _raw_over_inline_file(graph, node_name, file, read_only)
+    elif driver == "faulty":
+        _faulty(graph, node_name, options["image"], options.get("rules") or [])
     else:
         raise generic(f"blockdev-add cannot create a '{driver}' node: the quorum is created "
                       "by 'nbdquorum serve'; use blockdev-reopen to change it")
@@ -205,6 +211,34 @@ def _raw_over_inline_file(graph: Graph, node_name: str, file: dict[str, Any],
         raise generic(f"Duplicate nodes with node-name='{node_name}'")
     graph.open_raw_file(node_name, file["filename"], file_node_name=file_node_name,
                         read_only=read_only or bool(file.get("read_only", False)))
+
+
+def _rules(rules: list[dict[str, Any]]) -> list[FaultRule]:
+    try:
+        return [FaultRule.from_wire(r) for r in rules]
+    except (TypeError, ValueError) as err:
+        raise generic(str(err)) from err
+
+
+def _faulty(graph: Graph, node_name: str, image: str | dict[str, Any],
+            rules: list[dict[str, Any]]) -> None:
+    parsed = _rules(rules)
+    graph.check_new_name(node_name)
+    if isinstance(image, str):
+        inner = graph.lookup_device(image)
+        if isinstance(inner, QuorumNode) or image in graph.in_use:
+            raise generic(f"Node '{image}' cannot be the image of a faulty node")
+        if graph.parents(inner):
+            raise generic(f"The node {image} already has a parent")
+    else:
+        if image["driver"] != "raw" or isinstance(image.get("file"), str):
+            raise generic("an inline image of a faulty node must be a raw node over an "
+                          "inline file")
+        inner_name = image.get("node_name") or graph.auto_name()
+        inner = graph.open_raw_file(inner_name, image["file"]["filename"],
+                                    file_node_name=image["file"].get("node_name"))
+        inner.owned_by_monitor = image.get("node_name") is not None
+    graph.add(FaultyNode(node_name, inner, parsed))
 
 
 @handler("blockdev-del")
@@ -373,6 +407,94 @@ def blockdev_reopen(ctx: Context, *, options: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------- status
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _jobs(ctx: Context) -> JobManager:
+    if ctx.jobs is None:
+        raise generic("this server runs no background jobs")
+    return ctx.jobs
+
+
+@handler("query-jobs")
+def query_jobs(ctx: Context) -> list[dict[str, Any]]:
+    return _jobs(ctx).query()
+
+
+@handler("job-pause")
+def job_pause(ctx: Context, *, id: str) -> None:
+    _jobs(ctx).get(id).pause()
+
+
+@handler("job-resume")
+def job_resume(ctx: Context, *, id: str) -> None:
+    _jobs(ctx).get(id).resume()
+
+
+@handler("job-cancel")
+def job_cancel(ctx: Context, *, id: str) -> None:
+    _jobs(ctx).get(id).cancel()
+
+
+@handler("block-job-set-speed")
+def block_job_set_speed(ctx: Context, *, device: str, speed: int) -> None:
+    _jobs(ctx).get(device).set_speed(speed)
+
+
+def _child(graph: Graph, node_name: str) -> tuple[QuorumNode, ChildSlot]:
+    node = graph.get(node_name)
+    for q in graph.quorums():
+        slot = q.slot_of(node)
+        if slot is not None:
+            return q, slot
+    raise generic(f"Node '{node_name}' is not a quorum child")
+
+
+@handler("x-quorum-resync")
+def x_quorum_resync(ctx: Context, *, node_name: str, speed: int | None = None,
+                    full: bool = False) -> None:
+    if ctx.resync is None:
+        raise generic("this server runs no background jobs")
+    if speed is not None and speed < 0:
+        raise generic("Parameter 'speed' expects a non negative value")
+    q, slot = _child(ctx.graph, node_name)
+    job = ctx.resync.job_for(slot)
+    if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED):
+        raise generic(f"Job ID '{job.id}' already in use")
+    if full or slot.sync is None:
+        slot.sync = RegionBitmap(q.size(), fill=True)
+    if slot.state is not ChildState.RESYNCING:
+        q.set_state(slot, ChildState.RESYNCING)
+    if ctx.resync.ensure(q, slot, speed=speed) is None:
+        raise generic(f"Node '{node_name}' needs no resync")
+
+
+@handler("x-quorum-scrub")
+def x_quorum_scrub(ctx: Context, *, node_name: str | None = None, repair: bool = False,
+                   speed: int = 0, job_id: str | None = None) -> None:
+    quorums = ctx.graph.quorums()
+    if node_name is None:
+        if len(quorums) != 1:
+            raise generic("Parameter 'node-name' is missing")
+        q = quorums[0]
+    else:
+        node = ctx.graph.lookup_device(node_name)
+        if not isinstance(node, QuorumNode):
+            raise generic(f"Node '{node_name}' is not a quorum node")
+        q = node
+    if speed < 0:
+        raise generic("Parameter 'speed' expects a non negative value")
+    _jobs(ctx).add(ScrubJob(q, ctx.graph.bus, repair=repair, speed=speed, job_id=job_id))
+
+
+@handler("x-faulty-set")
+def x_faulty_set(ctx: Context, *, node_name: str, rules: list[dict[str, Any]]) -> None:
+    node = ctx.graph.get(node_name)
+    if not isinstance(node, FaultyNode):
+        raise generic(f"Node '{node_name}' is not a faulty node")
+    node.set_rules(_rules(rules))
 
 
 @handler("query-quorum-status")

@@ -178,7 +178,7 @@ def event(name: str, data: Mapping[str, TypeRef], *, doc: str,
 # --------------------------------------------------------------------------- types
 
 enum("QMPCapability", ["oob"], "A QMP capability (qmp_capabilities `enable`).")
-enum("BlockdevDriver", ["file", "raw", "quorum"],
+enum("BlockdevDriver", ["file", "raw", "quorum", "faulty"],
      "Drivers known to blockdev-add and blockdev-reopen.")
 enum("QuorumReadPattern", ["quorum", "fifo"],
      "`quorum`: read every active child and vote; `fifo`: read the first child that works.")
@@ -191,7 +191,7 @@ union(
     {"driver": "BlockdevDriver", "*node-name": "str", "*read-only": "bool"},
     "driver",
     {"file": "BlockdevOptionsFile", "raw": "BlockdevOptionsRaw",
-     "quorum": "BlockdevOptionsQuorum"},
+     "quorum": "BlockdevOptionsQuorum", "faulty": "BlockdevOptionsFaulty"},
     "Options of a block node, selected by `driver` (QEMU's BlockdevOptions, reduced "
     "to what nbdquorum implements).",
     docs={"driver": "block driver", "node-name": _NODE_NAME_DOC,
@@ -212,6 +212,30 @@ struct(
           "rewrite-corrupted": "rewrite children that lose a read vote",
           "children": "the complete new list of child node-names; children not listed are "
                       "detached, nodes not yet children are attached"},
+)
+enum("FaultOp", ["read", "write", "flush", "any"],
+     "The requests a fault rule applies to (`write` also covers zero and trim).")
+enum("FaultAction", ["error", "flip", "zero", "hang"],
+     "`error`: fail with `errno`; `flip`: reads return (writes store) every byte XOR 0xff; "
+     "`zero`: reads return zeros; `hang`: the request does not complete until the rules "
+     "change (the quorum's child timeout then counts it as failed).")
+struct(
+    "FaultRule",
+    {"*op": "FaultOp", "*offset": "int", "*length": "int", "*action": "FaultAction",
+     "*errno": "int", "*count": "int"},
+    "One fault-injection rule (in the spirit of QEMU's blkdebug).",
+    docs={"op": "which requests (default `any`)", "offset": "first byte (default 0)",
+          "length": "bytes affected (default: to the end)",
+          "action": "what goes wrong (default `error`)",
+          "errno": "for `error`: the errno (default 5, EIO)",
+          "count": "hits before the rule expires (default: never)"},
+)
+struct(
+    "BlockdevOptionsFaulty",
+    {"image": "BlockdevRef", "*rules": ["FaultRule"]},
+    "A fault injector over another node (nbdquorum's blkdebug), for drills and tests. "
+    "With no rules it passes everything through.",
+    docs={"image": "the node underneath", "rules": "the initial rules (default none)"},
 )
 alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
           "Inline node options, or the node-name of an existing node.")
@@ -368,6 +392,83 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         ],
     ),
     cmd(
+        "query-jobs", {}, returns="[JobInfo]",
+        doc="The running background jobs (resync, scrub) in QEMU's JobInfo shape: `id`, "
+            "`type`, `status`, `current-progress`, `total-progress`, and `error` once failed. "
+            "Jobs dismiss themselves when they conclude (QEMU's default); their ends are the "
+            "JOB_STATUS_CHANGE, BLOCK_JOB_COMPLETED and BLOCK_JOB_CANCELLED events.",
+        examples=['-> {"execute": "query-jobs"}',
+                  '<- {"return": [{"current-progress": 5242880, "status": "running", '
+                  '"total-progress": 16777216, "type": "resync", "id": "resync-new_node"}]}'],
+    ),
+    cmd(
+        "job-pause", {"id": "str"},
+        doc="Pause a running job at its next region boundary.",
+        docs={"id": "the job's id"},
+        examples=['-> {"execute": "job-pause", "arguments": {"id": "resync-new_node"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "job-resume", {"id": "str"},
+        doc="Resume a paused job.",
+        docs={"id": "the job's id"},
+        examples=['-> {"execute": "job-resume", "arguments": {"id": "resync-new_node"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "job-cancel", {"id": "str"},
+        doc="Cancel a job. A cancelled resync leaves its child `resyncing` (it never votes "
+            "with partial data); its progress is kept and `x-quorum-resync` continues it.",
+        docs={"id": "the job's id"},
+        examples=['-> {"execute": "job-cancel", "arguments": {"id": "scrub-quorum0"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "block-job-set-speed", {"device": "str", "speed": "int"},
+        doc="Change a running job's rate limit (bytes per second, 0 = unlimited), live.",
+        docs={"device": "the job's id", "speed": "bytes per second"},
+        examples=['-> {"execute": "block-job-set-speed", "arguments": '
+                  '{"device": "resync-new_node", "speed": 104857600}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "x-quorum-resync", {"node-name": "str", "*speed": "int", "*full": "bool"},
+        doc="Start (or continue) the resync of a quorum child: the voted contents are copied "
+            "onto it region by region while it receives every new write; it votes again "
+            "only when it is complete. Children added live start resyncing by themselves; "
+            "this restarts a cancelled or failed resync, and with `full` copies everything "
+            "again (which also brings a `faulted` child back).",
+        docs={"node-name": "the child's node-name",
+              "speed": "rate limit in bytes per second (default: the server's --resync-speed)",
+              "full": "copy every region, not only the unsynced ones"},
+        examples=['-> {"execute": "x-quorum-resync", "arguments": {"node-name": "child1", '
+                  '"full": true}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "x-quorum-scrub", {"*node-name": "str", "*repair": "bool", "*speed": "int",
+                           "*job-id": "str"},
+        doc="Start a scrub job: read every region of every active child, vote, count the "
+            "regions and bytes where each child lost, and with `repair` rewrite them (md's "
+            "check and repair, ZFS's scrub). It yields to client I/O. The result is in the "
+            "QUORUM_SCRUB_DONE event and in query-quorum-status's `last-scrub`.",
+        docs={"node-name": "the quorum (default: the only one)",
+              "repair": "rewrite the children that lost the vote (default false)",
+              "speed": "rate limit in bytes per second (default unlimited)",
+              "job-id": "the job's id (default `scrub-NODE`)"},
+        examples=['-> {"execute": "x-quorum-scrub", "arguments": {"repair": true}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "x-faulty-set", {"node-name": "str", "rules": ["FaultRule"]},
+        doc="Replace the rules of a `faulty` node (a fault injector), live. An empty list "
+            "heals it and releases hung requests.",
+        docs={"node-name": "the faulty node", "rules": "the new rules"},
+        examples=['-> {"execute": "x-faulty-set", "arguments": {"node-name": "child1", '
+                  '"rules": [{"op": "read", "action": "error", "errno": 5}]}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
         "query-quorum-status", {"*node-name": "str"}, returns="[QuorumStatus]",
         doc="Beyond QEMU, in the spirit of `zpool status`: each quorum's options and, per "
             "child, its edge name, node-name, file, state (`active`, `resyncing`, `faulted`) "
@@ -418,6 +519,54 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in [
         examples=['<- {"timestamp": {"seconds": 1795630059, "microseconds": 29277}, '
                   '"event": "QUORUM_FAILURE", "data": {"reference": "quorum0", '
                   '"sectors-count": 8, "sector-num": 0}}'],
+    ),
+    event(
+        "JOB_STATUS_CHANGE", {"id": "str", "status": "str"},
+        doc="A job changed status (QEMU's job states: created, running, paused, waiting, "
+            "pending, aborting, concluded, null).",
+        docs={"id": "the job", "status": "its new status"},
+        examples=['<- {"timestamp": {"seconds": 1795630071, "microseconds": 790339}, '
+                  '"event": "JOB_STATUS_CHANGE", "data": {"status": "running", '
+                  '"id": "resync-new_node"}}'],
+    ),
+    event(
+        "BLOCK_JOB_COMPLETED",
+        {"type": "str", "device": "str", "len": "int", "offset": "int", "speed": "int",
+         "*error": "str"},
+        doc="A job finished (with `error` when it failed), in QEMU's shape; `device` is the "
+            "job id, `type` is `resync` or `scrub`.",
+        docs={"type": "the job type", "device": "the job id", "len": "bytes to do",
+              "offset": "bytes done", "speed": "rate limit", "error": "why it failed"},
+    ),
+    event(
+        "BLOCK_JOB_CANCELLED",
+        {"type": "str", "device": "str", "len": "int", "offset": "int", "speed": "int"},
+        doc="A job was cancelled (job-cancel, or the server stopping).",
+        docs={"type": "the job type", "device": "the job id", "len": "bytes to do",
+              "offset": "bytes done", "speed": "rate limit"},
+    ),
+    event(
+        "QUORUM_CHILD_STATE_CHANGE",
+        {"node-name": "str", "child": "str", "parent": "str", "state": "str",
+         "previous": "str"},
+        doc="Beyond QEMU: a child changed state: `resyncing` (joined, or missed a write), "
+            "`active` (in sync, votes), `faulted` (too many errors, deleted or resized "
+            "image; no more I/O).",
+        docs={"node-name": "the child", "child": "its edge name", "parent": "the quorum",
+              "state": "the new state", "previous": "the old state"},
+    ),
+    event(
+        "QUORUM_SCRUB_DONE",
+        {"node-name": "str", "repair": "bool", "mismatched-regions": "any",
+         "mismatched-bytes": "any", "unrecoverable-regions": "int", "scanned": "int",
+         "cancelled": "bool"},
+        doc="Beyond QEMU: a scrub ended; per child node-name, the regions and bytes where "
+            "it lost the vote.",
+        docs={"node-name": "the quorum", "repair": "whether losers were rewritten",
+              "mismatched-regions": "{node-name: regions}",
+              "mismatched-bytes": "{node-name: bytes}",
+              "unrecoverable-regions": "regions with no quorum",
+              "scanned": "bytes scanned", "cancelled": "stopped early"},
     ),
 ]}
 
