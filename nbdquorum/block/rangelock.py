@@ -57,12 +57,18 @@ class RangeLock:
             self._release(entry)
 
     def _release(self, entry: _Entry) -> None:
-        self._entries.remove(entry)
-        # Wake every waiter that no earlier entry blocks any more.
-        for i, e in enumerate(self._entries):
-            if e.granted or e.waiter is None or e.waiter.done():
+        entries = self._entries
+        entries.remove(entry)
+        # Wake every waiter that this release concerned and that no earlier
+        # entry still blocks.  Only waiters overlapping the released range can
+        # change, so the scan is cheap when many requests are queued elsewhere.
+        for i, e in enumerate(entries):
+            if e.granted or e.waiter is None or e.waiter.done() or not e.conflicts(entry):
                 continue
-            if not e.conflicts(entry):
-                continue  # this release did not concern it
-            if not any(p.conflicts(e) for p in self._entries[:i]):
+            blocked = False
+            for j in range(i):
+                if entries[j].conflicts(e):
+                    blocked = True
+                    break
+            if not blocked:
                 e.waiter.set_result(None)

@@ -29,9 +29,10 @@ class ResyncJob(Job):
 
     def __init__(
         self, quorum: QuorumNode, slot: ChildSlot, bus: EventBus, *, speed: int = 0,
-        on_progress: Callable[[], None] | None = None,
+        on_progress: Callable[[], None] | None = None, job_id: str | None = None,
     ) -> None:
-        super().__init__(f"resync-{slot.node.node_name}", slot.node.node_name, bus, speed=speed)
+        super().__init__(job_id or f"resync-{slot.node.node_name}", slot.node.node_name, bus,
+                         speed=speed)
         self.quorum = quorum
         self.slot = slot
         self.on_progress = on_progress  # persistence checkpoint hook
@@ -57,6 +58,9 @@ class ResyncJob(Job):
                 slot.node.pin()
                 try:
                     async with q.lock.hold(off, n, exclusive=True):
+                        if not self._still_member():  # removed while we waited
+                            raise RuntimeError(
+                                f"child {slot.node.node_name} left the quorum or faulted")
                         data = await q.read_voted(off, n)
                         await slot.node.pwrite(off, data)
                         bm.clear_bit(bit)
@@ -85,6 +89,7 @@ class ResyncManager:
         self.on_progress = on_progress
         graph.new_child_state = ChildState.RESYNCING
         graph.on_child_added.append(self._on_added)
+        graph.on_child_removed.append(self._on_removed)
         self._hooked: set[int] = set()
         for q in graph.quorums():
             self.hook(q)
@@ -97,9 +102,18 @@ class ResyncManager:
     def _on_added(self, q: QuorumNode, slot: ChildSlot) -> None:
         self.ensure(q, slot)
 
+    def _on_removed(self, q: QuorumNode, slot: ChildSlot) -> None:
+        job = self.job_for(slot)
+        if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING,
+                                              JobStatus.PAUSED):
+            job.cancel()  # a removed child needs no copy; free the regions it waits on
+
     def job_for(self, slot: ChildSlot) -> ResyncJob | None:
-        job = self.jobs.jobs.get(f"resync-{slot.node.node_name}")
-        return job if isinstance(job, ResyncJob) else None
+        """The live resync job of this very slot (not of an earlier node of that name)."""
+        for job in self.jobs.jobs.values():
+            if isinstance(job, ResyncJob) and job.slot is slot:
+                return job
+        return None
 
     def ensure(self, q: QuorumNode, slot: ChildSlot, speed: int | None = None) -> ResyncJob | None:
         """Start a resync for *slot* unless one is running (or it is in sync)."""
@@ -109,8 +123,13 @@ class ResyncManager:
         job = self.job_for(slot)
         if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED):
             return job
+        job_id = f"resync-{slot.node.node_name}"
+        n = 1
+        while job_id in self.jobs.jobs:  # an earlier node of that name is still winding down
+            n += 1
+            job_id = f"resync-{slot.node.node_name}-{n}"
         job = ResyncJob(q, slot, self.graph.bus, speed=self.speed if speed is None else speed,
-                        on_progress=self.on_progress)
+                        on_progress=self.on_progress, job_id=job_id)
         self.jobs.add(job)
         return job
 
