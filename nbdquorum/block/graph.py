@@ -97,8 +97,12 @@ class Graph:
         self, node_name: str, filename: str, *, file_node_name: str | None = None,
         read_only: bool = False, create_size: int | None = None,
     ) -> RawNode:
-        """A raw node over a new file node, as ``blockdev-add driver=raw``."""
-        self.check_new_name(node_name)
+        """A raw node over a new file node, as ``blockdev-add driver=raw``.
+
+        A ``#blockNNN`` name (from auto_name) is accepted for implicit nodes.
+        """
+        if not (node_name.startswith("#") and node_name not in self.nodes):
+            self.check_new_name(node_name)
         fname = file_node_name or self.auto_name()
         if file_node_name:
             self.check_new_name(file_node_name)
@@ -185,11 +189,15 @@ class Graph:
             raise GraphError(f"Block device {node_name} is in use")
         del self.nodes[node_name]
         node.close()
-        # Children that only this node held go with it (QEMU drops implicit nodes).
+        self._drop_implicit(node)
+
+    def _drop_implicit(self, node: BlockNode) -> None:
+        """Children that only this node held go with it (QEMU drops implicit nodes)."""
         for child in node.children_nodes():
             if not child.owned_by_monitor and not self.parents(child):
                 self.nodes.pop(child.node_name, None)
                 child.close()
+                self._drop_implicit(child)
 
     def close(self) -> None:
         for node in reversed(list(self.nodes.values())):

@@ -88,6 +88,24 @@ def test_every_command(qmp_target: StartTarget) -> None:
             await ok("blockdev-del", {"node-name": "n8"})
             (st,) = await ok("query-quorum-status")
             assert st["vote-threshold"] == 2 and len(st["children"]) == 3
+            # jobs: a slow scrub to pause, re-speed, resume and cancel
+            await ok("x-quorum-scrub", {"speed": 1 << 20, "job-id": "s1"})
+            assert [j["id"] for j in await ok("query-jobs")] == ["s1"]
+            await ok("job-pause", {"id": "s1"})
+            await ok("block-job-set-speed", {"device": "s1", "speed": 2 << 20})
+            await ok("job-resume", {"id": "s1"})
+            await ok("job-cancel", {"id": "s1"})
+            await ok("x-quorum-resync", {"node-name": "child1", "full": True})
+            # a fault injector over a fresh raw node, switched live, then removed
+            before = {n["node-name"] for n in await ok("query-named-block-nodes")}
+            await ok("blockdev-add", {"driver": "faulty", "node-name": "fz", "image": {
+                "driver": "raw", "file": {"driver": "file",
+                                          "filename": str(make_image(t.tmp / "fz.raw"))}}})
+            await ok("x-faulty-set", {"node-name": "fz", "rules": [
+                {"op": "read", "action": "error", "errno": 5}]})
+            await ok("blockdev-del", {"node-name": "fz"})
+            after = {n["node-name"] for n in await ok("query-named-block-nodes")}
+            assert after == before  # its implicit raw and file nodes went with it
             assert await ok("quit") == {}
 
     arun(main())
