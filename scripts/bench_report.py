@@ -1,0 +1,529 @@
+"""Tables, verdicts, chart and docs for scripts/bench (see bench_run.py).
+
+Works on the results document that bench_run writes (bench-out/results.json),
+so ``.venv/bin/python scripts/bench_report.py [results.json] [--write-docs]``
+re-renders a finished run without running it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+A, B = "nbdq", "qsd"  # the pair every ratio compares: nbdquorum / qsd quorum of 3
+RSS_BUDGET_MIB = 256
+
+# Issue 5's targets, as (row, what, bound).  what: a metric of the medians;
+# "p50" compares latency (lower is better, bound is the max ratio).
+THROUGHPUT_TARGETS = [
+    ("seqread-1m-qd8", "mbps", 2.5),
+    ("seqwrite-1m-qd8", "mbps", 1.2),
+    ("randread-4k-qd32", "iops", 1.5),
+    ("randwrite-4k-qd32", "iops", 1.2),
+    ("randrw-4k-qd16", "iops", 1.2),
+    ("seqread-1m-stale", "mbps", 2.0),
+]
+
+SHORT = {
+    "nbdq": "nbdquorum",
+    "qsd": "qsd quorum3",
+    "qsd-fifo": "qsd fifo",
+    "qsd-raw": "qsd 1 raw",
+    "nbdkit": "nbdkit 1 file",
+    "nbdq-fifo": "nbdquorum fifo",
+}
+
+
+# -- helpers -------------------------------------------------------------------
+def med(doc: dict[str, Any], row: str, target: str) -> dict[str, Any] | None:
+    r = doc["results"].get(row, {}).get(target)
+    return r["median"] if r else None
+
+
+def row_def(doc: dict[str, Any], row: str) -> dict[str, Any]:
+    return next(r for r in doc["rows"] if r["id"] == row)
+
+
+def headline(doc: dict[str, Any], row: str) -> str:
+    return "mbps" if row_def(doc, row)["unit"] == "mbps" else "iops"
+
+
+def ratio(doc: dict[str, Any], row: str, metric: str, a: str = A, b: str = B) -> float | None:
+    ma, mb = med(doc, row, a), med(doc, row, b)
+    if not ma or not mb or not ma.get(metric) or not mb.get(metric):
+        return None
+    return float(ma[metric]) / float(mb[metric])
+
+
+def fmt_thr(m: dict[str, Any], unit: str) -> str:
+    if unit == "mbps":
+        return f"{m['mbps']:.0f} MB/s"
+    v = m["iops"]
+    return f"{v / 1000:.1f}k IOPS" if v >= 1000 else f"{v:.0f} IOPS"
+
+
+def fmt_cpu(m: dict[str, Any], unit: str) -> str:
+    if unit == "mbps":
+        return f"{m['cpu_s_per_gb']:.2f} CPU-s/GB" if m.get("cpu_s_per_gb") is not None else "-"
+    return f"{m['cpu_us_per_op']:.0f} us CPU/op" if m.get("cpu_us_per_op") is not None else "-"
+
+
+def fmt_lat(m: dict[str, Any]) -> str:
+    return f"p50 {fmt_us(m['p50_us'])}, p99 {fmt_us(m['p99_us'])}"
+
+
+def fmt_us(us: float) -> str:
+    return f"{us / 1000:.1f} ms" if us >= 10000 else f"{us:.0f} us"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+# -- verdicts ------------------------------------------------------------------
+def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+
+    def add(target: str, status: str, measured: str) -> None:
+        out.append({"target": target, "status": status, "measured": measured})
+
+    for row, metric, bound in THROUGHPUT_TARGETS:
+        label = f"{label_of(doc, row)} >= {bound}x qsd"
+        r = ratio(doc, row, metric)
+        if r is None:
+            add(label, "SKIP", "row not run")
+            continue
+        ma, mb = med(doc, row, A), med(doc, row, B)
+        assert ma and mb
+        unit = headline(doc, row)
+        add(label, "PASS" if r >= bound else "FAIL",
+            f"{r:.2f}x ({fmt_thr(ma, unit)} vs {fmt_thr(mb, unit)})")
+
+    r = ratio(doc, "randread-4k-qd1", "p50_us")
+    if r is None:
+        add("randread 4k QD1 p50 latency <= qsd", "SKIP", "row not run")
+    else:
+        ma, mb = med(doc, "randread-4k-qd1", A), med(doc, "randread-4k-qd1", B)
+        assert ma and mb
+        add("randread 4k QD1 p50 latency <= qsd", "PASS" if r <= 1.0 else "FAIL",
+            f"{fmt_us(ma['p50_us'])} vs {fmt_us(mb['p50_us'])} ({r:.2f}x)")
+
+    cpu = [(row, ratio(doc, row, "cpu_us_per_op")) for row in doc["results"]]
+    cpu = [(row, c) for row, c in cpu if c is not None]
+    if cpu:
+        worse = [(row, c) for row, c in cpu if c > 1.0]
+        worst = max(cpu, key=lambda x: x[1])
+        add("server CPU per op and per GB <= qsd on every row",
+            "PASS" if not worse else "FAIL",
+            f"{len(cpu) - len(worse)}/{len(cpu)} rows; worst {worst[0]} {worst[1]:.2f}x"
+            + (f"; over: {', '.join(f'{r} {c:.2f}x' for r, c in worse)}" if worse else ""))
+    else:
+        add("server CPU per op and per GB <= qsd on every row", "SKIP", "no rows")
+
+    mc, single = med(doc, "multiconn-randread-4k-qd32x4", A), med(doc, "randread-4k-qd32", A)
+    if mc and single:
+        r = mc["iops"] / single["iops"]
+        qmc, qsingle = med(doc, "multiconn-randread-4k-qd32x4", B), med(doc, "randread-4k-qd32", B)
+        qs = f"; qsd {qmc['iops'] / qsingle['iops']:.2f}x" if qmc and qsingle else ""
+        add("4 connections: total throughput grows (nbdquorum, vs 1 connection)",
+            "PASS" if r >= 1.0 else "FAIL",
+            f"{r:.2f}x ({fmt_thr(mc, 'iops')} vs {fmt_thr(single, 'iops')}){qs}")
+    else:
+        add("4 connections: total throughput grows", "SKIP", "needs --full")
+
+    mem = [(row, med(doc, row, A)) for row in doc["results"] if row.startswith("memory-")]
+    mem = [(row, m) for row, m in mem if m]
+    if mem:
+        row, m = max(mem, key=lambda x: x[1]["vmhwm_mib"])
+        q = med(doc, row, B)
+        qs = f", qsd {q['vmhwm_mib']:.0f} MiB" if q else ""
+        add(f"RSS < {RSS_BUDGET_MIB} MiB with 4 x 128 x 1 MiB in flight",
+            "PASS" if m["vmhwm_mib"] < RSS_BUDGET_MIB else "FAIL",
+            f"peak VmHWM {m['vmhwm_mib']:.0f} MiB ({row}{qs})")
+    else:
+        add(f"RSS < {RSS_BUDGET_MIB} MiB with 4 x 128 x 1 MiB in flight", "SKIP", "row not run")
+
+    lin = children_costs(doc, A)
+    label = "cost linear in the number of children (no superlinear growth)"
+    if len(lin) >= 3:
+        # marginal CPU-s/GB per added child, over the upper half vs the lower half
+        # of the range: a fixed per-request cost makes it fall (fine), a cost that
+        # grows with N (quadratic vote, per-child locking) makes it rise
+        (n0, c0), (nm, cm), (n1, c1) = lin[0], lin[len(lin) // 2], lin[-1]
+        lo, hi = (cm - c0) / (nm - n0), (c1 - cm) / (n1 - nm)
+        ok = hi <= 1.5 * max(lo, 0.0) + 0.05  # +0.05 CPU-s/GB: noise floor
+        q = children_costs(doc, B)
+        qs = ("; qsd " + ", ".join(f"{n}: {c:.2f}" for n, c in q)) if q else ""
+        add(label, "PASS" if ok else "FAIL",
+            "CPU-s/GB by children " + ", ".join(f"{n}: {c:.2f}" for n, c in lin)
+            + f"; per added child {lo:.2f} ({n0}-{nm}), {hi:.2f} ({nm}-{n1}){qs}")
+    else:
+        add(label, "SKIP", "needs --full")
+    return out
+
+
+def children_costs(doc: dict[str, Any], target: str) -> list[tuple[int, float]]:
+    out = []
+    for row in doc["results"]:
+        m = re.fullmatch(r"children-(\d+)-seqread-1m", row)
+        r = med(doc, row, target)
+        if m and r and r.get("cpu_s_per_gb"):
+            out.append((int(m.group(1)), float(r["cpu_s_per_gb"])))
+    return sorted(out)
+
+
+def label_of(doc: dict[str, Any], row: str) -> str:
+    for r in doc["rows"]:
+        if r["id"] == row:
+            return str(r["label"])
+    return row
+
+
+# -- text and markdown ---------------------------------------------------------
+def _ordered_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    # bench_run stores the rows in the matrix's order (it runs reads first)
+    return list(doc["rows"])
+
+
+def _extras(doc: dict[str, Any]) -> list[str]:
+    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B)]
+
+
+def text_table(doc: dict[str, Any]) -> str:
+    extras = _extras(doc)
+    head = (f"{'workload':38} {'nbdquorum':>12} {'qsd quorum3':>12} {'ratio':>6} "
+            f"{'p50 nbdq/qsd us':>16} {'p99 nbdq/qsd us':>16} {'CPU nbdq/qsd':>22} {'cpu':>6} "
+            f"{'RSS MiB':>9}" + "".join(f" {SHORT.get(e, e):>14}" for e in extras))
+    lines = [head, "-" * len(head)]
+    for r in _ordered_rows(doc):
+        rid, unit = r["id"], r["unit"]
+        ma, mb = med(doc, rid, A), med(doc, rid, B)
+        key = "mbps" if unit == "mbps" else "iops"
+
+        def thr(m: dict[str, Any] | None, key: str = key) -> str:
+            if not m:
+                return "-"
+            return f"{m[key]:.0f} MB/s" if key == "mbps" else f"{m[key] / 1000:.1f}k"
+
+        def cpu(m: dict[str, Any] | None, unit: str = unit) -> str:
+            if not m:
+                return "-"
+            if unit == "mbps":
+                return f"{m['cpu_s_per_gb']:.2f}"
+            return f"{m['cpu_us_per_op']:.0f}"
+
+        cu = "s/GB" if unit == "mbps" else "us/op"
+        p50 = f"{ma['p50_us']:.0f}/{mb['p50_us']:.0f}" if ma and mb else "-"
+        p99 = f"{ma['p99_us']:.0f}/{mb['p99_us']:.0f}" if ma and mb else "-"
+        rss = f"{ma['vmhwm_mib']:.0f}/{mb['vmhwm_mib']:.0f}" if ma and mb else "-"
+        lines.append(
+            f"{r['label'][:38]:38} {thr(ma):>12} {thr(mb):>12} {fmt_ratio(ratio(doc, rid, key)):>6} "
+            f"{p50:>16} {p99:>16} {cpu(ma) + '/' + cpu(mb) + ' ' + cu:>22} "
+            f"{fmt_ratio(ratio(doc, rid, 'cpu_us_per_op')):>6} {rss:>9}"
+            + "".join(f" {thr(med(doc, rid, e)):>14}" for e in extras))
+    return "\n".join(lines)
+
+
+def noise_note(doc: dict[str, Any]) -> str:
+    """How much CPU other processes took during the runs (a 2-core box is easily disturbed)."""
+    vals = [run.get("other_cpu_pct") for per in doc["results"].values() for r in per.values()
+            for run in r["runs"]]
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return ""
+    busy = sum(v > 10 for v in vals)
+    s = (f"CPU used by other processes during the runs (not this server, not fio): median "
+         f"{vals[len(vals) // 2]:.0f}%, max {vals[-1]:.0f}% of one core; "
+         f"{busy}/{len(vals)} runs above 10%")
+    if doc["meta"].get("code_changed_during_run"):
+        s += "; WARNING: nbdquorum's code changed during the run"
+    return s
+
+
+def text_verdicts(doc: dict[str, Any]) -> str:
+    lines = [noise_note(doc), "verdicts (nbdquorum vs qsd quorum of 3, same run):"]
+    for v in doc["verdicts"]:
+        lines.append(f"  {v['status']:4}  {v['target']}: {v['measured']}")
+    n = collections.Counter(v["status"] for v in doc["verdicts"])
+    lines.append(f"  -- {n['PASS']} PASS, {n['FAIL']} FAIL, {n['SKIP']} SKIP")
+    return "\n".join(lines)
+
+
+def md_table(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    extras = _extras(doc)
+    out = [
+        f"Run of {meta['date']} on `{meta['host']}`: {meta['cpu']}, {meta['cores']} cores, "
+        f"{meta['mem_gib']} GiB, {meta['os']}, Linux {meta['kernel']}; {meta['fio']}, "
+        f"{meta['qsd']}, nbdquorum {meta['nbdquorum_commit']}. Images "
+        f"{meta['size'] >> 20} MiB, {meta['runtime_s']:g} s per row, "
+        f"{meta['repeat']} run(s) per row and server (median), "
+        f"command: `scripts/bench {' '.join(meta['argv'])}`, images on "
+        f"{meta.get('image_fs', '?')}. {noise_note(doc)}.",
+        "",
+    ]
+    for m in meta.get("merged", []):
+        out[-2] += (f" Rows {', '.join(m['rows'])} re-run on {m['date']} "
+                    f"(`scripts/bench {' '.join(m['argv'])}`) and merged.")
+    cols = ["workload", "nbdquorum", "qsd quorum of 3", "nbdq / qsd throughput",
+            "nbdq / qsd CPU per op"] + [SHORT.get(e, e) for e in extras]
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "---|" * len(cols))
+    for r in _ordered_rows(doc):
+        rid, unit = r["id"], r["unit"]
+        key = "mbps" if unit == "mbps" else "iops"
+
+        def cell(m: dict[str, Any] | None, unit: str = unit, rid: str = rid) -> str:
+            if not m:
+                return ""
+            s = f"**{fmt_thr(m, unit)}**, {fmt_lat(m)}, {fmt_cpu(m, unit)}"
+            if rid.startswith("memory-"):
+                s += f", peak RSS {m['vmhwm_mib']:.0f} MiB"
+            return s
+
+        out.append("| " + " | ".join(
+            [r["label"], cell(med(doc, rid, A)), cell(med(doc, rid, B)),
+             fmt_ratio(ratio(doc, rid, key)), fmt_ratio(ratio(doc, rid, "cpu_us_per_op"))]
+            + [(fmt_thr(m, unit) if (m := med(doc, rid, e)) else "") for e in extras]) + " |")
+    out += ["", "| target (issue 5) | verdict | measured |", "|---|---|---|"]
+    for v in doc["verdicts"]:
+        out.append(f"| {v['target']} | **{v['status']}** | {v['measured']} |")
+    return "\n".join(out)
+
+
+BEGIN, END = "<!-- bench:begin (scripts/bench --write-docs) -->", "<!-- bench:end -->"
+
+
+def write_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
+    chart_ok = chart(doc, png)
+    block = md_table(doc)
+    if chart_ok:
+        block += f"\n\n![nbdquorum vs qsd, side by side]({png.name})"
+    text = md.read_text() if md.exists() else "# Performance\n\n"
+    new = f"{BEGIN}\n{block}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + new + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Latest results\n\n" + new + "\n"
+    md.write_text(text)
+    print(f"bench: wrote {md}" + (f" and {png}" if chart_ok else ""))
+
+
+# -- the chart -----------------------------------------------------------------
+COLORS = {"nbdq": "#1f77b4", "qsd": "#d62728", "qsd-fifo": "#ff9896", "qsd-raw": "#c7c7c7",
+          "nbdkit": "#98df8a", "nbdq-fifo": "#aec7e8"}
+
+
+XCAP = 4.0  # throughput ratios beyond this are drawn clipped, with their value
+
+
+def chart(doc: dict[str, Any], png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed (.venv/bin/pip install matplotlib): no chart")
+        return False
+    rows = [r for r in _ordered_rows(doc) if med(doc, r["id"], A) and med(doc, r["id"], B)]
+    if not rows:
+        return False
+    tids = [t["id"] for t in doc["targets"]]
+    tids = [A, B] + [t for t in tids if t not in (A, B)]
+    nbars = [len([t for t in tids if med(doc, r["id"], t)]) for r in rows]
+    fig, axes = plt.subplots(
+        1, 3, figsize=(16, 0.9 + 0.26 * sum(max(n, 2) + 1 for n in nbars)),
+        gridspec_kw={"width_ratios": [3, 2, 1.3]}, sharey=True)
+    ylabels, yticks = [], []
+    labelled: set[str] = set()
+    y0 = 0.0
+    for r in rows:
+        rid, unit = r["id"], r["unit"]
+        key = "mbps" if unit == "mbps" else "iops"
+        mb = med(doc, rid, B)
+        assert mb
+        present = [t for t in tids if med(doc, rid, t)]
+        h = 0.8
+        ys = [y0 + k for k in range(len(present))]
+        yticks.append(y0 + (len(present) - 1) / 2)
+        ylabels.append(r["label"])
+        for t, y in zip(present, ys, strict=True):
+            m = med(doc, rid, t)
+            assert m
+            kw = {"color": COLORS.get(t, "grey"), "height": h,
+                  "label": None if t in labelled else SHORT.get(t, t)}
+            labelled.add(t)
+            rt = m[key] / mb[key] if mb[key] else 0.0
+            axes[0].barh(y, min(rt, XCAP), **kw)
+            txt = fmt_thr(m, unit) + (f"  ({rt:.2f}x)" if t == A else "")
+            if rt > XCAP:
+                txt = f"{rt:.1f}x  " + txt
+            axes[0].text(min(rt, XCAP), y, " " + txt, va="center", fontsize=7,
+                         fontweight="bold" if t == A else None)
+            if t in (A, B) and m.get("cpu_us_per_op") and mb.get("cpu_us_per_op"):
+                rc = m["cpu_us_per_op"] / mb["cpu_us_per_op"]
+                axes[1].barh(y, rc, **kw)
+                axes[1].text(rc, y, " " + fmt_cpu(m, unit) + (f"  ({rc:.2f}x)" if t == A else ""),
+                             va="center", fontsize=7)
+            if t in (A, B):
+                axes[2].barh(y, m["vmhwm_mib"], **kw)
+                axes[2].text(m["vmhwm_mib"], y, f" {m['vmhwm_mib']:.0f}", va="center",
+                             fontsize=7)
+        bound = next((b for row, _, b in THROUGHPUT_TARGETS if row == rid), None)
+        if bound:
+            axes[0].plot([bound, bound], [ys[0] - 0.5, ys[-1] + 0.5], color="black", lw=2)
+        y0 += len(present) + 1
+    axes[0].plot([], [], color="black", lw=2, label="target (issue 5)")
+    for ax in axes[:2]:
+        ax.axvline(1.0, color="grey", ls=":", lw=1)
+    axes[0].set_yticks(yticks, ylabels)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("throughput relative to qsd quorum of 3 (higher is better)")
+    axes[1].set_xlabel("server CPU per op (= per GB) relative to qsd (lower is better)")
+    axes[2].set_xlabel("server peak RSS, MiB (VmHWM)")
+    axes[2].axvline(RSS_BUDGET_MIB, color="black", lw=1, ls="--")
+    axes[2].text(RSS_BUDGET_MIB, -1, " budget", fontsize=7, va="bottom")
+    axes[0].set_xlim(0, min(XCAP, max(2.6, *ax_max(axes[0]))) * 1.45)
+    axes[1].set_xlim(0, max(1.5, *ax_max(axes[1])) * 1.55)
+    axes[2].set_xlim(0, max(RSS_BUDGET_MIB, *ax_max(axes[2])) * 1.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    meta = doc["meta"]
+    fig.suptitle(f"nbdquorum vs qemu-storage-daemon quorum over NBD (fio nbd engine, Unix socket), "
+                 f"{meta['date'][:10]}, {meta['cores']} cores {meta['cpu']}, "
+                 f"{meta['size'] >> 20} MiB images, {meta['runtime_s']:g} s per row", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def ax_max(ax: Any) -> list[float]:
+    return [p.get_width() for p in ax.patches] or [1.0]
+
+
+# -- profiles ------------------------------------------------------------------
+_FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _short_frame(frame: str) -> str:
+    m = _FRAME.match(frame)
+    if not m:
+        return frame
+    f = m.group("file")
+    f = f.split("site-packages/")[-1].split("/lib/python3.11/")[-1].split("/work/main/")[-1]
+    return f"{m.group('fn')} ({f})"
+
+
+def _classify(frames: list[str]) -> str:
+    """idle (pool worker waiting for work, loop in epoll), gil (waiting for the GIL), or cpu."""
+    joined = ";".join(frames)
+    leaf = frames[-1] if frames else ""
+    if "pthread_cond_timedwait" in joined or "take_gil" in joined:
+        return "gil"  # 3.11's GIL waits in pthread_cond_timedwait (drop_gil/take_gil)
+    if "_queue_SimpleQueue_get" in joined or "epoll_wait" in leaf or leaf.startswith(
+            ("select (selectors.py", "epoll_wait")):
+        return "idle"
+    return "cpu"
+
+
+def summarise_pyspy(path: Path, top: int = 18) -> list[str]:
+    """Shares per function from py-spy's raw (collapsed) stacks, idle and GIL waits apart."""
+    kinds: collections.Counter[tuple[str, str]] = collections.Counter()  # (thread, kind)
+    self_c: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    gil_after: collections.Counter[str] = collections.Counter()
+    total = cpu = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = "main"
+        if frames and frames[0].startswith("thread ("):
+            thread = "main" if "MainThread" in frames[0] else "pool"
+            frames = frames[1:]
+        frames = [_short_frame(f) for f in frames]
+        kind = _classify(frames)
+        kinds[thread, kind] += n
+        total += n
+        if kind == "gil":
+            # the Python-level call that released the GIL and now waits to get it back
+            py = [f for f in frames if ".py)" in f]
+            gil_after[f"{thread}: {py[-1] if py else '?'}"] += n
+        if kind != "cpu":
+            continue
+        cpu += n
+        self_c[f"{thread}: {frames[-1]}"] += n
+        for f in set(frames):
+            if ".py)" in f:
+                incl[f"{thread}: {f}"] += n
+    if not total:
+        return [f"{path.name}: no samples"]
+    out = [f"{path.name}: {total} samples over all threads; by thread and state: "
+           + ", ".join(f"{t} {k} {100 * c / total:.0f}%" for (t, k), c in sorted(kinds.items()))]
+    out.append("  waiting for the GIL, after (thread: last Python frame):")
+    out += [f"    {100 * c / total:5.1f}%  {f}" for f, c in gil_after.most_common(6)]
+    out.append(f"  on-CPU self time ({cpu} samples = 100%):")
+    out += [f"    {100 * c / cpu:5.1f}%  {f}" for f, c in self_c.most_common(top)]
+    out.append("  on-CPU inclusive time of Python functions:")
+    out += [f"    {100 * c / cpu:5.1f}%  {f}" for f, c in incl.most_common(top + 12)]
+    return out
+
+
+def summarise_perf(path: Path, top: int = 30) -> list[str]:
+    try:
+        r = subprocess.run(
+            ["perf", "report", "-i", str(path), "--no-children", "--sort", "dso,sym", "--stdio",
+             "--percent-limit", "0.5", "-g", "none"],
+            capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return [f"{path.name}: perf report failed: {err}"]
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [f"{path.name}: perf self time by dso/symbol"] + [f"    {ln.strip()}" for ln in
+                                                            lines[:top]]
+
+
+def profile_summaries(pdir: Path) -> list[str]:
+    out: list[str] = []
+    for p in sorted(pdir.glob("*.pyspy.txt")):
+        out += [*summarise_pyspy(p), ""]
+    for p in sorted(pdir.glob("*.perf.data")):
+        out += [*summarise_perf(p), ""]
+    (pdir / "summary.txt").write_text("\n".join(out) + "\n")
+    return [*out, f"bench: profile summaries in {pdir / 'summary.txt'}"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="re-render a scripts/bench results file")
+    ap.add_argument("results", nargs="?", default=str(ROOT / "bench-out" / "results.json"))
+    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--profile-dir", help="summarise py-spy/perf profiles in this dir")
+    ap.add_argument("--chart", help="only draw the chart to this PNG")
+    args = ap.parse_args()
+    if args.profile_dir:
+        print("\n".join(profile_summaries(Path(args.profile_dir))))
+        return 0
+    doc = json.loads(Path(args.results).read_text())
+    doc["verdicts"] = verdicts(doc)
+    if args.chart:
+        return 0 if chart(doc, Path(args.chart)) else 1
+    print(text_table(doc))
+    print()
+    print(text_verdicts(doc))
+    if args.write_docs:
+        write_docs(doc, ROOT / "docs" / "performance.md", ROOT / "docs" / "performance.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
