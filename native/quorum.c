@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/types.h>
+#include <sys/uio.h> /* preadv2, pwritev2, RWF_NOWAIT */
 #include <unistd.h>
 
 #ifdef __linux__
@@ -259,6 +260,86 @@ int quorum_pread_vote(const int fds[], size_t nfds, uint64_t offset,
 
     return vote_core((const uint8_t *const *)bufs, errs_out, nfds, len,
                      threshold, group_out);
+}
+
+/* One preadv2/pwritev2 with RWF_NOWAIT: the whole range from (or into) the
+ * page cache at once, or -EAGAIN.  A short transfer counts as "would block":
+ * the caller then redoes the request, which is idempotent, the blocking way. */
+static int nowait_io(int fd, uint8_t *buf, size_t len, uint64_t offset, int write)
+{
+#if defined(__linux__) && defined(RWF_NOWAIT)
+    struct iovec iov = { buf, len };
+    ssize_t n;
+
+    do {
+        n = write ? pwritev2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT)
+                  : preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return (errno == ENOSYS || errno == EINVAL) ? -EOPNOTSUPP : -errno;
+    return (size_t)n == len ? 0 : -EAGAIN;
+#else
+    (void)fd, (void)buf, (void)len, (void)offset, (void)write;
+    return -EOPNOTSUPP;
+#endif
+}
+
+int quorum_pread_vote_nowait(const int fds[], size_t nfds, uint64_t offset,
+                             size_t len, uint8_t *const bufs[], int errs_out[],
+                             int threshold, int32_t group_out[])
+{
+    size_t i;
+    int rc;
+
+    if (nfds == 0 || nfds > INT32_MAX || threshold < 1 || fds == NULL ||
+        bufs == NULL || errs_out == NULL || group_out == NULL ||
+        !range_ok(offset, len))
+        return -EINVAL;
+    for (i = 0; i < nfds; i++) {
+        if (fds[i] >= 0 && bufs[i] == NULL)
+            return -EINVAL;
+    }
+    for (i = 0; i < nfds; i++) {
+        if (fds[i] < 0) {
+            errs_out[i] = -1;
+            continue;
+        }
+        rc = nowait_io(fds[i], bufs[i], len, offset, 0);
+        if (rc == -EAGAIN || rc == -EOPNOTSUPP)
+            return rc;
+        errs_out[i] = rc < 0 ? -rc : 0;
+    }
+    return vote_core((const uint8_t *const *)bufs, errs_out, nfds, len,
+                     threshold, group_out);
+}
+
+int quorum_pwrite_all_nowait(const int fds[], size_t nfds, uint64_t offset,
+                             const uint8_t *buf, size_t len, int errs_out[])
+{
+    size_t i, done = 0;
+    int rc, ok = 0;
+
+    if (fds == NULL || errs_out == NULL || (buf == NULL && len > 0) ||
+        !range_ok(offset, len))
+        return -EINVAL;
+    for (i = 0; i < nfds; i++) {
+        if (fds[i] < 0) {
+            errs_out[i] = -1;
+            continue;
+        }
+        rc = nowait_io(fds[i], (uint8_t *)buf, len, offset, 1);
+        if (rc == -EAGAIN || rc == -EOPNOTSUPP) {
+            /* Children before this one already hold the data: finish the
+             * others the blocking way so every child gets the same bytes. */
+            if (done == 0)
+                return rc;
+            rc = pwrite_full(fds[i], buf, len, offset);
+        }
+        errs_out[i] = rc < 0 ? -rc : 0;
+        ok += rc == 0;
+        done++;
+    }
+    return ok;
 }
 
 int quorum_pwrite_all(const int fds[], size_t nfds, uint64_t offset,

@@ -75,6 +75,24 @@ int quorum_pwrite_all(const int fds[], size_t nfds, uint64_t offset,
                       const uint8_t *buf, size_t len, int sync,
                       int errs_out[]);
 
+/* As quorum_pread_vote, but never blocks: every child is read with one
+ * preadv2(RWF_NOWAIT); if any would block (data not in the page cache, or a
+ * short read), returns -EAGAIN before voting and the caller retries with
+ * quorum_pread_vote on a worker thread; -EOPNOTSUPP if the file system
+ * cannot tell (tmpfs, for one).  Lets the event loop serve small page-cache
+ * hits without a thread hop. */
+int quorum_pread_vote_nowait(const int fds[], size_t nfds, uint64_t offset,
+                             size_t len, uint8_t *const bufs[], int errs_out[],
+                             int threshold, int32_t group_out[]);
+
+/* As quorum_pwrite_all without sync, trying pwritev2(RWF_NOWAIT) first.
+ * Returns -EAGAIN (or -EOPNOTSUPP where the file system cannot tell),
+ * having written nothing, if the first child would block;
+ * once a child took the data, the rest are written (blocking if need be), so
+ * the children never differ.  Returns the number of children that succeeded. */
+int quorum_pwrite_all_nowait(const int fds[], size_t nfds, uint64_t offset,
+                             const uint8_t *buf, size_t len, int errs_out[]);
+
 /* Deallocate len bytes at offset (fallocate PUNCH_HOLE | KEEP_SIZE): the
  * range then reads as zeroes and the file keeps its size.  Returns 1 if done
  * (len == 0 is done), 0 if the file or system cannot (EOPNOTSUPP, ENOSYS, or

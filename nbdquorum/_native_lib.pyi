@@ -47,6 +47,20 @@ class _Lib:
     def quorum_punch_hole(self, fd: int, offset: int, len: int) -> int: ...
     def quorum_zero_range(self, fd: int, offset: int, len: int) -> int: ...
     def quorum_tune_malloc(self, max_buffer: int) -> int: ...
+    def quorum_pread_vote_nowait(
+        self,
+        fds: _CData,
+        nfds: int,
+        offset: int,
+        len: int,
+        bufs: _CData,
+        errs_out: _CData,
+        threshold: int,
+        group_out: _CData,
+    ) -> int: ...
+    def quorum_pwrite_all_nowait(
+        self, fds: _CData, nfds: int, offset: int, buf: _CData, len: int, errs_out: _CData
+    ) -> int: ...
 
 ffi: _FFI
 lib: _Lib

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
 
 from nbdquorum._native_lib import ffi, lib
 from nbdquorum.block.vote import Buffer, VoteResult
@@ -27,11 +27,14 @@ if TYPE_CHECKING:
     from nbdquorum._native_lib import _CData
 
 __all__ = [
+    "UNKNOWN",
     "Buffer",
     "VoteResult",
     "diff_span",
     "pread_vote",
+    "pread_vote_nowait",
     "punch_hole",
+    "pwrite_all_nowait",
     "pwrite_all",
     "tune_malloc",
     "vote",
@@ -215,3 +218,62 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
 def tune_malloc(max_buffer: int) -> bool:
     """Keep buffers up to ``max_buffer`` bytes on the heap (no mmap per request)."""
     return lib.quorum_tune_malloc(max_buffer) == 1
+
+
+#: pread_vote_nowait / pwrite_all_nowait: the file system cannot say whether
+#: the call would block (RWF_NOWAIT unsupported, e.g. tmpfs)
+UNKNOWN: Final = "unknown"
+
+
+def pread_vote_nowait(
+    fds: Sequence[int], offset: int, length: int, threshold: int
+) -> tuple[VoteResult, list[bytearray], list[int]] | None | Literal["unknown"]:
+    """As pread_vote, from the page cache only: None if any child would block.
+
+    Cheap enough to call on the event loop for small requests; on None the
+    caller retries with pread_vote on a worker thread.  UNKNOWN when a child's
+    file system does not support RWF_NOWAIT.
+    """
+    _check_offset(offset, length)
+    n = len(fds)
+    out = [bytearray(length) for _ in range(n)]
+    ptrs = ffi.new("uint8_t *[]", n)
+    keep = []
+    for i, (fd, buf) in enumerate(zip(fds, out, strict=True)):
+        if fd >= 0:
+            cdata, _ = _pointer(buf, writable=True)
+            keep.append(cdata)
+            ptrs[i] = cdata
+    errs = ffi.new("int[]", n)
+    groups = ffi.new("int32_t[]", n)
+    rc = lib.quorum_pread_vote_nowait(
+        ffi.new("int[]", list(fds)), n, offset, length, ptrs, errs,
+        _threshold(threshold, n), groups,
+    )
+    if rc == -errno.EAGAIN:
+        return None
+    if rc == -errno.EOPNOTSUPP:
+        return UNKNOWN
+    result = VoteResult(_winner(rc), tuple(int(groups[i]) for i in range(n)))
+    return result, out, [int(errs[i]) for i in range(n)]
+
+
+def pwrite_all_nowait(
+    fds: Sequence[int], offset: int, data: Buffer
+) -> list[int] | None | Literal["unknown"]:
+    """As pwrite_all without sync, to the page cache only: None if it would block.
+
+    None means nothing was written; once the first child took the data the
+    others are written too (blocking if need be), so children never differ.
+    """
+    _check_offset(offset, 0)
+    n = len(fds)
+    errs = ffi.new("int[]", n)
+    pdata, length = _pointer(data)
+    rc = lib.quorum_pwrite_all_nowait(ffi.new("int[]", list(fds)), n, offset, pdata, length, errs)
+    if rc == -errno.EAGAIN:
+        return None
+    if rc == -errno.EOPNOTSUPP:
+        return UNKNOWN
+    _check(rc)
+    return [int(errs[i]) for i in range(n)]

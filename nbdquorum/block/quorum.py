@@ -41,11 +41,16 @@ from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
 from nbdquorum.block.rangelock import RangeLock
+from nbdquorum.block.vote import VoteResult
 from nbdquorum.eventbus import EventBus
 
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+#: requests up to this size are served on the event loop when the page cache allows
+INLINE_MAX = 64 << 10
+#: an inline write slower than this (s) moves writes back to the pool for a second
+INLINE_STALL = 0.002
 
 
 class ReadPattern(enum.StrEnum):
@@ -148,6 +153,9 @@ class QuorumNode(BlockNode):
         self.write_intent: WriteIntent | None = None
         #: monotonic time of the last client request (scrub yields to client I/O)
         self.last_client_io = 0.0
+        #: small writes go to the page cache on the event loop until then (monotonic)
+        self._inline_writes_off_until = 0.0
+        self._inline_reads_off_until = 0.0
         #: the last scrub's result (jobs/scrub.py), for status displays
         self.last_scrub: dict[str, Any] | None = None
         #: called after each membership/state change (persistence hooks in)
@@ -246,6 +254,42 @@ class QuorumNode(BlockNode):
             {"reference": self.node_name, "sectors-count": count, "sector-num": num},
         )
 
+    # Small requests are served on the event loop when the page cache allows:
+    # a hop to a worker thread and back costs ten times more than a 4 KiB
+    # read or write (docs/performance.md).  Where the file system supports
+    # RWF_NOWAIT the kernel says when a call would block and the request goes
+    # to the pool instead; where it cannot tell (tmpfs), a plain call is made
+    # and timed, and a slow one sends small requests to the pool for a while.
+
+    def _inline_writes_ok(self) -> bool:
+        return time.monotonic() >= self._inline_writes_off_until
+
+    def _pread_inline(
+        self, fds: list[int], offset: int, length: int
+    ) -> tuple[VoteResult, list[bytearray], list[int]] | None:
+        done = native.pread_vote_nowait(fds, offset, length, self.vote_threshold)
+        if not isinstance(done, str):
+            return done
+        if time.monotonic() < self._inline_reads_off_until:
+            return None
+        t0 = time.monotonic()
+        out = native.pread_vote(fds, offset, length, self.vote_threshold)
+        if time.monotonic() - t0 > INLINE_STALL:
+            self._inline_reads_off_until = time.monotonic() + 1.0
+        return out
+
+    @staticmethod
+    def _pwrite_inline(fds: list[int], offset: int, data: Buffer) -> list[int] | None:
+        """A small write on the event loop: non-blocking where the kernel can
+        tell, else a plain buffered pwrite (microseconds unless write-back
+        pushes back, which _write_targets watches for)."""
+        codes = native.pwrite_all_nowait(fds, offset, data)
+        if codes is None:
+            return None
+        if isinstance(codes, str):  # native.UNKNOWN
+            return native.pwrite_all(fds, offset, data, False)
+        return codes
+
     async def _timed(self, aw: Awaitable[Any]) -> Any:
         try:
             return await asyncio.wait_for(aw, self.child_timeout)
@@ -337,10 +381,13 @@ class QuorumNode(BlockNode):
         bufs: list[Buffer | None]
         errs: list[BaseException | None]
         if all(fd is not None for fd in fds):
-            result, raw_bufs, codes = await aio.run(
-                native.pread_vote, [fd for fd in fds if fd is not None], offset, length,
-                self.vote_threshold,
-            )
+            ifds = [fd for fd in fds if fd is not None]
+            done = self._pread_inline(ifds, offset, length) if length <= INLINE_MAX else None
+            result: VoteResult | None
+            if done is None:
+                done = await aio.run(native.pread_vote, ifds, offset, length,
+                                     self.vote_threshold)
+            result, raw_bufs, codes = done
             bufs = [b if c == 0 else None for b, c in zip(raw_bufs, codes, strict=True)]
             errs = [None if c == 0 else oserror(c, s.node.node_name)
                     for c, s in zip(codes, voters, strict=True)]
@@ -424,6 +471,7 @@ class QuorumNode(BlockNode):
         length: int,
         call: Callable[[BlockNode], Awaitable[None]],
         fast: Callable[[list[int]], list[int]] | None = None,
+        inline: Callable[[list[int]], list[int] | None] | None = None,
     ) -> None:
         self.last_client_io = time.monotonic()
         async with self.lock.hold(offset, length, exclusive=True):
@@ -435,7 +483,7 @@ class QuorumNode(BlockNode):
                 s.stats.writes += 1
                 s.node.pin()
             try:
-                await self._write_targets(op, offset, length, targets, call, fast)
+                await self._write_targets(op, offset, length, targets, call, fast, inline)
             finally:
                 for s in targets:
                     s.node.unpin()
@@ -450,11 +498,22 @@ class QuorumNode(BlockNode):
         targets: list[ChildSlot],
         call: Callable[[BlockNode], Awaitable[None]],
         fast: Callable[[list[int]], list[int]] | None,
+        inline: Callable[[list[int]], list[int] | None] | None = None,
     ) -> None:
         fds = [s.node.fast_fd() for s in targets]
         errs: list[BaseException | None]
         if fast is not None and targets and all(fd is not None for fd in fds):
-            codes = await aio.run(fast, [fd for fd in fds if fd is not None])
+            ifds = [fd for fd in fds if fd is not None]
+            codes = None
+            if inline is not None and length <= INLINE_MAX and self._inline_writes_ok():
+                t0 = time.monotonic()
+                codes = inline(ifds)
+                if time.monotonic() - t0 > INLINE_STALL:
+                    # the page cache is pushing back (write-back): stop writing on
+                    # the event loop for a while
+                    self._inline_writes_off_until = time.monotonic() + 1.0
+            if codes is None:
+                codes = await aio.run(fast, ifds)
             errs = [None if c == 0 else oserror(c, s.node.node_name)
                     for c, s in zip(codes, targets, strict=True)]
         else:
@@ -488,6 +547,7 @@ class QuorumNode(BlockNode):
             "write", offset, len(data),
             lambda n: n.pwrite(offset, data, fua=fua),
             lambda fds: native.pwrite_all(fds, offset, data, fua),
+            None if fua else lambda fds: self._pwrite_inline(fds, offset, data),
         )
 
     async def zero(
