@@ -141,3 +141,43 @@ def test_crash_without_a_majority_takes_the_first_active_child(nbdq: StartNbdq) 
     assert read_file(srv.images[1], OFFSET, GRAIN) == b"\x99" * GRAIN
     qemu_io(srv.uri, f"read -P 0x99 {OFFSET} {GRAIN}",
             f"read -P 0x77 {OFFSET + GRAIN} {LENGTH - GRAIN}")
+
+
+def test_kill_9_mid_resync_resumes_from_the_recorded_progress(nbdq: StartNbdq) -> None:
+    """An unclean stop during a resync: the restart copies what the state dir says is
+    left (the recorded unsynced regions plus the regions dirty in the write-intent
+    bitmap), not everything, and ends with identical children."""
+    srv = nbdq(extra=["--resync-speed", str(2 * MiB), "--intent-interval", "0.2"])
+    qemu_io(srv.uri, "write -P 0x3a 0 16M", "flush")
+    q = srv.qmp()
+    n3 = srv.work / "n3.raw"
+    with open(n3, "wb") as f:
+        f.truncate(SIZE)
+    q.add_child("n3", n3)
+
+    def recorded_left() -> int:
+        rec = {c["node-name"]: c for c in srv.state_json()["children"]}["n3"]
+        return bin(int(rec["sync"], 16)).count("1") * REGION if rec["sync"] else SIZE
+
+    wait_until(lambda: recorded_left() <= SIZE - 4 * REGION, 20,
+               "the state dir to record resync progress")
+    # writes while it resyncs: one to a region already copied, one still to copy
+    qemu_io(srv.uri, "write -P 0x3b 0 64k", "write -P 0x3c 15M 64k")
+    srv.kill9()
+    # both bitmaps: bit i (region i) is bit i % 8 of byte i // 8
+    rec = {c["node-name"]: c for c in srv.state_json()["children"]}["n3"]
+    sync = int.from_bytes(bytes.fromhex(rec["sync"]), "little")
+    intent = int.from_bytes((srv.work / "state" / "write-intent.bitmap").read_bytes(),
+                            "little")
+    expected = bin(sync | intent).count("1") * REGION
+    assert expected < SIZE
+
+    srv.children, srv.extra = [], []
+    srv.start()
+    assert "unclean stop detected" in srv.log()
+    assert f"resync of n3: {expected} bytes to copy" in srv.log(), srv.log()[-3000:]
+    q = srv.qmp()
+    wait_until(lambda: q.state("n3") == "active", 20, "n3 to be active")
+    qemu_io(srv.uri, "read -P 0x3b 0 64k", "read -P 0x3c 15M 64k")
+    assert srv.stop() == 0
+    same_files([*srv.images, n3])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import require_libnbd
 from .qmp_fixtures import missing
 from .repair_fixtures import (
     QUORUM,
@@ -275,9 +276,13 @@ def test_resync_request_never_takes_the_quorum_below_threshold(nbdq: StartNbdq) 
 
 
 def test_deleted_image_is_faulted_by_the_health_check(nbdq: StartNbdq) -> None:
+    nbd = require_libnbd()
     srv = nbdq(extra=["--health-interval", "0.2"])
     qemu_io(srv.uri, "write -P 0x17 0 16M", "flush")
     q = srv.qmp()
+    h = nbd.NBD()  # one connection, open across the failure
+    h.connect_uri(srv.uri)
+    assert h.pread(4096, 0) == b"\x17" * 4096
     t0 = time.monotonic()
     os.unlink(srv.images[1])
     ev = q.wait_event("QUORUM_CHILD_STATE_CHANGE", 3, node_name="child1", state="faulted")
@@ -286,9 +291,12 @@ def test_deleted_image_is_faulted_by_the_health_check(nbdq: StartNbdq) -> None:
     bad = q.wait_event("QUORUM_REPORT_BAD", 3, node_name="child1")["data"]
     assert bad["error"] == EIO_TEXT
     assert "was deleted" in srv.log()
-    # clients keep working on the two remaining children
-    qemu_io(srv.uri, "read -P 0x17 0 16M", "write -P 0x18 1M 1M", "read -P 0x18 1M 1M",
-            "flush")
+    # clients keep working on the two remaining children, the open connection too
+    h.pwrite(b"\x18" * MiB, MiB)
+    h.flush()
+    assert h.pread(MiB, MiB) == b"\x18" * MiB
+    h.shutdown()
+    qemu_io(srv.uri, "read -P 0x17 0 1M", "read -P 0x18 1M 1M", "read -P 0x17 2M 14M")
     assert q.child("child1")["state"] == "faulted"
     assert not q.select("QUORUM_FAILURE")
     assert detected < 3

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import nbdinfo_json
 from .qmp_fixtures import ctl
 from .repair_fixtures import (
     QUORUM,
@@ -83,6 +84,8 @@ def test_membership_changed_over_qmp_survives_a_restart(nbdq: StartNbdq) -> None
     q = srv.qmp()
     assert layout(q) == before
     assert "children.1" not in {c["child"] for c in q.children()}
+    info = nbdinfo_json(srv.uri)
+    assert info["export-size"] == SIZE and info["export-name"] == "disk"
     qemu_io(srv.uri, "read -P 0x2b 0 16M")
     # the edge counter survived too: the next child is children.5, as QEMU numbers it
     q.add_child("n5", make_image(srv.work / "n5.raw"))

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .qmp_fixtures import nbdquorum_env
+from .qmp_fixtures import ctl, nbdquorum_env
 from .repair_fixtures import (
     QUORUM,
     REGION,
@@ -30,6 +30,8 @@ from .repair_fixtures import (
     make_image,
     nbdq_fixture,  # noqa: F401  (the nbdq fixture)
     qemu_io,
+    require,
+    run,
     same_files,
     wait_until,
 )
@@ -99,6 +101,10 @@ def test_added_child_resyncs_to_active_and_identical(nbdq: StartNbdq) -> None:
     st = q.child("new")
     assert (st["state"], st["unsynced-bytes"]) == ("active", 0)
     assert q.cmd("query-jobs") == []
+    # qemu-img agrees: the new child equals child0, and both equal the export
+    for argv in ([str(new), str(srv.images[0])], [srv.uri, str(new)]):
+        proc = run([require("qemu-img"), "compare", "-f", "raw", "-F", "raw", *argv])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     assert srv.stop() == 0
     same_files([*srv.images, new])
 
@@ -274,3 +280,22 @@ def test_ctl_replace_under_qemu_io(nbdq: StartNbdq) -> None:
     assert not q.select("QUORUM_FAILURE")
     assert srv.stop() == 0
     same_files([srv.images[0], srv.images[2], fresh])
+
+
+def test_ctl_replace_a_faulted_child(nbdq: StartNbdq) -> None:
+    """The repair after a disk failure: the faulted child is swapped for a fresh image."""
+    srv = nbdq(extra=["--fault-injection", "--max-errors", "1"])
+    qemu_io(srv.uri, "write -P 0x44 0 16M", "flush")
+    q = srv.qmp()
+    q.faulty("child2", {"op": "any", "action": "error"})
+    qemu_io(srv.uri, "read -P 0x44 0 4k")
+    q.wait_event("QUORUM_CHILD_STATE_CHANGE", 5, node_name="child2", state="faulted")
+    qemu_io(srv.uri, "write -P 0x45 0 1M")  # child2 misses it
+    fresh = make_image(srv.work / "fresh.raw")
+    proc = ctl(srv.control, "replace", "child2", f"fresh={fresh}")
+    assert proc.returncode == 0, proc.stderr
+    assert [(c["node-name"], c["state"]) for c in q.children()] == [
+        ("child0", "active"), ("child1", "active"), ("fresh", "active")]
+    qemu_io(srv.uri, "read -P 0x45 0 1M", "read -P 0x44 1M 15M")
+    assert srv.stop() == 0
+    same_files([srv.images[0], srv.images[1], fresh])

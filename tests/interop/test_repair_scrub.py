@@ -120,3 +120,36 @@ def test_scrub_repair_under_fio_does_not_fail_it(nbdq: StartNbdq) -> None:
     assert not q.select("QUORUM_REPORT_BAD")
     assert srv.stop() == 0
     same_files(srv.images)
+
+
+def test_scrub_counts_a_region_without_quorum_as_unrecoverable(nbdq: StartNbdq) -> None:
+    """Three versions of one region: reported, never "repaired" with a guess."""
+    srv = nbdq()
+    qemu_io(srv.uri, "write -P 0x61 0 16M", "flush")
+    q = srv.qmp()
+    corrupt(srv.images[1], 7 * MiB, 4 * KiB, 0x01)
+    corrupt(srv.images[2], 7 * MiB, 4 * KiB, 0x02)
+    before = [sha256(p) for p in srv.images]
+    mark = q.mark()
+    q.cmd("x-quorum-scrub", repair=True)
+    done = q.wait_event("QUORUM_SCRUB_DONE", 30, since=mark)["data"]
+    assert done["unrecoverable-regions"] == 1
+    assert done["mismatched-regions"] == {}
+    failure = q.wait_event("QUORUM_FAILURE", 5, since=mark)["data"]
+    assert failure["reference"] == QUORUM and failure["sector-num"] == 7 * MiB // 512
+    assert [sha256(p) for p in srv.images] == before  # nothing rewritten
+    assert q.status()["last-scrub"]["unrecoverable-regions"] == 1
+
+
+def test_scrub_cancel_reports_a_partial_result(nbdq: StartNbdq) -> None:
+    srv = nbdq()
+    q = srv.qmp()
+    q.cmd("x-quorum-scrub", speed=2 * MiB)  # 16 MiB would take 8 s
+    q.wait_event("JOB_STATUS_CHANGE", 5, id="scrub-quorum0", status="running")
+    q.cmd("job-cancel", id="scrub-quorum0")
+    done = q.wait_event("QUORUM_SCRUB_DONE", 10)["data"]
+    assert done["cancelled"] is True and done["scanned"] < SIZE
+    cancelled = q.wait_event("BLOCK_JOB_CANCELLED", 5, device="scrub-quorum0")["data"]
+    assert cancelled["type"] == "scrub" and cancelled["speed"] == 2 * MiB
+    assert q.status()["last-scrub"]["cancelled"] is True
+    assert q.cmd("query-jobs") == []
