@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 SECTOR = 512
 #: requests up to this size are served on the event loop when the page cache allows
 INLINE_MAX = 64 << 10
-#: an inline write slower than this (s) moves writes back to the pool for a second
-INLINE_STALL = 0.002
+#: an inline call slower than this (s) moves small requests back to the pool for
+#: a second (only where RWF_NOWAIT cannot say; scheduling noise stays below it)
+INLINE_STALL = 0.02
 
 
 class ReadPattern(enum.StrEnum):
