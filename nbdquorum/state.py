@@ -183,6 +183,17 @@ class WriteIntentLog(WriteIntent):
             self.done(offset, length)
             raise
 
+    def mark_now(self, offset: int, length: int) -> bool:
+        bits = self.bitmap.bits_for(offset, length)
+        for b in bits:
+            if not self.bitmap.test(b) or self._set_seq.get(b, 0) > self._durable:
+                return False
+        for b in bits:
+            self.inflight[b] += 1
+            self._seq += 1
+            self.touched[b] = self._seq
+        return True
+
     def done(self, offset: int, length: int) -> None:
         for b in self.bitmap.bits_for(offset, length):
             self.inflight[b] -= 1

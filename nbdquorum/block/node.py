@@ -71,6 +71,18 @@ class BlockNode:
         """Allocation of [offset, offset+length); the default: all data."""
         return [(length, 0)]
 
+    # -- synchronous fast paths (optional) --------------------------------------
+    def try_pread_now(self, offset: int, length: int) -> Buffer | None:
+        """Serve a read without awaiting, if that is cheap and safe; else None."""
+        return None
+
+    def try_pwrite_now(self, offset: int, data: Buffer) -> bool:
+        """Do a write without awaiting, if that is cheap and safe; else False.
+
+        Raises OSError like pwrite() when the write was done but failed.
+        """
+        return False
+
     # -- fast path ----------------------------------------------------------
     def fast_fd(self) -> int | None:
         """A file descriptor that reads/writes this node's bytes 1:1, or None.

@@ -101,6 +101,11 @@ class WriteIntent:
     async def mark(self, offset: int, length: int) -> None:
         """Make the regions durable-dirty before a write is sent to children."""
 
+    def mark_now(self, offset: int, length: int) -> bool:
+        """As mark() if the regions are durable-dirty already (no I/O needed);
+        False (and nothing marked) otherwise."""
+        return False
+
     def done(self, offset: int, length: int) -> None:
         """The write to this range finished on every child."""
 
@@ -525,6 +530,13 @@ class QuorumNode(BlockNode):
                 if isinstance(out, BaseException) and not isinstance(out, Exception):
                     raise out
                 errs.append(out if isinstance(out, BaseException) else None)
+        self._account_write(op, offset, length, targets, errs)
+
+    def _account_write(
+        self, op: str, offset: int, length: int, targets: list[ChildSlot],
+        errs: Sequence[BaseException | None],
+    ) -> None:
+        """Count, report and judge a write's per-child outcome (raises below threshold)."""
         ok = 0
         failed: list[BaseException] = []
         for slot, err in zip(targets, errs, strict=True):
@@ -542,6 +554,76 @@ class QuorumNode(BlockNode):
             if err is not None:
                 self._missed_write(slot, offset, length)
                 self._count_error(slot)
+
+    # -- synchronous fast paths (the NBD server tries these first) ------------------
+    def try_pread_now(self, offset: int, length: int) -> Buffer | None:
+        """Serve a small read without awaiting anything, or return None.
+
+        Only the common case qualifies: quorum read pattern, every active child
+        a plain file, no overlapping write queued or running, the bytes in the
+        page cache, and every child read OK and agreeing.  Anything else
+        (None) takes the full path, which may redo the read: reads are
+        idempotent, and the full path does the reporting and repair.
+        """
+        if length > INLINE_MAX or self.read_pattern is not ReadPattern.QUORUM:
+            return None
+        if self.lock.would_block(offset, length, exclusive=False):
+            return None
+        voters = self.active()
+        fds = [s.node.fast_fd() for s in voters]
+        if not voters or None in fds:
+            return None
+        done = self._pread_inline(fds, offset, length)  # type: ignore[arg-type]
+        if done is None:
+            return None
+        result, bufs, codes = done
+        if result.winner is None or any(codes) or len(result.winners) != len(voters):
+            return None
+        self.last_client_io = time.monotonic()
+        for slot in voters:
+            slot.stats.reads += 1
+        return bufs[result.winner]
+
+    def try_pwrite_now(self, offset: int, data: Buffer) -> bool:
+        """Do a small write without awaiting anything; False: take the full path.
+
+        Qualifies when every writable child is a plain file, nothing overlaps
+        it in the range lock, the write-intent log has the regions durable
+        already, and the page cache takes the data without blocking.  Once
+        written, errors are handled here exactly as on the full path (this
+        raises OSError when fewer than vote-threshold children took it).
+        """
+        length = len(data)
+        if length > INLINE_MAX or not self._inline_writes_ok():
+            return False
+        if self.lock.would_block(offset, length, exclusive=True):
+            return False
+        targets = self.writable()
+        fds = [s.node.fast_fd() for s in targets]
+        if not targets or None in fds:
+            return False
+        intent = self.write_intent
+        if intent is not None and not intent.mark_now(offset, length):
+            return False
+        try:
+            codes = native.pwrite_all_nowait(fds, offset, data)  # type: ignore[arg-type]
+            if codes is None:
+                return False
+            if isinstance(codes, str):  # the file system cannot tell: timed plain write
+                t0 = time.monotonic()
+                codes = native.pwrite_all(fds, offset, data, False)  # type: ignore[arg-type]
+                if time.monotonic() - t0 > INLINE_STALL:
+                    self._inline_writes_off_until = time.monotonic() + 1.0
+            self.last_client_io = time.monotonic()
+            for slot in targets:
+                slot.stats.writes += 1
+            errs = [None if c == 0 else oserror(c, s.node.node_name)
+                    for c, s in zip(codes, targets, strict=True)]
+            self._account_write("write", offset, length, targets, errs)
+            return True
+        finally:
+            if intent is not None:
+                intent.done(offset, length)
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         await self._write_all(

@@ -42,6 +42,11 @@ class RangeLock:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def would_block(self, offset: int, length: int, *, exclusive: bool) -> bool:
+        """True if a request on this range would have to wait (or overtake one)."""
+        probe = _Entry(offset, offset + max(length, 1), exclusive)
+        return any(e.conflicts(probe) for e in self._entries)
+
     @asynccontextmanager
     async def hold(self, offset: int, length: int, *, exclusive: bool) -> AsyncIterator[None]:
         entry = _Entry(offset, offset + max(length, 1), exclusive)

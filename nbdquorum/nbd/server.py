@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 #: replies at least this big are written buffer by buffer rather than joined
 BIG_PAYLOAD = 64 << 10
+#: READ/WRITE requests up to this size may be served without a task (_serve_now)
+SYNC_MAX = 64 << 10
 #: a sender waits for the socket to drain above this many unsent bytes
 WRITE_HIGH = 4 << 20
 #: default server-wide budget of request bytes in flight (back-pressure)
@@ -193,6 +195,10 @@ class Connection:
                 self.export = self.server.exports[ev.name]
                 self.log.debug("export %r chosen", ev.name)
             elif isinstance(ev, Request):
+                if self._serve_now(ev):
+                    if self.writer.transport.get_write_buffer_size() > WRITE_HIGH:
+                        await self.writer.drain()
+                    continue
                 cost = ev.length if ev.cmd in (Cmd.READ, Cmd.WRITE) else 0
                 if cost:
                     await budget.acquire(cost)
@@ -211,6 +217,13 @@ class Connection:
         reply (the biggest cost of small requests after the thread hop).
         Back-pressure: a sender waits while the socket's buffer is full.
         """
+        self._queue(reply)
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > WRITE_HIGH:
+            async with self.send_lock:  # one drainer at a time
+                await self.writer.drain()
+
+    def _queue(self, reply: object) -> None:
         iov = self.proto.send(reply)  # type: ignore[arg-type]
         self._out.extend(iov)
         self._out_bytes += sum(len(b) for b in iov)
@@ -219,10 +232,6 @@ class Connection:
             asyncio.get_running_loop().call_soon(self._flush_out)
         if self._out_bytes >= BIG_PAYLOAD:
             self._flush_out()
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > WRITE_HIGH:
-            async with self.send_lock:  # one drainer at a time
-                await self.writer.drain()
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
@@ -238,6 +247,31 @@ class Connection:
                 self.writer.write(buf)
         else:
             self.writer.writelines(out)
+
+    def _serve_now(self, req: Request) -> bool:
+        """Serve a small READ or WRITE synchronously if the node can (no task,
+        no await); False sends it down the full path."""
+        if req.cmd == Cmd.READ:
+            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+                return False
+            data = self.export.node.try_pread_now(req.offset, req.length)
+            if data is None:
+                return False
+            self._queue(ReadReply(req.cookie, [DataChunk(req.offset, data)]))
+            return True
+        if req.cmd == Cmd.WRITE and not req.flags:
+            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+                return False
+            try:
+                if not self.export.node.try_pwrite_now(req.offset, req.data):
+                    return False
+            except OSError as err:
+                self._queue(ErrorReply(req.cookie, to_nbd_errno(err, req.flags),
+                                       str(err.strerror or err)))
+                return True
+            self._queue(SimpleReply(req.cookie))
+            return True
+        return False
 
     async def _serve(self, req: Request, cost: int) -> None:
         try:
