@@ -34,8 +34,8 @@ __all__ = [
     "pread_vote",
     "pread_vote_nowait",
     "punch_hole",
-    "pwrite_all_nowait",
     "pwrite_all",
+    "pwrite_all_nowait",
     "tune_malloc",
     "vote",
     "zero_range",
@@ -227,7 +227,7 @@ UNKNOWN: Final = "unknown"
 
 def pread_vote_nowait(
     fds: Sequence[int], offset: int, length: int, threshold: int
-) -> tuple[VoteResult, list[bytearray], list[int]] | None | Literal["unknown"]:
+) -> tuple[VoteResult, list[bytearray], list[int]] | Literal["unknown"] | None:
     """As pread_vote, from the page cache only: None if any child would block.
 
     Cheap enough to call on the event loop for small requests; on None the
@@ -260,7 +260,7 @@ def pread_vote_nowait(
 
 def pwrite_all_nowait(
     fds: Sequence[int], offset: int, data: Buffer
-) -> list[int] | None | Literal["unknown"]:
+) -> list[int] | Literal["unknown"] | None:
     """As pwrite_all without sync, to the page cache only: None if it would block.
 
     None means nothing was written; once the first child took the data the
