@@ -716,6 +716,7 @@ class QuorumNode(BlockNode):
             slot.sync = RegionBitmap(self._size, fill=True)  # nothing copied yet
         self.next_child_index += 1
         self.slots.append(slot)
+        self._emit_state(slot, "none")
         self._changed()
         return slot
 
@@ -727,13 +728,7 @@ class QuorumNode(BlockNode):
         # Beyond QEMU: resyncing children take writes but do not count towards
         # the threshold, so removing an active child could leave a quorum
         # where every write fails.
-        left = len(self.active()) - (slot.state is ChildState.ACTIVE)
-        if slot.state is ChildState.ACTIVE and left < self.vote_threshold:
-            what = f"{left} child{'' if left == 1 else 'ren'} would be left in sync (active)"
-            raise GraphError(
-                f"Cannot remove {slot.node.node_name}: {what}, fewer than the vote threshold "
-                f"{self.vote_threshold}"
-            )
+        self.check_can_leave_vote(slot)
         self.slots.remove(slot)
         # QEMU 5.2+ "stable children names": only the top index is reused
         if slot.name == f"children.{self.next_child_index - 1}":
@@ -747,12 +742,27 @@ class QuorumNode(BlockNode):
             slot.state = state
             if state is ChildState.ACTIVE:
                 slot.sync = None
-            self.bus.emit(
-                "QUORUM_CHILD_STATE_CHANGE",
-                {"node-name": slot.node.node_name, "child": slot.name, "parent": self.node_name,
-                 "state": str(state), "previous": str(previous)},
-            )
+            if previous is ChildState.FAULTED:
+                slot.error_count = 0  # a second chance, as md's re-add
+            self._emit_state(slot, str(previous))
             self._changed()
+
+    def _emit_state(self, slot: ChildSlot, previous: str) -> None:
+        self.bus.emit(
+            "QUORUM_CHILD_STATE_CHANGE",
+            {"node-name": slot.node.node_name, "child": slot.name, "parent": self.node_name,
+             "state": str(slot.state), "previous": previous},
+        )
+
+    def check_can_leave_vote(self, slot: ChildSlot, verb: str = "remove") -> None:
+        """Refuse to take an active child out of the vote below the threshold."""
+        left = len(self.active()) - (slot.state is ChildState.ACTIVE)
+        if slot.state is ChildState.ACTIVE and left < self.vote_threshold:
+            what = f"{left} child{'' if left == 1 else 'ren'} would be left in sync (active)"
+            raise GraphError(
+                f"Cannot {verb} {slot.node.node_name}: {what}, fewer than the vote threshold "
+                f"{self.vote_threshold}"
+            )
 
     def _changed(self) -> None:
         for fn in list(self.on_change):

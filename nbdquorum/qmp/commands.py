@@ -463,6 +463,7 @@ def x_quorum_resync(ctx: Context, *, node_name: str, speed: int | None = None,
     job = ctx.resync.job_for(slot)
     if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED):
         raise generic(f"Job ID '{job.id}' already in use")
+    q.check_can_leave_vote(slot, "resync")
     if full or slot.sync is None:
         slot.sync = RegionBitmap(q.size(), fill=True)
     if slot.state is not ChildState.RESYNCING:

@@ -226,10 +226,6 @@ def test_full_resync_brings_a_faulted_child_back(nbdq: StartNbdq) -> None:
     same_files(srv.images)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ChildSlot.error_count is never reset: a child brought back from faulted by "
-    "x-quorum-resync full=true still counts its old errors, so its next single error "
-    "faults it again (max-errors 3)"))
 def test_repaired_child_starts_a_fresh_error_count(nbdq: StartNbdq) -> None:
     srv = nbdq(extra=[*FAULTY, "--max-errors", "3"])
     qemu_io(srv.uri, "write -P 0x41 0 16M", "flush")
@@ -246,11 +242,6 @@ def test_repaired_child_starts_a_fresh_error_count(nbdq: StartNbdq) -> None:
     assert c1["state"] == "active", f"one error faulted the repaired child again: {c1}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "x-quorum-resync has no vote-threshold guard (detach and blockdev-reopen have one): "
-    "on an in-sync child it starts a full resync and takes the child out of the vote, "
-    "so with child1 faulted and threshold 2 only child2 is left active and every "
-    "request (and the resync itself) fails with EIO"))
 def test_resync_request_never_takes_the_quorum_below_threshold(nbdq: StartNbdq) -> None:
     from qemu.qmp import ExecuteError
 

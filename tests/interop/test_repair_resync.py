@@ -109,9 +109,6 @@ def test_added_child_resyncs_to_active_and_identical(nbdq: StartNbdq) -> None:
     same_files([*srv.images, new])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/qmp.md says QUORUM_CHILD_STATE_CHANGE reports `resyncing` when a child "
-    "joins; QuorumNode.attach() creates the slot resyncing without emitting it"))
 def test_join_reports_child_state_change(nbdq: StartNbdq) -> None:
     srv = nbdq()
     q = srv.qmp()
