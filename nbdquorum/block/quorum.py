@@ -47,6 +47,10 @@ from nbdquorum.eventbus import EventBus
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+#: reads at least this big borrow their buffers from a pool
+POOL_MIN = 128 << 10
+#: at most this many bytes of spare buffers are kept per request size
+POOL_BYTES = 32 << 20
 #: requests up to this size are served on the event loop when the page cache allows
 INLINE_MAX = 64 << 10
 #: an inline call slower than this (s) moves small requests back to the pool for
@@ -162,6 +166,8 @@ class QuorumNode(BlockNode):
         #: small writes go to the page cache on the event loop until then (monotonic)
         self._inline_writes_off_until = 0.0
         self._inline_reads_off_until = 0.0
+        #: spare read buffers by size, so big reads do not zero-fill fresh ones
+        self._pool: dict[int, list[bytearray]] = {}
         #: the last scrub's result (jobs/scrub.py), for status displays
         self.last_scrub: dict[str, Any] | None = None
         #: called after each membership/state change (persistence hooks in)
@@ -383,6 +389,35 @@ class QuorumNode(BlockNode):
         self, voters: list[ChildSlot], offset: int, length: int, rewrite: bool,
         findings: dict[str, int] | None,
     ) -> Buffer:
+        lent: list[bytearray] = []  # pool buffers this read borrowed
+        win: Buffer | None = None
+        try:
+            win = await self._read_voters_into(voters, offset, length, rewrite, findings, lent)
+            return win
+        finally:
+            if lent:
+                self._give_back(lent, win)
+
+    def _take_buffers(self, n: int, length: int, lent: list[bytearray]) -> list[bytearray] | None:
+        """Read buffers for a big request from the pool (no zero-fill per request)."""
+        if length < POOL_MIN:
+            return None
+        free = self._pool.setdefault(length, [])
+        bufs = [free.pop() if free else bytearray(length) for _ in range(n)]
+        lent.extend(bufs)
+        return bufs
+
+    def _give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
+        """Return borrowed buffers, except the one handed to the caller (it is sent)."""
+        free = self._pool.setdefault(len(lent[0]), [])
+        for b in lent:
+            if b is not keep and (len(free) + 1) * len(b) <= POOL_BYTES:
+                free.append(b)
+
+    async def _read_voters_into(
+        self, voters: list[ChildSlot], offset: int, length: int, rewrite: bool,
+        findings: dict[str, int] | None, lent: list[bytearray],
+    ) -> Buffer:
         fds = [s.node.fast_fd() for s in voters]
         bufs: list[Buffer | None]
         errs: list[BaseException | None]
@@ -391,8 +426,9 @@ class QuorumNode(BlockNode):
             done = self._pread_inline(ifds, offset, length) if length <= INLINE_MAX else None
             result: VoteResult | None
             if done is None:
+                pooled = self._take_buffers(len(ifds), length, lent)
                 done = await aio.run(native.pread_vote, ifds, offset, length,
-                                     self.vote_threshold)
+                                     self.vote_threshold, pooled)
             result, raw_bufs, codes = done
             bufs = [b if c == 0 else None for b, c in zip(raw_bufs, codes, strict=True)]
             errs = [None if c == 0 else oserror(c, s.node.node_name)
