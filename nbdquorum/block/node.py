@@ -71,6 +71,10 @@ class BlockNode:
         """Allocation of [offset, offset+length); the default: all data."""
         return [(length, 0)]
 
+    def buffers_per_read(self) -> int:
+        """How many request-sized buffers a read holds at once (memory budget)."""
+        return 1
+
     # -- synchronous fast paths (optional) --------------------------------------
     def try_pread_now(self, offset: int, length: int) -> Buffer | None:
         """Serve a read without awaiting, if that is cheap and safe; else None."""

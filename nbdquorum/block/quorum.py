@@ -183,6 +183,9 @@ class QuorumNode(BlockNode):
     def children_nodes(self) -> list[BlockNode]:
         return [s.node for s in self.slots]
 
+    def buffers_per_read(self) -> int:
+        return 1 if self.read_pattern is ReadPattern.FIFO else max(1, len(self.active()))
+
     def slot(self, edge_name: str) -> ChildSlot | None:
         return next((s for s in self.slots if s.name == edge_name), None)
 

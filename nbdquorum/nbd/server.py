@@ -199,7 +199,10 @@ class Connection:
                     if self.writer.transport.get_write_buffer_size() > WRITE_HIGH:
                         await self.writer.drain()
                     continue
-                cost = ev.length if ev.cmd in (Cmd.READ, Cmd.WRITE) else 0
+                # A read holds one buffer per child until the vote: charge them all.
+                cost = (ev.length * self.export.node.buffers_per_read()
+                        if ev.cmd == Cmd.READ and self.export is not None
+                        else ev.length if ev.cmd == Cmd.WRITE else 0)
                 if cost:
                     await budget.acquire(cost)
                 task = asyncio.create_task(self._serve(ev, cost))
