@@ -25,6 +25,7 @@ from .repair_fixtures import (
     MiB,
     Qmp,
     StartNbdq,
+    corrupt,
     fio_randwrite,
     fio_result,
     make_image,
@@ -296,3 +297,27 @@ def test_ctl_replace_a_faulted_child(nbdq: StartNbdq) -> None:
     qemu_io(srv.uri, "read -P 0x45 0 1M", "read -P 0x44 1M 15M")
     assert srv.stop() == 0
     same_files([srv.images[0], srv.images[1], fresh])
+
+
+def test_resync_copies_the_voted_contents(nbdq: StartNbdq) -> None:
+    """The copy is the vote, not one child's bytes: a corrupted active child does not
+    leak into the new one, nor does the new image's old garbage, and trims and
+    write-zeroes racing the job land everywhere."""
+    srv = nbdq(extra=["--resync-speed", str(SPEED)])
+    qemu_io(srv.uri, "write -P 0x11 0 16M", "flush")
+    q = srv.qmp()
+    corrupt(srv.images[0], 9 * MiB, 4096, 0xEE)  # child0 is outvoted there
+    new = srv.work / "new.raw"
+    new.write_bytes(b"\xab" * SIZE)  # a used disk, not a blank one
+    q.add_child("new", new)
+    assert q.state("new") == "resyncing"
+    qemu_io(srv.uri, "discard 0 1M", "write -z 14M 1M", "write -z -u 13M 512k",
+            "discard 12M 64k", "write -P 0x22 15M 4k")
+    wait_until(lambda: q.state("new") == "active", 20, "new to be active")
+    qemu_io(srv.uri, "read -P 0 0 1M", "read -P 0x11 9M 4k", "read -P 0 14M 1M",
+            "read -P 0x22 15M 4k")
+    assert srv.stop() == 0
+    same_files([srv.images[1], srv.images[2], new])
+    with open(srv.images[0], "rb") as f:
+        f.seek(9 * MiB)
+        assert f.read(4096) == b"\xee" * 4096  # the resync did not touch the loser
