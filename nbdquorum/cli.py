@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbdquorum import __version__
+from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import QuorumNode, ReadPattern
+from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
 
 log = logging.getLogger("nbdquorum")
@@ -84,6 +85,8 @@ class ServeConfig:
     reset_state: bool = False
     fault_injection: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    #: node-names whose images did not exist and were created blank (--size)
+    created: set[str] = field(default_factory=set)
 
 
 def apply_state(cfg: ServeConfig, state: dict[str, Any], state_dir: str) -> ServeConfig:
@@ -136,6 +139,8 @@ def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
             raise UsageError(f"{spec.path}: no such file (give --size to create missing images)")
         if exists:
             sizes[spec.path] = os.stat(spec.path).st_size
+        else:
+            cfg.created.add(spec.name)
     if len(set(sizes.values())) > 1:
         detail = ", ".join(f"{p}={s}" for p, s in sizes.items())
         raise UsageError(f"children differ in size: {detail}")
@@ -184,6 +189,22 @@ def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
     return graph, quorum
 
 
+def distrust_new_images(quorum: QuorumNode, created: set[str]) -> None:
+    """A recorded child whose image is gone and was just created blank holds
+    none of the data: it resyncs instead of voting (unless too few old images
+    are left to vote at all, where there is nothing to copy from)."""
+    fresh = [s for s in quorum.slots if s.node.node_name in created]
+    old_active = [s for s in quorum.active() if s not in fresh]
+    if not fresh or len(old_active) < quorum.vote_threshold:
+        return
+    for slot in fresh:
+        if slot.state is ChildState.ACTIVE:
+            log.warning("child %s: its image %s was missing and is new: resyncing it",
+                        slot.node.node_name, slot.node.filename())
+            slot.sync = RegionBitmap(quorum.size(), fill=True)
+            quorum.set_state(slot, ChildState.RESYNCING)
+
+
 def log_event(ev: Event) -> None:
     """Events go to stderr as one JSON line each (tests and log shippers parse them)."""
     line = json.dumps({"event": ev.name, "data": ev.data, "timestamp": ev.timestamp})
@@ -219,6 +240,7 @@ async def serve(cfg: ServeConfig) -> int:
     if store is not None:
         if state is not None:
             restore(quorum, state)
+            distrust_new_images(quorum, cfg.created)
         intent = WriteIntentLog(store.intent_path, quorum.size())
         if state is not None and not state.get("clean", False) and intent.recovered.count():
             log.warning("unclean stop detected: resolving %d dirty regions before serving",

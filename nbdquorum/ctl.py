@@ -34,6 +34,8 @@ EXIT_CONNECT: Final = 3
 
 DEFAULT_TIMEOUT: Final = 30.0
 POLL_INTERVAL: Final = 0.2
+#: replace/add --wait give up after this many failed resync attempts in a row
+RESYNC_GIVE_UP: Final = 3
 
 
 # --------------------------------------------------------------------------- errors
@@ -229,6 +231,8 @@ def wait_active(client: QMPClient, parent: str, name: str, timeout: float | None
     """Poll until the child ``name`` votes (its resync is done)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = None
+    started: tuple[float] | None = None
+    first_done = 0.0
     while True:
         (status,) = quorum_status(client, parent)
         child = child_of(status, name)
@@ -236,11 +240,32 @@ def wait_active(client: QMPClient, parent: str, name: str, timeout: float | None
             raise CtlError(f"{name} left {parent} while it was being synchronized")
         state = child.get("state")
         if state == "active":
+            if started is not None:
+                out.write(f"\rresync {name} [{'#' * 30}] 100.0%{' ' * 20}\n")
+                out.flush()
             return
         if state == "faulted":
             raise CtlError(f"{name} faulted while it was being synchronized")
+        failures = child.get("resync-failures", 0)
+        if isinstance(failures, int) and failures >= RESYNC_GIVE_UP:
+            raise CtlError(f"the resync of {name} failed {failures} times "
+                           f"(last: {child.get('resync-error')}); the server keeps retrying, "
+                           f"{name} stays out of the vote")
         left = child.get("unsynced-bytes")
-        if left != shown:
+        size = status.get("size")
+        if out.isatty() and isinstance(left, int) and isinstance(size, int) and size > 0:
+            # a progress bar on a terminal, redrawn in place
+            done = 1.0 - left / size
+            rate = ""
+            if started is not None and done > first_done:
+                spent = time.monotonic() - started[0]
+                rate = f"  {(done - first_done) * size / spent / 2**20:7.1f} MiB/s" if spent else ""
+            if started is None:
+                started, first_done = (time.monotonic(),), done
+            bar = "#" * int(done * 30)
+            out.write(f"\rresync {name} [{bar:<30}] {done * 100:5.1f}%{rate}   ")
+            out.flush()
+        elif left != shown:
             print(f"waiting for {name} to resync ({state}"
                   + (f", {left} bytes to go" if isinstance(left, int) else "") + ")",
                   file=out, flush=True)

@@ -97,6 +97,9 @@ class ChildSlot:
     sync: RegionBitmap | None = None
     #: errors counted toward max-errors since the child joined or was cleared
     error_count: int = 0
+    #: resync attempts that failed in a row, and the last one's error
+    resync_failures: int = 0
+    resync_error: str | None = None
 
 
 class WriteIntent:
@@ -233,6 +236,8 @@ class QuorumNode(BlockNode):
                     "state": str(s.state),
                     "errors": s.error_count,
                     "unsynced-bytes": s.sync.dirty_bytes() if s.sync is not None else 0,
+                    "resync-failures": s.resync_failures,
+                    **({"resync-error": s.resync_error} if s.resync_error else {}),
                     **s.stats.as_dict(),
                 }
                 for s in self.slots

@@ -13,6 +13,7 @@ ZFS's resilver).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ class ResyncJob(Job):
         self.quorum = quorum
         self.slot = slot
         self.on_progress = on_progress  # persistence checkpoint hook
+        #: called (quorum, slot) after a backoff when the job failed
+        self.on_retry: Callable[[QuorumNode, ChildSlot], None] | None = None
 
     def _still_member(self) -> bool:
         return self.slot in self.quorum.slots and self.slot.state is ChildState.RESYNCING
@@ -76,6 +79,23 @@ class ResyncJob(Job):
             raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
         q.set_state(slot, ChildState.ACTIVE)
         log.info("resync of %s complete", slot.node.node_name)
+
+    def finalize(self) -> None:
+        slot = self.slot
+        if self.error is None or self.cancelled:
+            slot.resync_failures = 0
+            slot.resync_error = None
+            return
+        slot.resync_failures += 1
+        slot.resync_error = self.error
+        if self.manager is not None and self._still_member():
+            # md retries a failed recovery; so do we, backing off up to a minute
+            delay = min(60.0, 0.5 * 2 ** (slot.resync_failures - 1))
+            log.warning("resync of %s failed (%s); retrying in %.1fs",
+                        slot.node.node_name, self.error, delay)
+            retry = self.on_retry
+            if retry is not None:
+                asyncio.get_running_loop().call_later(delay, retry, self.quorum, slot)
 
 
 class ResyncManager:
@@ -130,6 +150,7 @@ class ResyncManager:
             job_id = f"resync-{slot.node.node_name}-{n}"
         job = ResyncJob(q, slot, self.graph.bus, speed=self.speed if speed is None else speed,
                         on_progress=self.on_progress, job_id=job_id)
+        job.on_retry = self._on_added
         self.jobs.add(job)
         return job
 

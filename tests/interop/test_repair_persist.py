@@ -194,11 +194,6 @@ def test_a_faulted_child_stays_faulted_after_a_restart(nbdq: StartNbdq) -> None:
     assert q.child("child1")["reads"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a child image recorded in the state dir as in sync but missing at start-up is "
-    "re-created blank by --size (as the start-up error suggests) and restored `active`: "
-    "a zero-filled image votes as if it held the data (apply_state/restore never check "
-    "that the image was created now)"))
 def test_a_lost_image_recreated_by_size_is_not_trusted(nbdq: StartNbdq) -> None:
     srv = nbdq()
     images = list(srv.images)

@@ -323,11 +323,6 @@ def test_resync_copies_the_voted_contents(nbdq: StartNbdq) -> None:
         assert f.read(4096) == b"\xee" * 4096  # the resync did not touch the loser
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when the resync job fails (here: a transient read error on two sources), the child "
-    "stays resyncing with no job and nothing retries it; `ctl replace` (no "
-    "--wait-timeout) then polls `waiting for fresh to resync` forever instead of "
-    "reporting the job's error"))
 def test_ctl_replace_does_not_hang_when_the_resync_fails(nbdq: StartNbdq) -> None:
     srv = nbdq(extra=["--fault-injection"])
     qemu_io(srv.uri, "write -P 0x11 0 16M", "flush")
