@@ -162,7 +162,8 @@ def test_missed_write_resyncs_the_child_back(nbdq: StartNbdq) -> None:
 
 
 def test_write_error_child_resyncs_after_the_rule_is_cleared(nbdq: StartNbdq) -> None:
-    """A persistent write error: the child stays resyncing (never read) until healed."""
+    """A persistent write error: the child stays resyncing (never read) while its resync
+    fails, and comes back by itself once the disk works again (retries with backoff)."""
     srv = nbdq(extra=FAULTY)
     qemu_io(srv.uri, "write -P 0x11 0 16M", "flush")
     q = srv.qmp()
@@ -174,18 +175,20 @@ def test_write_error_child_resyncs_after_the_rule_is_cleared(nbdq: StartNbdq) ->
     assert EIO_TEXT in failed.get("error", ""), failed
     c2 = q.child("child2")
     assert (c2["state"], c2["unsynced-bytes"]) == ("resyncing", REGION)
+    assert c2["resync-failures"] >= 1 and EIO_TEXT in c2["resync-error"], c2
     reads = c2["reads"]
     qemu_io(srv.uri, "read -P 0x33 2M 64k")
     assert q.child("child2")["reads"] == reads  # a resyncing child is never read
     assert read_file(srv.images[2], 2 * MiB, 4096) == b"\x11" * 4096  # it missed it
 
-    # the disk is healed: the operator restarts the resync (x-quorum-resync)
+    # the disk is healed: a retry of the resync brings it back, no operator needed
     q.faulty("child2")
-    mark = q.mark()
-    q.cmd("x-quorum-resync", node_name="child2")
-    done = q.wait_event("BLOCK_JOB_COMPLETED", 10, since=mark, device="resync-child2")["data"]
+    wait_until(lambda: q.state("child2") == "active", 15, "child2 to be active again")
+    done = q.select("BLOCK_JOB_COMPLETED", device="resync-child2")[-1]["data"]
     assert "error" not in done and done["len"] == REGION
-    wait_until(lambda: q.state("child2") == "active", 5, "child2 to be active")
+    c2 = q.child("child2")
+    assert (c2["unsynced-bytes"], c2["resync-failures"]) == (0, 0)
+    assert "resync-error" not in c2
     assert not q.select("QUORUM_FAILURE")
     assert srv.stop() == 0
     same_files(srv.images)
