@@ -13,17 +13,11 @@ from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.jobs.job import JobManager
 from nbdquorum.jobs.resync import ResyncManager
 from nbdquorum.jobs.scrub import ScrubJob
+from tests.unit.aiohelp import run
 
 SIZE = 4 << 20
 
 
-def run(coro: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def setup(tmp_path: Path, n: int = 3) -> tuple[Graph, QuorumNode, list[Event]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,11 @@ from nbdquorum.eventbus import EventBus
 from nbdquorum.qmp.commands import Context, dispatch, execute
 from nbdquorum.qmp.errors import QMPError
 from nbdquorum.qmp.protocol import Execute, ServerConnection, greeting
+from tests.unit.aiohelp import run
 
 SIZE = 1 << 20
 
 
-def run(coro: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 class Env:

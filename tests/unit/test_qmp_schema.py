@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import subprocess
@@ -18,17 +17,11 @@ from nbdquorum.qmp.commands import HANDLERS, Context, execute
 from nbdquorum.qmp.errors import QMPError
 from nbdquorum.qmp.protocol import Execute, ServerConnection, greeting
 from nbdquorum.qmp.schema import COMMANDS, EVENTS, check_arguments, check_event, py_name
+from tests.unit.aiohelp import run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(coro: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def negotiated_ctx() -> Context:

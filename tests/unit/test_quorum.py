@@ -16,17 +16,11 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode, Buffer
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, sector_span
 from nbdquorum.eventbus import Event, EventBus
+from tests.unit.aiohelp import run
 
 SIZE = 1 << 20
 
 
-def run(coro: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 class MemNode(BlockNode):

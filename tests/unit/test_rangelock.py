@@ -3,15 +3,7 @@ from __future__ import annotations
 import asyncio
 
 from nbdquorum.block.rangelock import RangeLock
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+from tests.unit.aiohelp import run
 
 
 def test_readers_share_writers_exclude() -> None:

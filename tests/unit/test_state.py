@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,17 +13,11 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.quorum import ChildState, QuorumNode
 from nbdquorum.eventbus import EventBus
 from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
+from tests.unit.aiohelp import run
 
 SIZE = 4 << 20
 
 
-def run(coro: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def quorum(tmp_path: Path, n: int = 3) -> tuple[Graph, QuorumNode]:
