@@ -74,6 +74,7 @@ class Job:
         self.bus.emit("JOB_STATUS_CHANGE", {"status": str(status), "id": self.id})
 
     def start(self) -> None:
+        self.bus.emit("JOB_STATUS_CHANGE", {"status": str(JobStatus.CREATED), "id": self.id})
         self._task = asyncio.get_running_loop().create_task(self._main(), name=f"job-{self.id}")
 
     async def _main(self) -> None:

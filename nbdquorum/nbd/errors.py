@@ -48,6 +48,11 @@ _ERRNO_TABLE: dict[int, NbdErrno] = {
     _errno.EPERM: NbdErrno.EPERM,
     _errno.EROFS: NbdErrno.EPERM,
     _errno.EIO: NbdErrno.EIO,
+    # Beyond nbdkit's table: a child that did not answer in time, or whose
+    # disk vanished, failed the request's I/O; EINVAL would blame the client.
+    _errno.ETIMEDOUT: NbdErrno.EIO,
+    _errno.ENODEV: NbdErrno.EIO,
+    _errno.ENXIO: NbdErrno.EIO,
     _errno.ENOMEM: NbdErrno.ENOMEM,
     _errno.EDQUOT: NbdErrno.ENOSPC,
     _errno.EFBIG: NbdErrno.ENOSPC,

@@ -62,7 +62,7 @@ def test_added_child_resyncs_under_writes_then_becomes_active(tmp_path: Path) ->
     imgs = [(tmp_path / f).read_bytes() for f in ("c0.raw", "c1.raw", "c2.raw", "new.raw")]
     assert imgs[0] == imgs[1] == imgs[2] == imgs[3]
     statuses = [e.data["status"] for e in seen if e.name == "JOB_STATUS_CHANGE"]
-    assert statuses == ["running", "waiting", "pending", "concluded", "null"]
+    assert statuses == ["created", "running", "waiting", "pending", "concluded", "null"]
     assert any(e.name == "BLOCK_JOB_COMPLETED" and e.data["type"] == "resync" for e in seen)
     g.close()
 

@@ -97,3 +97,13 @@ def test_nbd_values_map_to_themselves_with_the_right_flag(nbd: NbdErrno) -> None
 @given(st.integers(1, 1 << 20), st.integers(0, 0xFFFF))
 def test_always_an_nbd_errno(code: int, flags: int) -> None:
     assert isinstance(to_nbd_errno(code, CmdFlag(flags)), NbdErrno)
+
+
+def test_a_child_timeout_or_vanished_disk_is_an_io_error() -> None:
+    import errno
+
+    from nbdquorum.nbd.constants import NbdErrno
+    from nbdquorum.nbd.errors import to_nbd_errno
+
+    for code in (errno.ETIMEDOUT, errno.ENODEV, errno.ENXIO):
+        assert to_nbd_errno(OSError(code, "x")) == NbdErrno.EIO
