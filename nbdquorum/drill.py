@@ -59,6 +59,9 @@ SERVER_OPTIONS: Final = ("--max-errors", "5", "--child-timeout", "2", "--health-
 STATE_SETTLE: Final = 1.0
 DETECT_EVENTS: Final = ("QUORUM_REPORT_BAD", "QUORUM_CHILD_STATE_CHANGE")
 
+#: the client's first full read after the fault (the table's READ-BACK column)
+READ_BACK: Final = "read (degraded)"
+
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
@@ -66,6 +69,10 @@ EXIT_USAGE: Final = 2
 
 class DrillError(Exception):
     """A step of a scenario failed; the message goes into the report."""
+
+
+class ClientHung(DrillError):
+    """A client operation did not finish within --timeout: the scenario stops there."""
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -155,6 +162,9 @@ class Result:
     def verified(self) -> bool:
         return (not self.problems and self.client_errors == 0
                 and bool(self.checks) and all(self.checks.values()))
+
+    def op_seconds(self, op: str) -> float | None:
+        return next((float(o["seconds"]) for o in self.client_ops if o["op"] == op), None)
 
     def check(self, name: str, ok: bool, problem: str) -> None:
         self.checks[name] = ok
@@ -549,6 +559,9 @@ class Run:
         self.new_image = self.work / f"{NEW_CHILD}.img"
         self.server = Server(self.work, sock_dir, self.images)
         self.fs_sums: dict[str, str] = {}
+        self.watch: EventWatch | None = None
+        self.t_fault: float | None = None
+        self.detect_tried = False
 
     def say(self, msg: str) -> None:
         self.progress(f"{self.sc.name}: {msg}")
@@ -558,19 +571,25 @@ class Run:
                   ) -> bool:
         t = time.monotonic()
         detail = ""
+        hung = False
         try:
             proc = fn()
             ok = proc is None or proc.returncode == 0
             if proc is not None and not ok:
                 detail = last_line(proc)
+                hung = proc.returncode == -9
         except DrillError as err:
             ok, detail = False, str(err)
+            hung = "timed out after" in detail
         entry: dict[str, Any] = {"op": op, "ok": ok, "seconds": round(time.monotonic() - t, 3)}
         if not ok:
             entry["error"] = detail
             self.res.client_errors += 1
             self.say(f"CLIENT ERROR in {op}: {detail}")
         self.res.client_ops.append(entry)
+        if hung:  # the server is stuck: every later step would wait as long
+            raise ClientHung(f"client I/O hung: {op} did not finish within "
+                             f"{self.cfg.timeout:g}s")
         return ok
 
     def qemu_img(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -599,6 +618,10 @@ class Run:
             self.res.problems.append(f"{type(err).__name__}: {err}"
                                      if not isinstance(err, DrillError) else str(err))
             self.say(f"FAILED: {err}")
+            if self.watch is not None:  # what the events showed before the failure
+                if self.t_fault is not None and not self.detect_tried:
+                    self.detect(self.watch, self.t_fault, wait=0.0)
+                self.res.events = self._event_summary(self.watch)
         finally:
             if self.sock_dir != self.work:
                 shutil.rmtree(self.sock_dir, ignore_errors=True)
@@ -620,7 +643,7 @@ class Run:
                 f.truncate(lay.size)
         self.say(f"starting the server ({', '.join(CHILDREN)}; {human(lay.size)} each)")
         self.server.start(cfg.timeout)
-        watch = EventWatch(self.server.control, self.show_event)
+        watch = self.watch = EventWatch(self.server.control, self.show_event)
         stack.callback(self._close_watch, watch)
         client = QMPClient(str(self.server.control))
         stack.callback(client.close)
@@ -638,11 +661,11 @@ class Run:
 
         # 2. the fault
         self.say(f"failing {' and '.join(self.sc.failed)}: {self.sc.what}")
-        t_fault = self.inject(client)
+        t_fault = self.t_fault = self.inject(client)
 
         # 3. keep using the disk: the fault must cost the client nothing
         self.say("reading everything back (qemu-img compare through the export)")
-        self.client_op("read (degraded)", lambda: self.compare_export(self.srcs["before"]))
+        self.client_op(READ_BACK, lambda: self.compare_export(self.srcs["before"]))
         self.say(f"writing {human(lay.degraded_size)} while degraded")
         self.client_op("write (degraded)",
                        lambda: self.write_data(self.srcs["degraded"], lay.degraded_offset,
@@ -738,7 +761,8 @@ class Run:
                 spans = [(0, min(MiB, lay.fs_size // 4)), *spans]
         return spans
 
-    def detect(self, watch: EventWatch, t_fault: float) -> None:
+    def detect(self, watch: EventWatch, t_fault: float, wait: float = 10.0) -> None:
+        self.detect_tried = True
         failed = set(self.sc.failed)
 
         def pred(ev: dict[str, Any]) -> bool:
@@ -746,10 +770,10 @@ class Run:
                     and ev.get("data", {}).get("node-name") in failed
                     and event_time(ev) >= t_fault - 0.01)
 
-        ev = watch.wait_for(pred, 10.0)
+        ev = watch.wait_for(pred, wait)
         if ev is None:
             self.res.problems.append("the fault was not detected (no QUORUM_REPORT_BAD or "
-                                     "QUORUM_CHILD_STATE_CHANGE within 10s of the I/O)")
+                                     f"QUORUM_CHILD_STATE_CHANGE within {wait:g}s of the I/O)")
             self.say("NOT detected")
             return
         self.res.detect_s = max(0.0, event_time(ev) - t_fault)
@@ -782,10 +806,16 @@ class Run:
         finally:
             try:
                 out, _ = reader.communicate(timeout=cfg.timeout)
+                rc = reader.returncode
             except subprocess.TimeoutExpired:
                 reader.kill()
                 out, _ = reader.communicate()
-            proc = subprocess.CompletedProcess(reader.args, reader.returncode, out or "", "")
+                rc = -9
+            except BaseException:
+                reader.kill()
+                reader.wait()
+                raise
+            proc = subprocess.CompletedProcess(reader.args, rc, out or "", "")
             self.client_op("read (during the resync)", lambda: proc)
         if ok:
             self.resync_rate(watch)
@@ -900,12 +930,13 @@ class Run:
 
 
 def format_report(results: Sequence[Result], cfg: Config) -> str:
-    head = ["SCENARIO", "DETECT", "REPAIR", "RESYNC MiB/s", "CLIENT ERRORS", "VERIFIED"]
+    head = ["SCENARIO", "DETECT", "READ-BACK", "REPAIR", "RESYNC MiB/s", "CLIENT ERRORS",
+            "VERIFIED"]
 
     def secs(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}s"
 
-    rows = [head] + [[r.name, secs(r.detect_s), secs(r.repair_s),
+    rows = [head] + [[r.name, secs(r.detect_s), secs(r.op_seconds(READ_BACK)), secs(r.repair_s),
                       "-" if r.resync_mib_s is None else f"{r.resync_mib_s:.1f}",
                       str(r.client_errors), "yes" if r.verified else "NO"] for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
