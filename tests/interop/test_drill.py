@@ -1,0 +1,165 @@
+"""``nbdquorum drill`` end to end: every scenario on small images, and a drill that must fail.
+
+Nothing is mocked: the drill starts real servers, writes with qemu-img (and, where FUSE
+and loop devices work, makes an ext4 filesystem through nbdfuse and a loop device),
+breaks a child, replaces it over QMP and verifies every byte.  Under CI=true the
+filesystem part must run wherever /dev/fuse exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import MiB, nbdquorum_env, require, run
+
+pytestmark = pytest.mark.timeout(600)
+
+DEFAULT_SCENARIOS = ["flip", "zero", "truncate", "delete", "eio", "hang"]
+CHILD_TIMEOUT = 2.0  # the drill's --child-timeout for its servers
+SIZE = 16 * MiB
+
+
+def drill(tmp_path: Path, *args: str, timeout: float = 500.0) -> subprocess.CompletedProcess[str]:
+    require("qemu-img")
+    return run([sys.executable, "-m", "nbdquorum", "drill", "--dir", str(tmp_path), *args],
+               timeout=timeout, env=nbdquorum_env())
+
+
+def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON report (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    assert isinstance(report, dict)
+    return report
+
+
+def assert_cleaned_up(tmp_path: Path) -> None:
+    """No mount, loop device or scratch file is left behind."""
+    with open("/proc/mounts") as f:
+        mounts = [line for line in f if str(tmp_path) in line]
+    assert mounts == []
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    assert str(tmp_path) not in loops.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def fs_expected() -> bool:
+    return os.environ.get("CI") == "true" and os.path.exists("/dev/fuse")
+
+
+def test_every_scenario_verifies(tmp_path: Path) -> None:
+    proc = drill(tmp_path, "--size", "16M", "--json", "--timeout", "60")
+    report = report_of(proc)
+    if fs_expected():
+        assert report["filesystem"], f"the fs part did not run: {report['filesystem_skipped']}"
+    assert report["size"] == SIZE
+    scenarios = {s["name"]: s for s in report["scenarios"]}
+    assert list(scenarios) == DEFAULT_SCENARIOS
+    failed = {n: (s["problems"], [op for op in s["client_ops"] if not op["ok"]])
+              for n, s in scenarios.items() if not s["verified"]}
+    assert failed == {}, proc.stderr[-6000:]
+    assert proc.returncode == 0 and report["ok"] is True
+    for name, s in scenarios.items():
+        assert s["problems"] == []
+        assert s["client_errors"] == 0, s["client_ops"]
+        ops = [op["op"] for op in s["client_ops"]]
+        assert all(op["ok"] for op in s["client_ops"])
+        assert "read (degraded)" in ops and "write (degraded)" in ops
+        assert "read (during the resync)" in ops and "read (after the repair)" in ops
+        # plausible timings: found at once (the hang: after the child timeout), repaired fast
+        detect = s["detect_seconds"]
+        assert detect is not None, name
+        if name == "hang":
+            assert CHILD_TIMEOUT - 0.1 <= detect < CHILD_TIMEOUT + 5, detect
+        else:
+            assert 0 <= detect < 5, (name, detect)
+        assert s["detected_by"].split()[1] == "b"
+        assert 0 < s["repair_seconds"] < 60, s["repair_seconds"]
+        assert s["resync_bytes"] == SIZE
+        assert s["resync_mib_per_second"] > 0
+        assert s["server_exit"] == 0
+        # The broken child: faulted, or still active (outvoted) where only its contents
+        # are wrong. A truncated image may be either: the degraded write re-extends the
+        # file, and if that happens before the server's next health check (every 0.2s),
+        # only the votes notice the hole.
+        states = {"flip": {"active"}, "zero": {"active"}, "truncate": {"active", "faulted"}}
+        assert s["failed_child_state"]["b"] in states.get(name, {"faulted"}), name
+        checks = s["checks"]
+        assert checks["data on a"] and checks["data on c"] and checks["data on b2"]
+        assert checks["c == a"] and checks["b2 == a"] and checks["membership"]
+        if report["filesystem"]:
+            assert checks["filesystem"] and checks["e2fsck b2"], checks
+            assert "mkfs+copy (before the fault)" in ops
+        events = {e["event"] for e in s["events"]}
+        assert {"QUORUM_REPORT_BAD", "JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED",
+                "QUORUM_CHILD_STATE_CHANGE"} <= events
+    assert_cleaned_up(tmp_path)
+
+
+def test_quorum_loss_fails(tmp_path: Path) -> None:
+    """Two of three children fail: clients see errors, the repair cannot resync, exit 1."""
+    proc = drill(tmp_path, "--size", "16M", "--scenario", "quorum-loss", "--json",
+                 "--timeout", "60")
+    report = report_of(proc)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert report["ok"] is False
+    if fs_expected():
+        assert report["filesystem"]
+    (s,) = report["scenarios"]
+    assert s["name"] == "quorum-loss"
+    assert s["verified"] is False
+    assert s["client_errors"] >= 3, s["client_ops"]
+    failed_ops = {op["op"] for op in s["client_ops"] if not op["ok"]}
+    assert {"read (degraded)", "write (degraded)", "read (after the repair)"} <= failed_ops
+    assert "Input/output error" in " ".join(op.get("error", "") for op in s["client_ops"])
+    assert s["detect_seconds"] is not None
+    assert s["repair_seconds"] is None
+    assert any(p.startswith("repair failed: resync-b2 failed") for p in s["problems"]), s
+    assert any(e["event"] == "QUORUM_FAILURE" for e in s["events"])
+    assert_cleaned_up(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server: on a 4 MiB disk the hung child misses a write (2 read timeouts, fewer than "
+    "--max-errors) and becomes resyncing; its resync job's pwrite to the hung child has no "
+    "child timeout, so the job holds the exclusive range lock forever, even after the child "
+    "is faulted: client I/O on that region and SIGTERM wait for good"))
+def test_hang_before_the_child_faults(tmp_path: Path) -> None:
+    proc = drill(tmp_path, "--size", "4M", "--no-fs", "--scenario", "hang", "--json",
+                 "--timeout", "15")
+    report = report_of(proc)
+    (s,) = report["scenarios"]
+    assert s["problems"] == [] and s["client_errors"] == 0, s["problems"]
+    assert proc.returncode == 0 and s["verified"]
+
+
+def test_table_and_exit_code(tmp_path: Path) -> None:
+    """Without --json: progress on stderr, the table on stdout."""
+    proc = drill(tmp_path, "--size", "4M", "--no-fs", "--scenario", "eio")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert "no filesystem: --no-fs" in lines[0]
+    assert lines[1].split() == ["SCENARIO", "DETECT", "READ-BACK", "REPAIR", "RESYNC", "MiB/s",
+                                "CLIENT", "ERRORS", "VERIFIED"]
+    row = lines[2].split()
+    assert row[0] == "eio" and row[-2:] == ["0", "yes"]
+    assert lines[-1] == "PASS: every scenario verified, no client errors"
+    assert "eio: event QUORUM_REPORT_BAD b read sector 0+" in proc.stderr
+    assert "eio: event QUORUM_CHILD_STATE_CHANGE b2 resyncing -> active" in proc.stderr
+    assert "eio: verified in" in proc.stderr
+    assert_cleaned_up(tmp_path)
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    proc = drill(tmp_path, "--scenario", "nope")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = drill(tmp_path, "--size", "100000")
+    assert proc.returncode == 2 and "multiple of 64 KiB" in proc.stderr
