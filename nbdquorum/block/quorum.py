@@ -310,6 +310,10 @@ class QuorumNode(BlockNode):
             return native.pwrite_all(fds, offset, data, False)
         return codes
 
+    async def child_io(self, aw: Awaitable[Any]) -> Any:
+        """Await one child's I/O under the child timeout (for jobs)."""
+        return await self._timed(aw)
+
     async def _timed(self, aw: Awaitable[Any]) -> Any:
         try:
             return await asyncio.wait_for(aw, self.child_timeout)
@@ -367,7 +371,7 @@ class QuorumNode(BlockNode):
         for slot in self.active():
             slot.stats.reads += 1
             try:
-                return await slot.node.pread(offset, length)
+                return await self._timed(slot.node.pread(offset, length))  # type: ignore[no-any-return]
             except OSError as err:
                 slot.stats.read_errors += 1
                 errors.append(err)
@@ -506,7 +510,7 @@ class QuorumNode(BlockNode):
 
     async def _rewrite(self, slot: ChildSlot, offset: int, data: Buffer) -> None:
         try:
-            await slot.node.pwrite(offset, data)
+            await self._timed(slot.node.pwrite(offset, data))
             slot.stats.repaired_bytes += len(data)
             log.info("rewrote %d bytes of %s at %d", len(data), slot.node.node_name, offset)
         except OSError as err:  # QEMU ignores rewrite errors too; we count them

@@ -65,7 +65,9 @@ class ResyncJob(Job):
                             raise RuntimeError(
                                 f"child {slot.node.node_name} left the quorum or faulted")
                         data = await q.read_voted(off, n)
-                        await slot.node.pwrite(off, data)
+                        # a hung child must not hold the region (and every
+                        # client request on it) forever: the child timeout applies
+                        await q.child_io(slot.node.pwrite(off, data))
                         bm.clear_bit(bit)
                 finally:
                     slot.node.unpin()
@@ -74,7 +76,7 @@ class ResyncJob(Job):
                     self.on_progress()
             if bm.count():  # writes failed on the child meanwhile: more to do
                 self.total += bm.dirty_bytes()
-        await slot.node.flush()
+        await q.child_io(slot.node.flush())
         if not self._still_member():
             raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
         q.set_state(slot, ChildState.ACTIVE)

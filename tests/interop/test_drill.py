@@ -127,11 +127,6 @@ def test_quorum_loss_fails(tmp_path: Path) -> None:
     assert_cleaned_up(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server: on a 4 MiB disk the hung child misses a write (2 read timeouts, fewer than "
-    "--max-errors) and becomes resyncing; its resync job's pwrite to the hung child has no "
-    "child timeout, so the job holds the exclusive range lock forever, even after the child "
-    "is faulted: client I/O on that region and SIGTERM wait for good"))
 def test_hang_before_the_child_faults(tmp_path: Path) -> None:
     proc = drill(tmp_path, "--size", "4M", "--no-fs", "--scenario", "hang", "--json",
                  "--timeout", "15")
