@@ -519,20 +519,29 @@ def check_fs(work: Path, uri: str, cfg: Config, sums: dict[str, str]) -> list[st
         if fsck.returncode != 0:
             problems.append(f"e2fsck -fn through the export: exit {fsck.returncode}: "
                             f"{last_line(fsck)}")
-        with mounted(dev, work / "mnt", read_only=True, timeout=t) as mnt:
-            found = {str(p.relative_to(mnt)) for p in mnt.rglob("*")
-                     if p.is_file() and "lost+found" not in p.parts}
-            for rel, want in sums.items():
-                try:
-                    got = hashlib.sha256((mnt / rel).read_bytes()).hexdigest()
-                except OSError as err:
-                    problems.append(f"fs: {rel}: {err.strerror or err}")
-                    continue
-                if got != want:
-                    problems.append(f"fs: {rel}: sha256 {got[:16]}... != {want[:16]}...")
-            extra = sorted(found - set(sums))
-            if extra:
-                problems.append(f"fs: unexpected files {extra[:5]}")
+        try:
+            with mounted(dev, work / "mnt", read_only=True, timeout=t) as mnt:
+                problems += check_files(mnt, sums)
+        except DrillError as err:  # mount failed
+            problems.append(str(err))
+    return problems
+
+
+def check_files(mnt: Path, sums: dict[str, str]) -> list[str]:
+    problems: list[str] = []
+    found = {str(p.relative_to(mnt)) for p in mnt.rglob("*")
+             if p.is_file() and "lost+found" not in p.parts}
+    for rel, want in sums.items():
+        try:
+            got = hashlib.sha256((mnt / rel).read_bytes()).hexdigest()
+        except OSError as err:
+            problems.append(f"fs: {rel}: {err.strerror or err}")
+            continue
+        if got != want:
+            problems.append(f"fs: {rel}: sha256 {got[:16]}... != {want[:16]}...")
+    extra = sorted(found - set(sums))
+    if extra:
+        problems.append(f"fs: unexpected files {extra[:5]}")
     return problems
 
 
