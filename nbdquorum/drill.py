@@ -384,6 +384,63 @@ class EventWatch:
         self.client.close()
 
 
+class Reader(threading.Thread):
+    """A client that reads the whole data region again and again until told to stop.
+
+    It runs while a child is replaced, so the resync and the removal happen under
+    client reads; at least one full pass is made.
+    """
+
+    def __init__(self, argv: list[str], timeout: float) -> None:
+        super().__init__(name="drill-reader", daemon=True)
+        self.argv = argv
+        self.timeout = timeout
+        self.stop = threading.Event()
+        self.passes = 0
+        self.errors: list[str] = []
+        self.hung = False
+        self.seconds = 0.0
+        self.proc: subprocess.Popen[str] | None = None
+
+    def run(self) -> None:
+        t = time.monotonic()
+        try:
+            while True:
+                proc = self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True)
+                try:
+                    out, _ = proc.communicate(timeout=self.timeout)
+                    rc = proc.returncode
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, _ = proc.communicate()
+                    rc = -9
+                self.passes += 1
+                if rc != 0:
+                    done = subprocess.CompletedProcess(self.argv, rc, out or "", "")
+                    self.errors.append(last_line(done) if rc != -9 else
+                                       f"timed out after {self.timeout:g}s")
+                    self.hung = rc == -9
+                    if self.hung:
+                        break
+                if self.stop.is_set():
+                    break
+        finally:
+            self.seconds = time.monotonic() - t
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+
+    def kill(self) -> None:
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self.join(10)
+
+
 # --------------------------------------------------------------------------- filesystem
 
 
@@ -590,16 +647,23 @@ class Run:
         except DrillError as err:
             ok, detail = False, str(err)
             hung = "timed out after" in detail
-        entry: dict[str, Any] = {"op": op, "ok": ok, "seconds": round(time.monotonic() - t, 3)}
-        if not ok:
-            entry["error"] = detail
-            self.res.client_errors += 1
-            self.say(f"CLIENT ERROR in {op}: {detail}")
+        errors = [] if ok else [detail]
+        self.record(op, time.monotonic() - t, errors, hung)
+        return ok
+
+    def record(self, op: str, seconds: float, errors: list[str], hung: bool,
+               **extra: Any) -> None:
+        """Count a client operation; every error it saw is a client error."""
+        entry: dict[str, Any] = {"op": op, "ok": not errors, "seconds": round(seconds, 3),
+                                 **extra}
+        if errors:
+            entry["error"] = errors[0]
+            self.res.client_errors += len(errors)
+            self.say(f"CLIENT ERROR in {op}: {errors[0]}")
         self.res.client_ops.append(entry)
         if hung:  # the server is stuck: every later step would wait as long
             raise ClientHung(f"client I/O hung: {op} did not finish within "
                              f"{self.cfg.timeout:g}s")
-        return ok
 
     def qemu_img(self, *args: str) -> subprocess.CompletedProcess[str]:
         return sh([self.cfg.qemu_img, *args], timeout=self.cfg.timeout)
@@ -796,9 +860,8 @@ class Run:
         cfg = self.cfg
         self.say(f"replacing b with {NEW_CHILD}={self.new_image} "
                  "(blockdev-add, x-blockdev-child-add) while a client reads")
-        reader = subprocess.Popen(self.compare_export_argv(self.srcs["expect"]),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        reader = Reader(self.compare_export_argv(self.srcs["expect"]), cfg.timeout)
+        reader.start()
         t = time.monotonic()
         ok = False
         try:
@@ -812,20 +875,13 @@ class Run:
         except (DrillError, QMPReplyError) as err:
             self.res.problems.append(f"repair failed: {err}")
             self.say(f"REPAIR FAILED: {err}")
-        finally:
-            try:
-                out, _ = reader.communicate(timeout=cfg.timeout)
-                rc = reader.returncode
-            except subprocess.TimeoutExpired:
-                reader.kill()
-                out, _ = reader.communicate()
-                rc = -9
-            except BaseException:
-                reader.kill()
-                reader.wait()
-                raise
-            proc = subprocess.CompletedProcess(reader.args, rc, out or "", "")
-            self.client_op("read (during the resync)", lambda: proc)
+        except BaseException:
+            reader.kill()
+            raise
+        reader.finish()
+        self.say(f"the client read everything {reader.passes} time(s) during the repair")
+        self.record("read (during the resync)", reader.seconds, reader.errors, reader.hung,
+                    passes=reader.passes)
         if ok:
             self.resync_rate(watch)
         return ok
