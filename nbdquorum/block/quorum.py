@@ -322,6 +322,13 @@ class QuorumNode(BlockNode):
 
     def _count_error(self, slot: ChildSlot) -> None:
         slot.error_count += 1
+        # An error may be the first sign of a deleted or truncated image:
+        # look now rather than at the next periodic check.
+        problem = slot.node.health() if slot.state is not ChildState.FAULTED else None
+        if problem and slot in self.slots:
+            log.error("child %s: %s", slot.node.node_name, problem)
+            self.set_state(slot, ChildState.FAULTED)
+            return
         if self.max_errors and slot.error_count >= self.max_errors and slot in self.slots:
             log.error("child %s reached %d errors: faulted", slot.node.node_name, slot.error_count)
             self.set_state(slot, ChildState.FAULTED)

@@ -378,15 +378,26 @@ class NBDServer:
                                        reuse_address=True)
         )
 
-    async def shutdown(self) -> None:
-        """Stop accepting and reading; let in-flight requests finish and reply."""
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop accepting and reading; let in-flight requests finish and reply.
+
+        Requests still running after *timeout* seconds (a child that never
+        answers) are cancelled, so a stop never hangs for good.
+        """
         self.stopping = True
         for s in self.servers:
             s.close()
         for conn in list(self.connections):
             if conn.read_task is not None:
                 conn.read_task.cancel()
-        await self._idle.wait()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.error("shutdown: cancelling requests still running after %.0fs", timeout)
+            for conn in list(self.connections):
+                for task in list(conn.tasks):
+                    task.cancel()
+            await self._idle.wait()
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
