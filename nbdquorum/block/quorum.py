@@ -285,15 +285,16 @@ class QuorumNode(BlockNode):
         return time.monotonic() >= self._inline_writes_off_until
 
     def _pread_inline(
-        self, fds: list[int], offset: int, length: int
+        self, fds: list[int], offset: int, length: int, threshold: int | None = None
     ) -> tuple[VoteResult, list[bytearray], list[int]] | None:
-        done = native.pread_vote_nowait(fds, offset, length, self.vote_threshold)
+        threshold = self.vote_threshold if threshold is None else threshold
+        done = native.pread_vote_nowait(fds, offset, length, threshold)
         if not isinstance(done, str):
             return done
         if time.monotonic() < self._inline_reads_off_until:
             return None
         t0 = time.monotonic()
-        out = native.pread_vote(fds, offset, length, self.vote_threshold)
+        out = native.pread_vote(fds, offset, length, threshold)
         if time.monotonic() - t0 > INLINE_STALL:
             self._inline_reads_off_until = time.monotonic() + 1.0
         return out
@@ -620,15 +621,18 @@ class QuorumNode(BlockNode):
         (None) takes the full path, which may redo the read: reads are
         idempotent, and the full path does the reporting and repair.
         """
-        if length > INLINE_MAX or self.read_pattern is not ReadPattern.QUORUM:
+        if length > INLINE_MAX:
             return None
         if self.lock.would_block(offset, length, exclusive=False):
             return None
         voters = self.active()
+        if self.read_pattern is ReadPattern.FIFO:
+            voters = voters[:1]  # fifo reads the first child; errors take the full path
         fds = [s.node.fast_fd() for s in voters]
         if not voters or None in fds:
             return None
-        done = self._pread_inline(fds, offset, length)  # type: ignore[arg-type]
+        threshold = 1 if self.read_pattern is ReadPattern.FIFO else self.vote_threshold
+        done = self._pread_inline(fds, offset, length, threshold)  # type: ignore[arg-type]
         if done is None:
             return None
         result, bufs, codes = done

@@ -345,3 +345,21 @@ def test_deleted_or_truncated_child_file_is_faulted_by_health_check(
     bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
     assert [b["node-name"] for b in bad] == ["c1", "c2"] and all("error" in b for b in bad)
     g.close()
+
+
+def test_sync_fast_paths_serve_only_the_common_case(tmp_path: Path, events: Any) -> None:
+    bus, seen = events
+    g, q = file_quorum(tmp_path, bus)
+    assert q.try_pwrite_now(0, b"\x05" * 4096) is True
+    assert bytes(q.try_pread_now(0, 4096) or b"") == b"\x05" * 4096
+    corrupt(tmp_path / "c1.raw", 100, b"\x00")
+    assert q.try_pread_now(0, 4096) is None  # a mismatch: the full path reports it
+    assert seen == []
+    assert bytes(run(q.pread(0, 4096))) == b"\x05" * 4096
+    assert [e.name for e in seen] == ["QUORUM_REPORT_BAD"]
+    q.read_pattern = ReadPattern.FIFO
+    assert bytes(q.try_pread_now(0, 4096) or b"") == b"\x05" * 4096
+    corrupt(tmp_path / "c0.raw", 100, b"\x09")
+    assert (q.try_pread_now(0, 4096) or b"")[100] == 9  # fifo does not verify
+    assert q.try_pread_now(0, 1 << 20) is None  # big requests take the pool
+    g.close()
