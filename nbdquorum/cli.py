@@ -300,7 +300,7 @@ async def serve(cfg: ServeConfig) -> int:
             qmp.on_quit = stop.set
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
-        await nbd.shutdown(timeout=2 * cfg.child_timeout + 5)
+        await nbd.shutdown(grace=2 * cfg.child_timeout + 5)
         if qmp is not None:
             await qmp.shutdown()
         await jobs.shutdown()

@@ -378,10 +378,10 @@ class NBDServer:
                                        reuse_address=True)
         )
 
-    async def shutdown(self, timeout: float = 60.0) -> None:
+    async def shutdown(self, grace: float = 60.0) -> None:
         """Stop accepting and reading; let in-flight requests finish and reply.
 
-        Requests still running after *timeout* seconds (a child that never
+        Requests still running after *grace* seconds (a child that never
         answers) are cancelled, so a stop never hangs for good.
         """
         self.stopping = True
@@ -391,9 +391,9 @@ class NBDServer:
             if conn.read_task is not None:
                 conn.read_task.cancel()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
-            log.error("shutdown: cancelling requests still running after %.0fs", timeout)
+            log.error("shutdown: cancelling requests still running after %.0fs", grace)
             for conn in list(self.connections):
                 for task in list(conn.tasks):
                     task.cancel()
