@@ -169,6 +169,10 @@ class QuorumNode(BlockNode):
         #: small writes go to the page cache on the event loop until then (monotonic)
         self._inline_writes_off_until = 0.0
         self._inline_reads_off_until = 0.0
+        #: whether the children's file systems answer RWF_NOWAIT (re-probed on
+        #: every membership change)
+        self._nowait_reads = True
+        self._nowait_writes = True
         #: spare read buffers by size, so big reads do not zero-fill fresh ones
         self._pool: dict[int, list[bytearray]] = {}
         #: the last scrub's result (jobs/scrub.py), for status displays
@@ -288,9 +292,11 @@ class QuorumNode(BlockNode):
         self, fds: list[int], offset: int, length: int, threshold: int | None = None
     ) -> tuple[VoteResult, list[bytearray], list[int]] | None:
         threshold = self.vote_threshold if threshold is None else threshold
-        done = native.pread_vote_nowait(fds, offset, length, threshold)
-        if not isinstance(done, str):
-            return done
+        if self._nowait_reads:
+            done = native.pread_vote_nowait(fds, offset, length, threshold)
+            if not isinstance(done, str):
+                return done
+            self._nowait_reads = False  # the file system cannot tell; stop asking
         if time.monotonic() < self._inline_reads_off_until:
             return None
         t0 = time.monotonic()
@@ -299,17 +305,18 @@ class QuorumNode(BlockNode):
             self._inline_reads_off_until = time.monotonic() + 1.0
         return out
 
-    @staticmethod
-    def _pwrite_inline(fds: list[int], offset: int, data: Buffer) -> list[int] | None:
+    def _pwrite_inline(self, fds: list[int], offset: int, data: Buffer) -> list[int] | None:
         """A small write on the event loop: non-blocking where the kernel can
         tell, else a plain buffered pwrite (microseconds unless write-back
-        pushes back, which _write_targets watches for)."""
-        codes = native.pwrite_all_nowait(fds, offset, data)
-        if codes is None:
-            return None
-        if isinstance(codes, str):  # native.UNKNOWN
-            return native.pwrite_all(fds, offset, data, False)
-        return codes
+        pushes back, which the callers watch for)."""
+        if self._nowait_writes:
+            codes = native.pwrite_all_nowait(fds, offset, data)
+            if codes is None:
+                return None
+            if not isinstance(codes, str):
+                return codes
+            self._nowait_writes = False  # the file system cannot tell; stop asking
+        return native.pwrite_all(fds, offset, data, False)
 
     async def child_io(self, aw: Awaitable[Any]) -> Any:
         """Await one child's I/O under the child timeout (for jobs)."""
@@ -665,14 +672,12 @@ class QuorumNode(BlockNode):
         if intent is not None and not intent.mark_now(offset, length):
             return False
         try:
-            codes = native.pwrite_all_nowait(fds, offset, data)  # type: ignore[arg-type]
+            t0 = time.monotonic()
+            codes = self._pwrite_inline(fds, offset, data)  # type: ignore[arg-type]
             if codes is None:
                 return False
-            if isinstance(codes, str):  # the file system cannot tell: timed plain write
-                t0 = time.monotonic()
-                codes = native.pwrite_all(fds, offset, data, False)  # type: ignore[arg-type]
-                if time.monotonic() - t0 > INLINE_STALL:
-                    self._inline_writes_off_until = time.monotonic() + 1.0
+            if time.monotonic() - t0 > INLINE_STALL:
+                self._inline_writes_off_until = time.monotonic() + 1.0
             self.last_client_io = time.monotonic()
             for slot in targets:
                 slot.stats.writes += 1
@@ -824,6 +829,7 @@ class QuorumNode(BlockNode):
             )
 
     def _changed(self) -> None:
+        self._nowait_reads = self._nowait_writes = True
         for fn in list(self.on_change):
             fn()
 
