@@ -29,6 +29,9 @@
 /* diff_span scans in chunks of these sizes, narrowing to bytes only inside
  * the one chunk that holds the difference. */
 #define SPAN_CHUNK ((size_t)4096)
+/* quorum_pread_vote reads and compares big requests in pieces of this size,
+ * so that N children's pieces stay in the CPU cache between read and compare */
+#define PIECE ((size_t)256 << 10)
 #define SPAN_SUB ((size_t)64)
 
 /* Upper bound for one pread/pwrite call: Linux caps a transfer at
@@ -240,6 +243,51 @@ static int datasync(int fd)
     return 0;
 }
 
+/* A big read goes piece by piece: each child's piece is read, then compared
+ * with the first voter's while both are still in the CPU cache.  With many
+ * children the whole request no longer fits in the cache, and reading it all
+ * before comparing would fetch every byte from memory twice.  If every piece
+ * agreed (the common case) the vote is decided; otherwise vote_core groups
+ * the full buffers. */
+static int pread_vote_pieces(const int fds[], size_t nfds, uint64_t offset,
+                             size_t len, uint8_t *const bufs[], int errs_out[],
+                             int threshold, int32_t group_out[])
+{
+    size_t i, off, first = SIZE_MAX, voters = 0;
+    int all_equal = 1, failed = 0;
+
+    for (i = 0; i < nfds; i++)
+        errs_out[i] = fds[i] < 0 ? -1 : 0;
+    for (off = 0; off < len; off += PIECE) {
+        size_t n = len - off < PIECE ? len - off : PIECE;
+
+        first = SIZE_MAX;
+        for (i = 0; i < nfds; i++) {
+            if (errs_out[i] != 0)
+                continue;
+            errs_out[i] = pread_full(fds[i], bufs[i] + off, n, offset + off);
+            if (errs_out[i] != 0) {
+                failed = 1; /* earlier pieces were compared with it: regroup */
+                continue;
+            }
+            if (first == SIZE_MAX)
+                first = i;
+            else if (all_equal && !same_bytes(bufs[first] + off, bufs[i] + off, n))
+                all_equal = 0;
+        }
+    }
+    if (!all_equal || failed)
+        return vote_core((const uint8_t *const *)bufs, errs_out, nfds, len,
+                         threshold, group_out);
+    for (i = 0; i < nfds; i++) {
+        group_out[i] = errs_out[i] == 0 ? (int32_t)first : -1;
+        voters += errs_out[i] == 0;
+    }
+    if (first == SIZE_MAX || voters < (size_t)threshold)
+        return -EIO;
+    return (int)first;
+}
+
 int quorum_pread_vote(const int fds[], size_t nfds, uint64_t offset,
                       size_t len, uint8_t *const bufs[], int errs_out[],
                       int threshold, int32_t group_out[])
@@ -255,11 +303,14 @@ int quorum_pread_vote(const int fds[], size_t nfds, uint64_t offset,
             return -EINVAL;
     }
 
-    for (i = 0; i < nfds; i++)
-        errs_out[i] = fds[i] < 0 ? -1 : pread_full(fds[i], bufs[i], len, offset);
-
-    return vote_core((const uint8_t *const *)bufs, errs_out, nfds, len,
-                     threshold, group_out);
+    if (len <= PIECE) {
+        for (i = 0; i < nfds; i++)
+            errs_out[i] = fds[i] < 0 ? -1 : pread_full(fds[i], bufs[i], len, offset);
+        return vote_core((const uint8_t *const *)bufs, errs_out, nfds, len,
+                         threshold, group_out);
+    }
+    return pread_vote_pieces(fds, nfds, offset, len, bufs, errs_out, threshold,
+                             group_out);
 }
 
 /* One preadv2/pwritev2 with RWF_NOWAIT: the whole range from (or into) the

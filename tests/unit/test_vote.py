@@ -442,3 +442,46 @@ def test_fallocate_errors(images: list[int], tmp_path: Path) -> None:
         os.close(rdonly)
     with pytest.raises(ValueError, match="negative"):
         native.zero_range(images[0], 0, -1)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["equal", "last-piece-differs", "first-piece-differs", "one-short", "two-versions-tie"],
+)
+def test_pread_vote_big_requests_read_in_pieces_agree_with_reference(
+    tmp_path: Path, case: str
+) -> None:
+    """Requests over 256 KiB are read and compared piece by piece in C."""
+    import os
+    import random
+
+    from nbdquorum import native
+    from nbdquorum.block.vote import vote_reference
+
+    size = (1 << 20) + 4096 + 17  # several pieces and a ragged tail
+    base = random.Random(7).randbytes(size)
+    datas = [bytearray(base) for _ in range(4)]
+    if case == "last-piece-differs":
+        datas[2][size - 3] ^= 1
+    elif case == "first-piece-differs":
+        datas[0][5] ^= 1
+    elif case == "two-versions-tie":
+        datas[2][size // 2] ^= 1
+        datas[3][size // 2] ^= 1
+    paths = []
+    for i, d in enumerate(datas):
+        p = tmp_path / f"c{i}"
+        p.write_bytes(bytes(d[: size - 100]) if (case == "one-short" and i == 1) else bytes(d))
+        paths.append(p)
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    try:
+        for threshold in (1, 2, 3):
+            result, bufs, errs = native.pread_vote(fds, 0, size, threshold)
+            voted = [bytes(b) if e == 0 else None for b, e in zip(bufs, errs, strict=True)]
+            assert voted == [bytes(d) if e == 0 else None for d, e in zip(datas, errs, strict=True)]
+            assert result == vote_reference(voted, threshold)
+            if case == "one-short":
+                assert errs[1] != 0 and errs.count(0) == 3
+    finally:
+        for fd in fds:
+            os.close(fd)
