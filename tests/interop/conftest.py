@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from tests.ci import unavailable
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
@@ -60,11 +62,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # --------------------------------------------------------------------------- tools
 
 
-def _missing(what: str) -> None:
-    """Skip on a laptop, fail under CI=true: a green run that skipped proves nothing."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} (CI=true: a missing tool is a failure, not a skip)", pytrace=False)
-    pytest.skip(what)
+_missing = unavailable
 
 
 def require(tool: str) -> str:

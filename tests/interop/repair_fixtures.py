@@ -38,6 +38,8 @@ from typing import Any
 
 import pytest
 
+from tests.ci import unavailable
+
 from .qmp_fixtures import (
     corrupt,
     make_image,
@@ -462,9 +464,9 @@ def fio_result(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> dict[st
 
 
 def require_fuse() -> None:
-    """nbdfuse needs /dev/fuse and fusermount3; skip (fail under CI only with /dev/fuse)."""
+    """nbdfuse needs /dev/fuse and fusermount3 (a skip on a laptop, a failure in CI)."""
     if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse does not exist: FUSE is unavailable in this environment")
+        unavailable("/dev/fuse does not exist: FUSE is unavailable in this environment")
     for tool in ("nbdfuse", "fusermount3", "nbdkit"):
         require(tool)
     if run([require("nbdkit"), "--filter=error", "null", "--dump-plugin"]).returncode != 0:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import unavailable
+
 from .conftest import (
     IMAGE_SIZE,
     MiB,
@@ -148,7 +150,7 @@ def _punch_hole_supported(directory: Path) -> bool:
 def test_trim_deallocates_in_the_children(start_server: StartServer, tmp_path: Path) -> None:
     """nbdquorum passes TRIM down: the children's blocks are freed, not just zeroed."""
     if not _punch_hole_supported(tmp_path):
-        pytest.skip("the tmp file system cannot punch holes")
+        unavailable("the tmp file system cannot punch holes")
     server = start_server("nbdquorum")
     qemu_io(server.uri(), "write -P 0x44 0 4M", "flush")
     before = [os.stat(i).st_blocks for i in server.images]
