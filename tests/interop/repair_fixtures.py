@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from typing import Any
 import pytest
 
 from tests.ci import unavailable
+from tests.interop.qmp_fixtures import can_connect
 
 from .qmp_fixtures import (
     corrupt,
@@ -219,18 +219,6 @@ class Qmp:
 # --------------------------------------------------------------------------- server
 
 
-def _can_connect(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
 class Nbdq:
     """One nbdquorum server that can be stopped, killed and started again.
 
@@ -297,7 +285,7 @@ class Nbdq:
                 pytest.fail(f"nbdquorum exited with {proc.returncode} at start:\n{self.log()}",
                             pytrace=False)
             # "serving" is logged right after the SIGTERM handler is installed
-            return "serving " in self.log() and _can_connect(self.nbd) and _can_connect(
+            return "serving " in self.log() and can_connect(self.nbd) and can_connect(
                 self.control)
 
         wait_until(up, START_TIMEOUT, "nbdquorum to serve")
