@@ -316,7 +316,13 @@ class QuorumNode(BlockNode):
             if not isinstance(codes, str):
                 return codes
             self._nowait_writes = False  # the file system cannot tell; stop asking
-        return native.pwrite_all(fds, offset, data, False)
+        t0 = time.monotonic()
+        codes = native.pwrite_all(fds, offset, data, False)
+        if time.monotonic() - t0 > INLINE_STALL:
+            # the page cache is pushing back (write-back): stop writing on the
+            # event loop for a while
+            self._inline_writes_off_until = time.monotonic() + 1.0
+        return codes
 
     async def child_io(self, aw: Awaitable[Any]) -> Any:
         """Await one child's I/O under the child timeout (for jobs)."""
@@ -575,12 +581,7 @@ class QuorumNode(BlockNode):
             ifds = [fd for fd in fds if fd is not None]
             codes = None
             if inline is not None and length <= INLINE_MAX and self._inline_writes_ok():
-                t0 = time.monotonic()
                 codes = inline(ifds)
-                if time.monotonic() - t0 > INLINE_STALL:
-                    # the page cache is pushing back (write-back): stop writing on
-                    # the event loop for a while
-                    self._inline_writes_off_until = time.monotonic() + 1.0
             if codes is None:
                 codes = await aio.run(fast, ifds)
             errs = [None if c == 0 else oserror(c, s.node.node_name)
@@ -672,12 +673,9 @@ class QuorumNode(BlockNode):
         if intent is not None and not intent.mark_now(offset, length):
             return False
         try:
-            t0 = time.monotonic()
             codes = self._pwrite_inline(fds, offset, data)  # type: ignore[arg-type]
             if codes is None:
                 return False
-            if time.monotonic() - t0 > INLINE_STALL:
-                self._inline_writes_off_until = time.monotonic() + 1.0
             self.last_client_io = time.monotonic()
             for slot in targets:
                 slot.stats.writes += 1
