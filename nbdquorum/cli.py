@@ -84,6 +84,11 @@ class ServeConfig:
     health_interval: float = 1.0
     reset_state: bool = False
     fault_injection: bool = False
+    #: worker processes that take a share of the connections (0: none)
+    workers: int = 0
+    #: the primary serves no client connection itself while a worker is up
+    workers_take_all: bool = False
+    verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
     created: set[str] = field(default_factory=set)
@@ -218,6 +223,7 @@ async def serve(cfg: ServeConfig) -> int:
     from nbdquorum.jobs.resync import ResyncManager
     from nbdquorum.nbd.server import Export, NBDServer
     from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
+    from nbdquorum.worker.pool import WorkerPool
 
     native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()
@@ -262,6 +268,11 @@ async def serve(cfg: ServeConfig) -> int:
                     read_only=cfg.read_only)
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
     nbd = NBDServer({cfg.export_name: export}, cfg.export_name)
+    pool = None
+    if cfg.workers:
+        pool = WorkerPool(nbd, export, quorum, cfg.workers, child_timeout=cfg.child_timeout,
+                          take_all=cfg.workers_take_all, verbose=cfg.verbose)
+    listener: NBDServer | WorkerPool = nbd if pool is None else pool
     qmp = None
     # Signal handlers first: a SIGTERM right after the socket appears must
     # already mean "stop cleanly", not kill the process.
@@ -271,11 +282,13 @@ async def serve(cfg: ServeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         try:
+            if pool is not None:
+                await pool.start()
             if cfg.socket:
-                await nbd.listen_unix(cfg.socket)
+                await listener.listen_unix(cfg.socket)
             if cfg.listen or not cfg.socket:
                 host, port = cfg.listen or ("127.0.0.1", 10809)
-                await nbd.listen_tcp(host, port)
+                await listener.listen_tcp(host, port)
             if cfg.control:
                 from nbdquorum.qmp.server import QMPServer
 
@@ -291,15 +304,18 @@ async def serve(cfg: ServeConfig) -> int:
             where.append(f"tcp:{host}:{port}")
         gc.freeze()  # the graph, tables and modules never become garbage
         log.info(
-            "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s",
+            "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s%s",
             quorum.node_name, len(quorum.slots), quorum.vote_threshold, quorum.read_pattern,
             cfg.export_name, ", ".join(where),
             f"; QMP on {cfg.control}" if cfg.control else "",
+            f"; {cfg.workers} worker process(es)" if cfg.workers else "",
         )
         if qmp is not None:
             qmp.on_quit = stop.set
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
+        if pool is not None:
+            await pool.shutdown(grace=2 * cfg.child_timeout + 5)
         await nbd.shutdown(grace=2 * cfg.child_timeout + 5)
         if qmp is not None:
             await qmp.shutdown()
@@ -379,6 +395,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="discard the membership recorded in --state-dir")
     p.add_argument("--fault-injection", action="store_true",
                    help="put a fault injector (x-faulty-set over QMP) above each child")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="worker processes that serve a share of the connections, reading "
+                        "and voting locally and forwarding the rest (default 0: one process)")
+    p.add_argument("--workers-take-all", action="store_true",
+                   help="with --workers: place every connection on a worker; the primary "
+                        "only makes the forwarded requests")
     p.add_argument("-v", "--verbose", action="count", default=0)
 
 
@@ -437,10 +459,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 health_interval=args.health_interval,
                 reset_state=args.reset_state,
                 fault_injection=args.fault_injection,
+                workers=args.workers,
+                workers_take_all=args.workers_take_all,
+                verbose=args.verbose,
                 extra=dict(explicit),
             )
             if not cfg.children and not cfg.state_dir:
                 parser.error("serve needs at least one --child")
+            if cfg.workers < 0:
+                parser.error("--workers must be 0 or more")
             return run_loop(serve(cfg))
     except UsageError as err:
         print(f"nbdquorum: error: {err}", file=sys.stderr)

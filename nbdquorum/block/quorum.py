@@ -41,21 +41,13 @@ from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
 from nbdquorum.block.rangelock import RangeLock
+from nbdquorum.block.readpath import INLINE_MAX, INLINE_STALL, BufferPool, InlineReads
 from nbdquorum.block.vote import VoteResult
 from nbdquorum.eventbus import EventBus
 
 log = logging.getLogger(__name__)
 
 SECTOR = 512
-#: reads at least this big borrow their buffers from a pool
-POOL_MIN = 128 << 10
-#: at most this many bytes of spare buffers are kept per request size
-POOL_BYTES = 32 << 20
-#: requests up to this size are served on the event loop when the page cache allows
-INLINE_MAX = 64 << 10
-#: an inline call slower than this (s) moves small requests back to the pool for
-#: a second (only where RWF_NOWAIT cannot say; scheduling noise stays below it)
-INLINE_STALL = 0.02
 
 
 class ReadPattern(enum.StrEnum):
@@ -168,13 +160,13 @@ class QuorumNode(BlockNode):
         self.last_client_io = 0.0
         #: small writes go to the page cache on the event loop until then (monotonic)
         self._inline_writes_off_until = 0.0
-        self._inline_reads_off_until = 0.0
-        #: whether the children's file systems answer RWF_NOWAIT (re-probed on
-        #: every membership change)
-        self._nowait_reads = True
+        #: small reads on the event loop (readpath.py)
+        self._inline_reads = InlineReads()
+        #: whether the children's file systems answer RWF_NOWAIT for writes
+        #: (re-probed on every membership change)
         self._nowait_writes = True
         #: spare read buffers by size, so big reads do not zero-fill fresh ones
-        self._pool: dict[int, list[bytearray]] = {}
+        self._pool = BufferPool()
         #: the last scrub's result (jobs/scrub.py), for status displays
         self.last_scrub: dict[str, Any] | None = None
         #: called after each membership/state change (persistence hooks in)
@@ -278,12 +270,8 @@ class QuorumNode(BlockNode):
             {"reference": self.node_name, "sectors-count": count, "sector-num": num},
         )
 
-    # Small requests are served on the event loop when the page cache allows:
-    # a hop to a worker thread and back costs ten times more than a 4 KiB
-    # read or write (docs/performance.md).  Where the file system supports
-    # RWF_NOWAIT the kernel says when a call would block and the request goes
-    # to the pool instead; where it cannot tell (tmpfs), a plain call is made
-    # and timed, and a slow one sends small requests to the pool for a while.
+    # Small requests are served on the event loop when the page cache allows
+    # (readpath.py says why and how); writes follow the same policy.
 
     def _inline_writes_ok(self) -> bool:
         return time.monotonic() >= self._inline_writes_off_until
@@ -292,18 +280,7 @@ class QuorumNode(BlockNode):
         self, fds: list[int], offset: int, length: int, threshold: int | None = None
     ) -> tuple[VoteResult, list[bytearray], list[int]] | None:
         threshold = self.vote_threshold if threshold is None else threshold
-        if self._nowait_reads:
-            done = native.pread_vote_nowait(fds, offset, length, threshold)
-            if not isinstance(done, str):
-                return done
-            self._nowait_reads = False  # the file system cannot tell; stop asking
-        if time.monotonic() < self._inline_reads_off_until:
-            return None
-        t0 = time.monotonic()
-        out = native.pread_vote(fds, offset, length, threshold)
-        if time.monotonic() - t0 > INLINE_STALL:
-            self._inline_reads_off_until = time.monotonic() + 1.0
-        return out
+        return self._inline_reads.pread(fds, offset, length, threshold)
 
     def _pwrite_inline(self, fds: list[int], offset: int, data: Buffer) -> list[int] | None:
         """A small write on the event loop: non-blocking where the kernel can
@@ -429,23 +406,7 @@ class QuorumNode(BlockNode):
             return win
         finally:
             if lent:
-                self._give_back(lent, win)
-
-    def _take_buffers(self, n: int, length: int, lent: list[bytearray]) -> list[bytearray] | None:
-        """Read buffers for a big request from the pool (no zero-fill per request)."""
-        if length < POOL_MIN:
-            return None
-        free = self._pool.setdefault(length, [])
-        bufs = [free.pop() if free else bytearray(length) for _ in range(n)]
-        lent.extend(bufs)
-        return bufs
-
-    def _give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
-        """Return borrowed buffers, except the one handed to the caller (it is sent)."""
-        free = self._pool.setdefault(len(lent[0]), [])
-        for b in lent:
-            if b is not keep and (len(free) + 1) * len(b) <= POOL_BYTES:
-                free.append(b)
+                self._pool.give_back(lent, win)
 
     async def _read_voters_into(
         self, voters: list[ChildSlot], offset: int, length: int, rewrite: bool,
@@ -459,7 +420,7 @@ class QuorumNode(BlockNode):
             done = self._pread_inline(ifds, offset, length) if length <= INLINE_MAX else None
             result: VoteResult | None
             if done is None:
-                pooled = self._take_buffers(len(ifds), length, lent)
+                pooled = self._pool.take(len(ifds), length, lent)
                 done = await aio.run(native.pread_vote, ifds, offset, length,
                                      self.vote_threshold, pooled)
             result, raw_bufs, codes = done
@@ -827,7 +788,8 @@ class QuorumNode(BlockNode):
             )
 
     def _changed(self) -> None:
-        self._nowait_reads = self._nowait_writes = True
+        self._inline_reads.reset()
+        self._nowait_writes = True
         for fn in list(self.on_change):
             fn()
 

@@ -366,6 +366,11 @@ class NBDServer:
             if not self.connections:
                 self._idle.set()
 
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """Serve one already-accepted connection (handed over by the worker pool)."""
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
+        await self._handle(reader, writer)
+
     async def listen_unix(self, path: str) -> None:
         remove_stale_socket(path)
         self.servers.append(

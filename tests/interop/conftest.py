@@ -42,7 +42,10 @@ MiB = 1024 * 1024
 IMAGE_SIZE = 16 * MiB
 QUORUM_NODE = "quorum0"
 EXPORT = "disk"
-TARGETS = ("nbdquorum", "qsd")
+TARGETS = ("nbdquorum", "qsd", "nbdquorum-workers")
+#: nbdquorum with worker processes that take every connection (reads voted in the
+#: worker, everything else forwarded to the primary): the same scenarios must hold
+WORKER_ARGS = ("--workers", "2", "--workers-take-all")
 EIO_TEXT = os.strerror(errno.EIO)  # "Input/output error", as qemu-io prints it
 
 # Start-up and shutdown budgets. Generous: CI machines have 2 cores and run other jobs.
@@ -686,7 +689,7 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
             ]
         if names is None:
             names = [f"child{i}" for i in range(len(images))]
-        elif target == "nbdquorum":
+        elif target.startswith("nbdquorum"):
             extra["named"] = True
         address = ("127.0.0.1", free_tcp_port()) if listen else None
         kwargs: dict[str, Any] = dict(
@@ -700,6 +703,9 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         )
         server: Server
         if target == "nbdquorum":
+            server = NbdquorumServer(workdir, images, names, **kwargs, **extra)
+        elif target == "nbdquorum-workers":
+            extra["extra"] = [*WORKER_ARGS, *extra.get("extra", ())]
             server = NbdquorumServer(workdir, images, names, **kwargs, **extra)
         elif target == "qsd":
             require("qemu-storage-daemon")

@@ -175,6 +175,8 @@ def test_kill_9_mid_resync_resumes_from_the_recorded_progress(nbdq: StartNbdq) -
     srv.children, srv.extra = [], []
     srv.start()
     assert "unclean stop detected" in srv.log()
+    # the resync job logs its plan just after the socket accepts: wait for the line
+    wait_until(lambda: "resync of n3:" in srv.log(), 10, "the resync to start")
     assert f"resync of n3: {expected} bytes to copy" in srv.log(), srv.log()[-3000:]
     q = srv.qmp()
     wait_until(lambda: q.state("n3") == "active", 20, "n3 to be active")

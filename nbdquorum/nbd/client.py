@@ -1,0 +1,303 @@
+"""A small NBD client: how a worker process forwards requests to the primary.
+
+Fixed newstyle, structured replies and base:allocation, OPT_GO; requests
+multiplexed by cookie over one connection.  The wire format lives in pure
+functions (encode_* / parse_*) with the same constants table as the server
+(constants.py); NBDClient is the asyncio driver around them.  It is not a
+general-purpose client: it speaks to nbdquorum and raises ``NBDClientError``
+on anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import struct
+from dataclasses import dataclass, field
+
+from nbdquorum.block.node import Buffer, Extent
+from nbdquorum.nbd.constants import (
+    IHAVEOPT,
+    META_BASE_ALLOCATION,
+    NBDMAGIC,
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    GlobalFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+)
+
+_GREETING = struct.Struct(">QQH")
+_OPTION = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_CHUNK = struct.Struct(">IHHQI")
+_SIMPLE = struct.Struct(">IIQ")
+_OFFSET = struct.Struct(">Q")
+_ERROR = struct.Struct(">IH")
+
+
+class NBDClientError(ConnectionError):
+    """The server broke the protocol, or refused what the client needs."""
+
+
+# -- the wire format, without I/O ----------------------------------------------
+def parse_greeting(data: bytes) -> int:
+    """The server's 18-byte newstyle greeting -> its handshake flags."""
+    magic, opt, flags = _GREETING.unpack(data)
+    if magic != NBDMAGIC or opt != IHAVEOPT:
+        raise NBDClientError("not an NBD newstyle server")
+    if not flags & GlobalFlag.FIXED_NEWSTYLE:
+        raise NBDClientError("server does not speak fixed newstyle")
+    return int(flags)
+
+
+def encode_client_flags(server_flags: int) -> bytes:
+    flags = ClientFlag.FIXED_NEWSTYLE
+    if server_flags & GlobalFlag.NO_ZEROES:
+        flags |= ClientFlag.NO_ZEROES
+    return struct.pack(">I", flags)
+
+
+def encode_option(opt: Opt, payload: bytes = b"") -> bytes:
+    return _OPTION.pack(IHAVEOPT, opt, len(payload)) + payload
+
+
+def _string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack(">I", len(b)) + b
+
+
+def encode_set_meta_context(export: str, queries: list[str]) -> bytes:
+    body = _string(export) + struct.pack(">I", len(queries)) + b"".join(map(_string, queries))
+    return encode_option(Opt.SET_META_CONTEXT, body)
+
+
+def encode_go(export: str) -> bytes:
+    return encode_option(Opt.GO, _string(export) + struct.pack(">H", 0))
+
+
+def parse_option_reply(header: bytes, expect: Opt) -> tuple[int, int]:
+    """A 20-byte option reply header -> (reply type, payload length)."""
+    magic, opt, rep, length = _OPTION_REPLY.unpack(header)
+    if magic != REPLY_MAGIC or opt != expect:
+        raise NBDClientError(f"bad option reply (magic {magic:#x}, option {opt})")
+    return rep, length
+
+
+def encode_request(cmd: Cmd, flags: int, cookie: int, offset: int, length: int) -> bytes:
+    return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+def parse_reply_start(head: bytes) -> tuple[int, int, int] | None:
+    """The first 16 bytes of a reply.
+
+    A simple reply is whole: returns (errno, cookie, 0).  A structured chunk
+    needs 4 more bytes (its length, see parse_chunk_header): returns None.
+    """
+    magic, error, cookie = _SIMPLE.unpack(head)
+    if magic == SIMPLE_REPLY_MAGIC:
+        return error, cookie, 0
+    if magic != STRUCTURED_REPLY_MAGIC:
+        raise NBDClientError(f"bad reply magic {magic:#x}")
+    return None
+
+
+def parse_chunk_header(header: bytes) -> tuple[int, int, int, int]:
+    """A 20-byte structured reply chunk header -> (flags, type, cookie, length)."""
+    magic, flags, rtype, cookie, length = _CHUNK.unpack(header)
+    if magic != STRUCTURED_REPLY_MAGIC:
+        raise NBDClientError(f"expected a structured reply chunk, got magic {magic:#x}")
+    return flags, rtype, cookie, length
+
+
+def parse_error(payload: bytes) -> tuple[int, str]:
+    code, n = _ERROR.unpack_from(payload)
+    return code, payload[6:6 + n].decode(errors="replace")
+
+
+def parse_extents(payload: bytes) -> list[Extent]:
+    words = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
+    return list(zip(words[0::2], words[1::2], strict=True))
+
+
+# -- the asyncio driver -----------------------------------------------------------
+@dataclass(eq=False)
+class _Pending:
+    offset: int
+    length: int
+    future: asyncio.Future[object]
+    data: Buffer | None = None
+    extents: list[Extent] = field(default_factory=list)
+    error: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    size: int
+    flags: int
+
+
+class NBDClient:
+    """One NBD connection with many requests in flight."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 info: ExportInfo) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.info = info
+        self._pending: dict[int, _Pending] = {}
+        self._cookie = 0
+        self._closed: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read_replies())
+
+    @classmethod
+    async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      export: str) -> NBDClient:
+        flags = parse_greeting(await reader.readexactly(_GREETING.size))
+        writer.write(encode_client_flags(flags))
+        writer.write(encode_option(Opt.STRUCTURED_REPLY))
+        rep, n = parse_option_reply(await reader.readexactly(20), Opt.STRUCTURED_REPLY)
+        await reader.readexactly(n)
+        if rep != Rep.ACK:
+            raise NBDClientError("server refused structured replies")
+        writer.write(encode_set_meta_context(export, [META_BASE_ALLOCATION]))
+        while True:
+            rep, n = parse_option_reply(await reader.readexactly(20), Opt.SET_META_CONTEXT)
+            await reader.readexactly(n)
+            if rep == Rep.ACK:
+                break
+            if rep != Rep.META_CONTEXT:
+                raise NBDClientError(f"server refused {META_BASE_ALLOCATION} (reply {rep:#x})")
+        writer.write(encode_go(export))
+        info: ExportInfo | None = None
+        while True:
+            rep, n = parse_option_reply(await reader.readexactly(20), Opt.GO)
+            payload = await reader.readexactly(n)
+            if rep == Rep.ACK:
+                break
+            if rep != Rep.INFO:
+                raise NBDClientError(f"server refused export {export!r} (reply {rep:#x})")
+            if struct.unpack_from(">H", payload)[0] == Info.EXPORT:
+                size, tflags = struct.unpack_from(">QH", payload, 2)
+                info = ExportInfo(size, tflags)
+        if info is None:
+            raise NBDClientError("server sent no export information")
+        return cls(reader, writer, info)
+
+    async def call(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
+                   data: Buffer | None = None) -> object:
+        """Send one request and await its reply.
+
+        Returns the bytes read (READ), the extents (BLOCK_STATUS) or None;
+        an error reply raises OSError with the server's errno and message.
+        """
+        if self._closed is not None:
+            raise OSError(errno.ESHUTDOWN, f"connection to the primary lost: {self._closed}")
+        self._cookie += 1
+        cookie = self._cookie
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[cookie] = _Pending(offset, length, fut)
+        header = encode_request(cmd, flags, cookie, offset, length)
+        if data is not None:
+            self.writer.writelines([header, data])
+        else:
+            self.writer.write(header)
+        if self.writer.transport.get_write_buffer_size() > (4 << 20):
+            await self.writer.drain()
+        return await fut
+
+    async def _read_replies(self) -> None:
+        try:
+            read = self.reader.readexactly
+            while True:
+                head = await read(_SIMPLE.size)
+                simple = parse_reply_start(head)
+                if simple is not None:  # allowed for everything but READ and BLOCK_STATUS
+                    code, cookie, _ = simple
+                    p = self._pending.pop(cookie, None)
+                    if p is None:
+                        raise NBDClientError(f"reply to unknown cookie {cookie}")
+                    if code:
+                        p.error = (code, "")
+                    self._finish(p)
+                    continue
+                flags, rtype, cookie, length = parse_chunk_header(head + await read(4))
+                payload = await read(length) if length else b""
+                p = self._pending.get(cookie)
+                if p is None:
+                    raise NBDClientError(f"reply to unknown cookie {cookie}")
+                self._chunk(p, rtype, payload)
+                if flags & ReplyFlag.DONE:
+                    del self._pending[cookie]
+                    self._finish(p)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as err:
+            self._fail_all(err)
+        except asyncio.CancelledError:
+            self._fail_all(ConnectionError("client closed"))
+            raise
+
+    @staticmethod
+    def _chunk(p: _Pending, rtype: int, payload: bytes) -> None:
+        if rtype == ReplyType.OFFSET_DATA:
+            (off,) = _OFFSET.unpack_from(payload)
+            body = memoryview(payload)[8:]
+            if off == p.offset and len(body) == p.length:
+                p.data = body  # the whole request in one chunk: no copy
+            else:
+                if not isinstance(p.data, bytearray):
+                    p.data = bytearray(p.length)
+                p.data[off - p.offset:off - p.offset + len(body)] = body
+        elif rtype == ReplyType.OFFSET_HOLE:
+            if not isinstance(p.data, bytearray):
+                p.data = bytearray(p.length)  # zero-filled: a hole needs nothing more
+        elif rtype == ReplyType.BLOCK_STATUS:
+            p.extents.extend(parse_extents(payload))
+        elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            p.error = parse_error(payload)
+        elif rtype != ReplyType.NONE:
+            raise NBDClientError(f"unexpected reply chunk type {rtype}")
+
+    @staticmethod
+    def _finish(p: _Pending) -> None:
+        if p.future.done():
+            return
+        if p.error is not None:
+            code, msg = p.error
+            p.future.set_exception(OSError(code or errno.EIO, msg or "error from primary"))
+        elif p.extents:
+            p.future.set_result(p.extents)
+        else:
+            p.future.set_result(p.data)
+
+    def _fail_all(self, err: BaseException) -> None:
+        self._closed = err
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(
+                    OSError(errno.ESHUTDOWN, f"connection to the primary lost: {err}"))
+
+    @property
+    def closed(self) -> asyncio.Task[None]:
+        """Done when the connection ended (the primary went away)."""
+        return self._task
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(encode_request(Cmd.DISC, 0, 0, 0, 0))
+            await self.writer.drain()
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()

@@ -1,0 +1,5 @@
+import sys
+
+from nbdquorum.worker.main import main
+
+sys.exit(main())

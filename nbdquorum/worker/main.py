@@ -1,0 +1,133 @@
+"""A worker process: ``python -m nbdquorum.worker`` (started by pool.py, never by hand).
+
+It inherits three descriptors from the primary: the control channel, its end
+of the forwarding connection (NBD, the worker is the client) and the shared
+epoch page.  It serves the connections the primary hands it until told to
+stop, or until the primary goes away (end of the control channel), when it
+stops at once: without the primary no write can be made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import mmap
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nbdquorum.worker.control import Channel, Message
+from nbdquorum.worker.node import View, WorkerNode
+
+log = logging.getLogger("nbdquorum.worker")
+
+#: how often local read counts go to the primary (seconds)
+STATS_INTERVAL = 1.0
+
+
+async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[str, Any]) -> int:
+    from nbdquorum import native
+    from nbdquorum.nbd.client import NBDClient
+    from nbdquorum.nbd.server import READ_CHUNK, Export, NBDServer
+
+    native.tune_malloc(64 << 20)
+    epoch = mmap.mmap(epoch_fd, mmap.PAGESIZE, prot=mmap.PROT_READ)
+    data = socket.socket(fileno=data_fd)
+    reader, writer = await asyncio.open_connection(sock=data, limit=READ_CHUNK)
+    primary = await NBDClient.connect(reader, writer, cfg["export"])
+    node = WorkerNode(cfg["node"], primary.info.size, primary, epoch, cfg["child_timeout"])
+    export = Export(cfg["export"], node, description=cfg["description"],
+                    read_only=cfg["read_only"])
+    nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"])
+    stop = asyncio.Event()
+    grace = [float(cfg["child_timeout"]) * 2 + 5]
+    tasks: set[asyncio.Task[None]] = set()
+    channel: Channel
+
+    async def serve(sock: socket.socket) -> None:
+        try:
+            await nbd.serve_socket(sock)
+        finally:
+            channel.send({"op": "closed"})
+
+    def on_message(msg: Message, fds: list[int]) -> None:
+        op = msg.get("op")
+        if op == "view":
+            first = node.view.epoch < 0
+            node.set_view(View(epoch=int(msg["epoch"]), local=bool(msg["local"]),
+                               threshold=int(msg["threshold"]), fifo=bool(msg["fifo"]),
+                               names=list(msg["names"]), fds=fds))
+            if first:
+                channel.send({"op": "ready"})
+        elif op == "conn" and len(fds) == 1:
+            if stop.is_set():
+                socket.socket(fileno=fds[0]).close()
+                channel.send({"op": "closed"})
+                return
+            t = asyncio.get_running_loop().create_task(serve(socket.socket(fileno=fds[0])))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        elif op == "shutdown":
+            grace[0] = float(msg.get("grace", grace[0]))
+            stop.set()
+        else:
+            log.error("worker %d: unexpected control message %r", index, msg)
+            for fd in fds:
+                socket.socket(fileno=fd).close()
+
+    def on_eof() -> None:
+        if not stop.is_set():
+            log.error("worker %d: the primary went away; stopping", index)
+            grace[0] = 1.0
+            stop.set()
+
+    channel = Channel(socket.socket(fileno=ctl_fd), on_message, on_eof)
+    channel.start()
+
+    def send_stats() -> None:
+        reads = node.take_reads()
+        if reads:
+            channel.send({"op": "stats", "reads": reads})
+
+    async def stats_loop() -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            send_stats()
+
+    ticker = asyncio.get_running_loop().create_task(stats_loop())
+    primary_lost = primary.closed
+    primary_lost.add_done_callback(lambda _t: on_eof())
+    await stop.wait()
+    await nbd.shutdown(grace=grace[0])
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    ticker.cancel()
+    send_stats()
+    await primary.close()
+    node.close()
+    channel.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nbdquorum.worker")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--ctl-fd", type=int, required=True)
+    p.add_argument("--data-fd", type=int, required=True)
+    p.add_argument("--epoch-fd", type=int, required=True)
+    p.add_argument("--config", required=True, help="JSON from the primary")
+    args = p.parse_args(argv)
+    cfg = json.loads(args.config)
+    logging.basicConfig(
+        level=logging.DEBUG if cfg.get("verbose", 0) > 1 else logging.INFO,
+        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
+        stream=sys.stderr,
+    )
+    from nbdquorum.cli import run_loop
+
+    return run_loop(run(args.index, args.ctl_fd, args.data_fd, args.epoch_fd, cfg))
+
+

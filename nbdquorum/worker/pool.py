@@ -1,0 +1,279 @@
+"""The primary's side of the worker processes: spawn, place connections, push views.
+
+See the package docstring for the design.  The pool owns the listening
+sockets when workers are configured: it accepts every connection and either
+serves it in this process or hands its descriptor to the least-loaded worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbdquorum.block.quorum import QuorumNode, ReadPattern
+from nbdquorum.nbd.server import Export, NBDServer, remove_stale_socket
+from nbdquorum.worker.control import Channel, Message, channel_pair
+
+log = logging.getLogger(__name__)
+
+#: a worker that dies is started again after this many seconds, doubled for each
+#: death in a row within RESPAWN_QUICK seconds of its start (at most 32x)
+RESPAWN_DELAY = 1.0
+RESPAWN_QUICK = 5.0
+
+
+@dataclass(eq=False)
+class Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    channel: Channel
+    conns: int = 0  # client connections it serves
+    ready: bool = False  # connected to us and holding a view
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+    quick_deaths: int = 0  # deaths in a row soon after start, of this index
+
+
+class WorkerPool:
+    def __init__(self, nbd: NBDServer, export: Export, quorum: QuorumNode, count: int, *,
+                 child_timeout: float, take_all: bool = False, verbose: int = 0) -> None:
+        self.nbd = nbd
+        self.export = export
+        self.quorum = quorum
+        self.count = count
+        self.child_timeout = child_timeout
+        self.verbose = verbose
+        self.take_all = take_all
+        self.workers: list[Worker] = []
+        self.here = 0  # client connections served by this process
+        self.stopping = False
+        self.epoch = 0
+        self._epoch_fd = os.memfd_create("nbdquorum-view", os.MFD_CLOEXEC)
+        os.ftruncate(self._epoch_fd, mmap.PAGESIZE)
+        self._epoch_map = mmap.mmap(self._epoch_fd, mmap.PAGESIZE)
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: list[asyncio.Task[None]] = []
+        self._all_ready = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self.quorum.on_change.append(self.push_view)
+        self._bump()
+        for i in range(1, self.count + 1):
+            self._spawn(i)
+        # Wait (briefly) for the workers, so the first connections spread out.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_ready.wait(), 10)
+        not_ready = [w.index for w in self.workers if not w.ready]
+        if not_ready:
+            log.warning("workers %s not ready yet; serving without them meanwhile", not_ready)
+
+    def _spawn(self, index: int, quick_deaths: int = 0) -> None:
+        ctl_here, ctl_there = channel_pair()
+        data_here, data_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cfg = {
+            "export": self.export.name,
+            "node": self.quorum.node_name,
+            "description": self.export.description,
+            "read_only": self.export.read_only,
+            "budget": self.nbd.budget.limit,
+            "child_timeout": self.child_timeout,
+            "verbose": self.verbose,
+        }
+        fds = (ctl_there.fileno(), data_there.fileno(), self._epoch_fd)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbdquorum.worker", "--index", str(index),
+             "--ctl-fd", str(fds[0]), "--data-fd", str(fds[1]), "--epoch-fd", str(fds[2]),
+             "--config", json.dumps(cfg)],
+            pass_fds=fds,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the primary alone
+            stdin=subprocess.DEVNULL,
+        )
+        ctl_there.close()
+        data_there.close()
+        w: Worker
+        channel = Channel(ctl_here, lambda m, f: self._on_message(w, m, f),
+                          lambda: self._on_exit(w))
+        w = Worker(index, proc, channel, quick_deaths=quick_deaths)
+        self.workers.append(w)
+        channel.start()
+        self._task(self.nbd.serve_socket(data_here))  # the worker's forwarding connection
+        self._send_view(w)
+        log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _on_message(self, w: Worker, msg: Message, fds: list[int]) -> None:
+        for fd in fds:  # workers send none
+            os.close(fd)
+        op = msg.get("op")
+        if op == "ready":
+            w.ready = True
+            log.debug("worker %d ready", w.index)
+            if all(x.ready for x in self.workers):
+                self._all_ready.set()
+        elif op == "closed":
+            w.conns = max(0, w.conns - 1)
+        elif op == "stats":
+            reads = msg.get("reads") or {}
+            for slot in self.quorum.slots:
+                n = reads.get(slot.node.node_name)
+                if n:
+                    slot.stats.reads += int(n)
+            if reads:
+                self.quorum.last_client_io = time.monotonic()
+        else:
+            log.error("worker %d: unexpected message %r", w.index, msg)
+
+    def _on_exit(self, w: Worker) -> None:
+        w.ready = False
+        self._task(self._reap(w))
+
+    async def _reap(self, w: Worker) -> None:
+        code = await asyncio.get_running_loop().run_in_executor(None, w.proc.wait)
+        if w in self.workers:
+            self.workers.remove(w)
+        w.exited.set()
+        if self.stopping:
+            log.info("worker %d stopped (exit status %d)", w.index, code)
+            return
+        log.error("worker %d exited unexpectedly (status %d); its %d connection(s) were lost",
+                  w.index, code, w.conns)
+        quick = w.quick_deaths + 1 if time.monotonic() - w.started < RESPAWN_QUICK else 0
+        await asyncio.sleep(RESPAWN_DELAY * 2 ** min(quick, 5))
+        if not self.stopping:
+            self._spawn(w.index, quick)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let every worker finish its requests and exit."""
+        self.stopping = True
+        for t in self._accepting:
+            t.cancel()
+        for s in self._listeners:
+            s.close()
+        self._listeners.clear()
+        for w in list(self.workers):
+            w.channel.send({"op": "shutdown", "grace": grace})
+        for w in list(self.workers):
+            try:
+                await asyncio.wait_for(w.exited.wait(), grace + 5)
+            except TimeoutError:
+                log.error("worker %d did not stop; killing it", w.index)
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                await w.exited.wait()
+        self._epoch_map.close()
+        os.close(self._epoch_fd)
+
+    # -- the view ----------------------------------------------------------------------
+    def _bump(self) -> None:
+        self.epoch += 1
+        struct.pack_into("<Q", self._epoch_map, 0, self.epoch)
+
+    def _view(self) -> tuple[Message, list[int]]:
+        q = self.quorum
+        voters = q.active()
+        fds = [s.node.fast_fd() for s in voters]
+        fifo = q.read_pattern is ReadPattern.FIFO
+        local = (bool(voters) and None not in fds
+                 and len(voters) >= (1 if fifo else q.vote_threshold))
+        msg: Message = {
+            "op": "view", "epoch": self.epoch, "local": local,
+            "threshold": q.vote_threshold, "fifo": fifo,
+            "names": [s.node.node_name for s in voters] if local else [],
+        }
+        return msg, [fd for fd in fds if fd is not None] if local else []
+
+    def _send_view(self, w: Worker) -> None:
+        msg, fds = self._view()
+        w.channel.send(msg, fds)
+
+    def push_view(self) -> None:
+        """The quorum changed: invalidate the workers' views now, send new ones."""
+        self._bump()
+        msg, fds = self._view()
+        for w in list(self.workers):
+            w.channel.send(msg, fds)
+
+    # -- connections ---------------------------------------------------------------------
+    async def listen_unix(self, path: str) -> None:
+        remove_stale_socket(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(path)
+            s.listen(128)
+        except OSError:
+            s.close()
+            raise
+        self._listen(s)
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        if not infos:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}")
+        for family, _type, _proto, _name, addr in infos[:1]:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+                s.listen(128)
+            except OSError:
+                s.close()
+                raise
+            self._listen(s)
+
+    def _listen(self, s: socket.socket) -> None:
+        s.setblocking(False)
+        self._listeners.append(s)
+        self._accepting.append(asyncio.get_running_loop().create_task(self._accept(s)))
+
+    async def _accept(self, s: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            try:
+                conn, _addr = await loop.sock_accept(s)
+            except (OSError, ValueError) as err:
+                if self.stopping or s.fileno() < 0:
+                    return
+                log.warning("accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            self.place(conn)
+
+    def place(self, conn: socket.socket) -> None:
+        """Serve a new connection here or on the least-loaded worker (ties: here)."""
+        best: Worker | None = None
+        load = self.here
+        for w in self.workers:
+            if w.ready and (w.conns < load or (self.take_all and best is None)):
+                best, load = w, w.conns
+        if best is not None and best.channel.send({"op": "conn"}, [conn.fileno()]):
+            best.conns += 1
+            conn.close()
+            return
+        self._task(self._serve_here(conn))
+
+    async def _serve_here(self, conn: socket.socket) -> None:
+        self.here += 1
+        try:
+            await self.nbd.serve_socket(conn)
+        finally:
+            self.here -= 1
