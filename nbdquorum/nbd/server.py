@@ -187,7 +187,13 @@ class Connection:
             ev = self.proto.next_event()
             self._flush_handshake()
             if ev is NEED_DATA:
-                await self.writer.drain()
+                # Everything received is handled: send the replies now rather
+                # than one loop iteration later (QD1 latency), and wait for the
+                # socket only when it is backed up.
+                if self._out:
+                    self._flush_out()
+                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH:
+                    await self.writer.drain()
                 data = await self.reader.read(READ_CHUNK)
                 self.proto.receive_data(data)
                 continue
