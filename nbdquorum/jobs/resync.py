@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode
 from nbdquorum.eventbus import EventBus
@@ -51,6 +52,19 @@ class ResyncJob(Job):
             return
         self.total = bm.dirty_bytes()
         log.info("resync of %s: %d bytes to copy", slot.node.node_name, self.total)
+        while True:
+            await self._copy_dirty(q, slot, bm)
+            await q.child_io(slot.node.flush())
+            if not bm.count():
+                break
+            self.total += bm.dirty_bytes()  # writes failed on the child during the flush
+        if not self._still_member():
+            raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
+        q.set_state(slot, ChildState.ACTIVE)
+        log.info("resync of %s complete", slot.node.node_name)
+
+    async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
+        """Copy every region still dirty, until none is (writes may dirty more)."""
         while bm.count():
             for bit in list(bm):
                 if not self._still_member():
@@ -76,11 +90,6 @@ class ResyncJob(Job):
                     self.on_progress()
             if bm.count():  # writes failed on the child meanwhile: more to do
                 self.total += bm.dirty_bytes()
-        await q.child_io(slot.node.flush())
-        if not self._still_member():
-            raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
-        q.set_state(slot, ChildState.ACTIVE)
-        log.info("resync of %s complete", slot.node.node_name)
 
     def finalize(self) -> None:
         slot = self.slot

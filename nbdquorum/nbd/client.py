@@ -132,10 +132,12 @@ def parse_extents(payload: bytes) -> list[Extent]:
 # -- the asyncio driver -----------------------------------------------------------
 @dataclass(eq=False)
 class _Pending:
+    cmd: Cmd
     offset: int
     length: int
     future: asyncio.Future[object]
     data: Buffer | None = None
+    covered: int = 0  # bytes of a READ that data/hole chunks have filled
     extents: list[Extent] = field(default_factory=list)
     error: tuple[int, str] | None = None
 
@@ -205,7 +207,7 @@ class NBDClient:
         self._cookie += 1
         cookie = self._cookie
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[cookie] = _Pending(offset, length, fut)
+        self._pending[cookie] = _Pending(cmd, offset, length, fut)
         header = encode_request(cmd, flags, cookie, offset, length)
         if data is not None:
             self.writer.writelines([header, data])
@@ -239,26 +241,44 @@ class NBDClient:
                 if flags & ReplyFlag.DONE:
                     del self._pending[cookie]
                     self._finish(p)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as err:
-            self._fail_all(err)
         except asyncio.CancelledError:
             self._fail_all(ConnectionError("client closed"))
             raise
+        except Exception as err:  # EOF, a broken reply (struct.error, ValueError, ...)
+            self._fail_all(err)
 
     @staticmethod
-    def _chunk(p: _Pending, rtype: int, payload: bytes) -> None:
+    def _place(p: _Pending, off: int, n: int) -> int:
+        """Check a data/hole chunk lies inside the READ; its start in the buffer."""
+        start = off - p.offset
+        if p.cmd != Cmd.READ or start < 0 or n < 0 or start + n > p.length:
+            raise NBDClientError(f"chunk {off}+{n} outside the request {p.offset}+{p.length}")
+        p.covered += n
+        if p.data is None and start == 0 and n == p.length:
+            return start  # the whole request in one chunk: kept without a copy
+        if not isinstance(p.data, bytearray):
+            old, p.data = p.data, bytearray(p.length)  # zero-filled: holes need no more
+            if old is not None:
+                p.data[:len(old)] = old
+        return start
+
+    @classmethod
+    def _chunk(cls, p: _Pending, rtype: int, payload: bytes) -> None:
         if rtype == ReplyType.OFFSET_DATA:
             (off,) = _OFFSET.unpack_from(payload)
             body = memoryview(payload)[8:]
-            if off == p.offset and len(body) == p.length:
-                p.data = body  # the whole request in one chunk: no copy
+            start = cls._place(p, off, len(body))
+            if isinstance(p.data, bytearray):
+                p.data[start:start + len(body)] = body
             else:
-                if not isinstance(p.data, bytearray):
-                    p.data = bytearray(p.length)
-                p.data[off - p.offset:off - p.offset + len(body)] = body
+                p.data = body
         elif rtype == ReplyType.OFFSET_HOLE:
-            if not isinstance(p.data, bytearray):
-                p.data = bytearray(p.length)  # zero-filled: a hole needs nothing more
+            off, n = struct.unpack_from(">QI", payload)
+            start = cls._place(p, off, n)
+            if not isinstance(p.data, bytearray):  # a hole over the whole request
+                p.data = bytearray(p.length)
+            else:
+                p.data[start:start + n] = bytes(n)
         elif rtype == ReplyType.BLOCK_STATUS:
             p.extents.extend(parse_extents(payload))
         elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
@@ -273,6 +293,9 @@ class NBDClient:
         if p.error is not None:
             code, msg = p.error
             p.future.set_exception(OSError(code or errno.EIO, msg or "error from primary"))
+        elif p.cmd == Cmd.READ and p.covered != p.length:
+            p.future.set_exception(OSError(
+                errno.EIO, f"primary answered {p.covered} of {p.length} bytes read"))
         elif p.extents:
             p.future.set_result(p.extents)
         else:

@@ -373,14 +373,14 @@ def _apply_reopen(graph: Graph, plan: _Reopen) -> None:
     trips detach()'s "fewer children than the vote threshold" check.
     """
     q = plan.quorum
+    changed = (q.vote_threshold, q.read_pattern, q.rewrite_corrupted) != (
+        plan.vote_threshold, plan.read_pattern, plan.rewrite_corrupted)
     if plan.vote_threshold < q.vote_threshold:
         q.vote_threshold = plan.vote_threshold
     for name in plan.add:
         graph.child_add(q.node_name, name)
     for edge in plan.remove:
         graph.child_del(q.node_name, edge)
-    changed = (q.vote_threshold, q.read_pattern, q.rewrite_corrupted) != (
-        plan.vote_threshold, plan.read_pattern, plan.rewrite_corrupted)
     q.vote_threshold = plan.vote_threshold
     q.read_pattern = plan.read_pattern
     q.rewrite_corrupted = plan.rewrite_corrupted

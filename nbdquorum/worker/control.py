@@ -1,10 +1,12 @@
 """The control channel between the primary and a worker.
 
 One JSON object per SOCK_SEQPACKET datagram (message boundaries for free),
-file descriptors attached with SCM_RIGHTS.  Sends block (messages are a few
-hundred bytes, a socket buffer holds hundreds of them, and the peer's loop
-reads them at once); receives are non-blocking (MSG_DONTWAIT on a blocking
-socket) and driven by the event loop's reader callback.
+file descriptors attached with SCM_RIGHTS.  Both directions are non-blocking
+(MSG_DONTWAIT): messages are a few hundred bytes and a socket buffer holds
+hundreds of them, so a send that would block means the peer has stopped
+reading; the sender is told (send() returns False) and decides.  A datagram
+whose descriptors did not all arrive (MSG_CTRUNC: the receiver is out of
+descriptors) is passed on flagged ``truncated``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Channel:
-    """Calls ``on_message(msg, fds)`` per datagram and ``on_eof()`` once at the end.
+    """Calls ``on_message(msg, fds, truncated)`` per datagram and ``on_eof()`` once at the end.
 
     The receiver owns the descriptors it is handed and must close them.
     """
@@ -39,7 +41,7 @@ class Channel:
     def __init__(
         self,
         sock: socket.socket,
-        on_message: Callable[[Message, list[int]], None],
+        on_message: Callable[[Message, list[int], bool], None],
         on_eof: Callable[[], None],
     ) -> None:
         self.sock = sock
@@ -52,12 +54,17 @@ class Channel:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
 
     def send(self, msg: Message, fds: Sequence[int] = ()) -> bool:
-        """Send one message; False if the peer is gone (on_eof follows)."""
+        """Send one message without blocking; False if it was not sent: the
+        peer is not reading (the channel stays open) or is gone (on_eof follows)."""
         if self.closed:
             return False
         try:
-            socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
+            socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds),
+                            socket.MSG_DONTWAIT)
             return True
+        except (BlockingIOError, InterruptedError):
+            log.error("control channel: the peer is not reading; %r not sent", msg.get("op"))
+            return False
         except OSError as err:
             log.warning("control channel: send failed: %s", err)
             self._eof()
@@ -66,7 +73,7 @@ class Channel:
     def _readable(self) -> None:
         while not self.closed:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(
+                data, fds, flags, _addr = socket.recv_fds(
                     self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
@@ -86,7 +93,7 @@ class Channel:
                 for fd in fds:
                     os.close(fd)
                 continue
-            self.on_message(msg, fds)
+            self.on_message(msg, fds, bool(flags & socket.MSG_CTRUNC))
 
     def _eof(self) -> None:
         if self.closed:

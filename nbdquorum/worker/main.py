@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import mmap
+import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -53,18 +55,28 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
         finally:
             channel.send({"op": "closed"})
 
-    def on_message(msg: Message, fds: list[int]) -> None:
+    def on_message(msg: Message, fds: list[int], truncated: bool) -> None:
         op = msg.get("op")
         if op == "view":
             first = node.view.epoch < 0
-            node.set_view(View(epoch=int(msg["epoch"]), local=bool(msg["local"]),
-                               threshold=int(msg["threshold"]), fifo=bool(msg["fifo"]),
-                               names=list(msg["names"]), fds=fds))
+            view = View(epoch=int(msg["epoch"]), local=bool(msg["local"]),
+                        threshold=int(msg["threshold"]), fifo=bool(msg["fifo"]),
+                        names=list(msg["names"]), fds=fds)
+            if truncated or len(fds) != len(view.names):
+                # Out of descriptors: a vote over fewer children than the primary
+                # has would not be its vote.  Forward every read until the next view.
+                log.error("worker %d: view %d arrived with %d of %d descriptors; "
+                          "forwarding every read", index, view.epoch, len(fds), len(view.names))
+                view.local = False
+            node.set_view(view)
             if first:
                 channel.send({"op": "ready"})
-        elif op == "conn" and len(fds) == 1:
-            if stop.is_set():
-                socket.socket(fileno=fds[0]).close()
+        elif op == "conn":
+            if len(fds) != 1 or truncated or stop.is_set():
+                if len(fds) != 1 or truncated:
+                    log.error("worker %d: a connection arrived without its descriptor", index)
+                for fd in fds:
+                    os.close(fd)
                 channel.send({"op": "closed"})
                 return
             t = asyncio.get_running_loop().create_task(serve(socket.socket(fileno=fds[0])))
@@ -76,7 +88,7 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
         else:
             log.error("worker %d: unexpected control message %r", index, msg)
             for fd in fds:
-                socket.socket(fileno=fd).close()
+                os.close(fd)
 
     def on_eof() -> None:
         if not stop.is_set():
@@ -86,6 +98,10 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
 
     channel = Channel(socket.socket(fileno=ctl_fd), on_message, on_eof)
     channel.start()
+    # SIGTERM to the whole group (systemd's KillMode=control-group) stops a
+    # worker as the primary's shutdown message does: in-flight requests finish
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
 
     def send_stats() -> None:
         reads = node.take_reads()

@@ -99,15 +99,19 @@ class WorkerNode(BlockNode):
         v.reads = 0
         return {k: n for k, n in counts.items() if n}
 
+    def _current(self, v: View) -> bool:
+        return v.epoch == _EPOCH.unpack_from(self._epoch)[0]
+
     def _usable(self) -> View | None:
         v = self.view
-        if v.local and v.epoch == _EPOCH.unpack_from(self._epoch)[0]:
-            return v
-        return None
+        return v if v.local and self._current(v) else None
 
     def _agreed(self, v: View, n: int, done: ReadOutcome) -> bytearray | None:
+        """The bytes, if every voter read them and the view was current throughout
+        (the primary may change the quorum while the read runs)."""
         result, bufs, codes = done
-        if result.winner is None or any(codes) or len(result.winners) != n:
+        if (result.winner is None or any(codes) or len(result.winners) != n
+                or not self._current(v)):
             return None
         v.reads += 1
         self.local_reads += 1
@@ -142,23 +146,24 @@ class WorkerNode(BlockNode):
         lent: list[bytearray] = []
         bufs = self._pool.take(len(fds), length, lent)
         v.inflight += 1
-        try:
-            done = await asyncio.wait_for(
-                aio.run(native.pread_vote, fds, offset, length, threshold, bufs),
-                self.child_timeout)
-        except (TimeoutError, asyncio.CancelledError) as err:
-            # A thread may still be reading into the buffers and with the
-            # descriptors: keep both (the view stays pinned); the primary
-            # times the child out on its own read.
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            return None
-        except OSError:
+        fut = asyncio.get_running_loop().run_in_executor(
+            aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
+
+        def finished(f: asyncio.Future[object]) -> None:  # the thread is done
             v.inflight -= 1
             v.release()
+            if not f.cancelled():
+                f.exception()  # retrieved (it is also awaited unless we timed out)
+
+        fut.add_done_callback(finished)
+        try:
+            done = await asyncio.wait_for(asyncio.shield(fut), self.child_timeout)
+        except TimeoutError:
+            # The thread still reads into the buffers (they are not given back)
+            # and with the descriptors (released when it returns): forward.
+            return None
+        except OSError:
             return None  # the primary reads again and reports
-        v.inflight -= 1
-        v.release()
         win = self._agreed(v, len(fds), done)
         if lent:
             self._pool.give_back(lent, win)

@@ -23,6 +23,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.nbd.server import Export, NBDServer, remove_stale_socket
 from nbdquorum.worker.control import Channel, Message, channel_pair
@@ -71,7 +72,9 @@ class WorkerPool:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        self.quorum.on_change.append(self.push_view)
+        # first among the hooks: the epoch moves before anything (a state-dir
+        # write that may fail, an fsync) can delay or skip it
+        self.quorum.on_change.insert(0, self.push_view)
         self._bump()
         for i in range(1, self.count + 1):
             self._spawn(i)
@@ -106,7 +109,7 @@ class WorkerPool:
         ctl_there.close()
         data_there.close()
         w: Worker
-        channel = Channel(ctl_here, lambda m, f: self._on_message(w, m, f),
+        channel = Channel(ctl_here, lambda m, f, _t: self._on_message(w, m, f),
                           lambda: self._on_exit(w))
         w = Worker(index, proc, channel, quick_deaths=quick_deaths)
         self.workers.append(w)
@@ -144,7 +147,21 @@ class WorkerPool:
 
     def _on_exit(self, w: Worker) -> None:
         w.ready = False
+        if all(x.ready for x in self.workers if x is not w):
+            self._all_ready.set()  # start() need not wait for a dead worker
         self._task(self._reap(w))
+
+    def _send(self, w: Worker, msg: Message, fds: list[int] | None = None) -> bool:
+        """Send to a worker; one that stopped reading is killed (and started again)."""
+        if w.channel.send(msg, fds or ()):
+            return True
+        if not w.channel.closed:
+            log.error("worker %d does not read its control channel; killing it", w.index)
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            w.channel.close()
+            self._on_exit(w)
+        return False
 
     async def _reap(self, w: Worker) -> None:
         code = await asyncio.get_running_loop().run_in_executor(None, w.proc.wait)
@@ -164,13 +181,15 @@ class WorkerPool:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting; let every worker finish its requests and exit."""
         self.stopping = True
+        with contextlib.suppress(ValueError):
+            self.quorum.on_change.remove(self.push_view)
         for t in self._accepting:
             t.cancel()
         for s in self._listeners:
             s.close()
         self._listeners.clear()
         for w in list(self.workers):
-            w.channel.send({"op": "shutdown", "grace": grace})
+            self._send(w, {"op": "shutdown", "grace": grace})
         for w in list(self.workers):
             try:
                 await asyncio.wait_for(w.exited.wait(), grace + 5)
@@ -192,7 +211,8 @@ class WorkerPool:
         voters = q.active()
         fds = [s.node.fast_fd() for s in voters]
         fifo = q.read_pattern is ReadPattern.FIFO
-        local = (bool(voters) and None not in fds
+        # a fault injector's rules change without a quorum change: never local
+        local = (bool(voters) and None not in fds and all(_plain(s.node) for s in voters)
                  and len(voters) >= (1 if fifo else q.vote_threshold))
         msg: Message = {
             "op": "view", "epoch": self.epoch, "local": local,
@@ -203,14 +223,16 @@ class WorkerPool:
 
     def _send_view(self, w: Worker) -> None:
         msg, fds = self._view()
-        w.channel.send(msg, fds)
+        self._send(w, msg, fds)
 
     def push_view(self) -> None:
         """The quorum changed: invalidate the workers' views now, send new ones."""
+        if self._epoch_map.closed:
+            return
         self._bump()
         msg, fds = self._view()
         for w in list(self.workers):
-            w.channel.send(msg, fds)
+            self._send(w, msg, fds)
 
     # -- connections ---------------------------------------------------------------------
     async def listen_unix(self, path: str) -> None:
@@ -225,19 +247,27 @@ class WorkerPool:
         self._listen(s)
 
     async def listen_tcp(self, host: str, port: int) -> None:
+        """Listen on every address the host resolves to (as asyncio.start_server)."""
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         if not infos:
             raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}")
-        for family, _type, _proto, _name, addr in infos[:1]:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            try:
+        bound: list[socket.socket] = []
+        try:
+            for family, _type, _proto, _name, addr in dict.fromkeys(
+                    (i[0], i[1], i[2], i[3], i[4]) for i in infos):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                bound.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind(addr)
                 s.listen(128)
-            except OSError:
+        except OSError:
+            for s in bound:
                 s.close()
-                raise
+            raise
+        for s in bound:
             self._listen(s)
 
     def _listen(self, s: socket.socket) -> None:
@@ -265,15 +295,20 @@ class WorkerPool:
         for w in self.workers:
             if w.ready and (w.conns < load or (self.take_all and best is None)):
                 best, load = w, w.conns
-        if best is not None and best.channel.send({"op": "conn"}, [conn.fileno()]):
+        if best is not None and self._send(best, {"op": "conn"}, [conn.fileno()]):
             best.conns += 1
             conn.close()
             return
+        self.here += 1  # now, not in the task: a burst of accepts must see it
         self._task(self._serve_here(conn))
 
     async def _serve_here(self, conn: socket.socket) -> None:
-        self.here += 1
         try:
             await self.nbd.serve_socket(conn)
         finally:
             self.here -= 1
+
+
+def _plain(node: BlockNode) -> bool:
+    """No fault injector anywhere below: reads of its descriptor are the node's reads."""
+    return node.driver != "faulty" and all(_plain(c) for c in node.children_nodes())

@@ -117,3 +117,34 @@ def test_scrub_counts_and_repairs_the_minority(tmp_path: Path) -> None:
     assert r["mismatched-regions"] == {} and r["unrecoverable-regions"] == 0
     assert q.last_scrub is not None and q.last_scrub["cancelled"] is False
     g.close()
+
+
+def test_a_write_missed_during_the_final_flush_is_copied_before_active(tmp_path: Path) -> None:
+    """A write that fails on the resyncing child while the job flushes it marks the region
+    dirty again; the job must copy it before the child joins the vote."""
+    g, q, _seen = setup(tmp_path)
+
+    async def main() -> None:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        await q.pwrite(0, b"\x11" * SIZE)
+        node = g.open_raw_file("new", str(tmp_path / "new.raw"), create_size=SIZE)
+        flush = node.flush
+        raced = []
+
+        async def racing_flush() -> None:
+            if not raced:  # a client write lands on the active children and fails on new
+                raced.append(True)
+                for s in q.active():
+                    await s.node.pwrite(0, b"\x22" * 4096)
+                q._missed_write(slot, 0, 4096)
+            await flush()
+
+        node.flush = racing_flush  # type: ignore[method-assign]
+        slot = g.child_add("q0", "new")
+        await jobs.jobs["resync-new"].wait()
+        assert raced and slot.state is ChildState.ACTIVE
+
+    run(main())
+    assert (tmp_path / "new.raw").read_bytes()[:4096] == b"\x22" * 4096
+    g.close()

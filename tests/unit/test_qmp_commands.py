@@ -252,6 +252,14 @@ def test_reopen_changes_options_live(env: Env) -> None:
     assert (q.vote_threshold, str(q.read_pattern), q.rewrite_corrupted) == (3, "fifo", True)
 
 
+def test_reopen_that_only_lowers_the_threshold_is_a_change(env: Env) -> None:
+    """Persistence and the worker views hang on on_change: lowering alone must fire it."""
+    changes: list[int] = []
+    env.quorum.on_change.append(lambda: changes.append(env.quorum.vote_threshold))
+    reopen(env, vote_threshold=1)
+    assert changes and changes[-1] == 1
+
+
 def test_reopen_with_a_new_children_list_is_one_step(env: Env) -> None:
     env.add_raw("n3")
     env.add_raw("n4")

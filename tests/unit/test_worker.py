@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,5 +277,65 @@ def test_closing_releases_every_descriptor(tmp_path: Path, no_leaked_fds: None) 
             await r.node.pread(0, 1 << 20)
             r.push_view()
             r.push_view()
+
+    run(main())
+
+
+def _pending(cmd: Cmd, offset: int, length: int) -> Any:
+    loop = asyncio.new_event_loop()
+    p = nbdc._Pending(cmd, offset, length, loop.create_future())
+    p.loop = loop  # type: ignore[attr-defined]
+    return p
+
+
+def test_client_assembles_chunks_and_refuses_gaps_and_strays() -> None:
+    from nbdquorum.nbd.constants import ReplyType
+
+    def data(off: int, body: bytes) -> bytes:
+        return off.to_bytes(8, "big") + body
+
+    def hole(off: int, n: int) -> bytes:
+        return off.to_bytes(8, "big") + n.to_bytes(4, "big")
+
+    p = _pending(Cmd.READ, 100, 12)
+    NBDClient._chunk(p, ReplyType.OFFSET_DATA, data(104, b"BBBB"))
+    NBDClient._chunk(p, ReplyType.OFFSET_HOLE, hole(108, 4))
+    NBDClient._chunk(p, ReplyType.OFFSET_DATA, data(100, b"AAAA"))
+    NBDClient._finish(p)
+    assert bytes(p.future.result()) == b"AAAABBBB" + bytes(4)
+    p.loop.close()
+
+    short = _pending(Cmd.READ, 0, 8)
+    NBDClient._chunk(short, ReplyType.OFFSET_DATA, data(0, b"1234"))
+    NBDClient._finish(short)
+    assert short.future.exception().errno == errno.EIO  # 4 of 8 bytes: not zeros
+    short.loop.close()
+
+    for off, body in ((96, b"xxxx"), (110, b"xxxx")):  # outside 100+12
+        stray = _pending(Cmd.READ, 100, 12)
+        with pytest.raises(nbdc.NBDClientError):
+            NBDClient._chunk(stray, ReplyType.OFFSET_DATA, data(off, body))
+        stray.loop.close()
+
+
+def test_fault_injectors_keep_every_read_forwarded(tmp_path: Path) -> None:
+    """x-faulty-set changes what a child returns without a quorum change: a worker must
+    never read around a fault injector."""
+    from nbdquorum.block.faulty import FaultyNode
+
+    async def main() -> None:
+        bus = EventBus()
+        g = Graph(bus)
+        kids = [FaultyNode(f"f{i}", g.open_raw_file(f"c{i}", str(tmp_path / f"c{i}.raw"),
+                                                     create_size=SIZE)) for i in range(3)]
+        for k in kids:
+            g.add(k)
+        q = QuorumNode("q0", kids, vote_threshold=2, bus=bus)  # type: ignore[arg-type]
+        g.add(q)
+        pool = WorkerPool(NBDServer({}, "disk"), Export("disk", q), q, 0, child_timeout=5.0)
+        msg, fds = pool._view()
+        assert msg["local"] is False and fds == []
+        await pool.shutdown(grace=1)
+        g.close()
 
     run(main())
