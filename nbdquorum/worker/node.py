@@ -100,7 +100,8 @@ class WorkerNode(BlockNode):
         return {k: n for k, n in counts.items() if n}
 
     def _current(self, v: View) -> bool:
-        return v.epoch == _EPOCH.unpack_from(self._epoch)[0]
+        epoch: int = _EPOCH.unpack_from(self._epoch)[0]
+        return v.epoch == epoch
 
     def _usable(self) -> View | None:
         v = self.view
@@ -149,7 +150,7 @@ class WorkerNode(BlockNode):
         fut = asyncio.get_running_loop().run_in_executor(
             aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
 
-        def finished(f: asyncio.Future[object]) -> None:  # the thread is done
+        def finished(f: asyncio.Future[ReadOutcome]) -> None:  # the thread is done
             v.inflight -= 1
             v.release()
             if not f.cancelled():
