@@ -109,6 +109,8 @@ _INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flag
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, min, preferred, max
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+#: size of the buffer receive_buffer() hands out between WRITE payloads
+RECEIVE_SCRATCH = 256 * 1024
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 _OFFSET = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")  # offset, hole size
@@ -242,6 +244,8 @@ class ServerConnection:
         self._pending: tuple[CmdFlag, int, int, int] | None = None
         self._write_buf = bytearray()
         self._write_filled = 0
+        self._scratch: bytearray | None = None  # receive_buffer()'s buffer between payloads
+        self._into_payload = False  # the last receive_buffer() was the payload
 
     # -- Public API --------------------------------------------------------------
 
@@ -249,7 +253,7 @@ class ServerConnection:
         """The server greeting: NBDMAGIC, IHAVEOPT and the handshake flags."""
         return _GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Feed bytes read from the client; ``b""`` means EOF.
 
         Raises:
@@ -271,6 +275,39 @@ class ServerConnection:
             self._write_filled += take
             view = view[take:]
         self._buf += view
+
+    def receive_buffer(self) -> memoryview:
+        """Where the next bytes read from the client can go; then call `buffer_filled`.
+
+        While a WRITE payload is arriving this is the rest of the payload's own
+        buffer, so the bytes land where the request will use them, without a
+        copy; otherwise a scratch buffer whose bytes `buffer_filled` adds to the
+        input.  (For asyncio's BufferedProtocol; `receive_data` is the same
+        thing for bytes already read.)
+        """
+        if self._pending is not None and self._write_filled < len(self._write_buf):
+            # _buf is empty here: the payload took everything after its header
+            self._into_payload = True
+            return memoryview(self._write_buf)[self._write_filled:]
+        self._into_payload = False
+        if self._scratch is None:
+            self._scratch = bytearray(RECEIVE_SCRATCH)
+        return memoryview(self._scratch)
+
+    def buffer_filled(self, n: int) -> None:
+        """``n`` bytes were read into the last `receive_buffer` (EOF: receive_data(b""))."""
+        if n <= 0:
+            return
+        if self._into_payload:
+            self._write_filled += n
+            return
+        assert self._scratch is not None
+        with memoryview(self._scratch) as view:
+            self.receive_data(view[:n])
+
+    def buffered(self) -> int:
+        """Received bytes not yet parsed (payloads being filled excluded)."""
+        return self._available()
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """Parse the next event out of the received bytes.

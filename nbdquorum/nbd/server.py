@@ -1,7 +1,8 @@
 """The asyncio glue around the sans-I/O NBD protocol (protocol.py).
 
-Read bytes, feed the protocol, run each request as its own task, write what
-the protocol returns.  Replies finish out of order, so a reply's header and
+Receive bytes straight into the protocol's buffers (a WRITE payload into
+its own buffer: asyncio's BufferedProtocol, no intermediate copies), run
+each request as its own task, write what the protocol returns.  Replies finish out of order, so a reply's header and
 payload go out together under one send lock.  Bytes in flight are bounded by
 a server-wide budget: while it is spent, no connection reads more requests,
 which pushes back on the clients through their sockets.
@@ -17,7 +18,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from nbdquorum.block.node import BlockNode
 from nbdquorum.nbd.constants import Cmd, CmdFlag, NbdErrno, TransmissionFlag
@@ -39,6 +40,8 @@ from nbdquorum.nbd.protocol import ServerConnection
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+#: reading pauses while this many received bytes wait to be parsed (back-pressure)
+READ_HIGH = 2 << 20
 #: replies at least this big are written buffer by buffer rather than joined
 BIG_PAYLOAD = 64 << 10
 #: READ/WRITE requests up to this size may be served without a task (_serve_now)
@@ -127,14 +130,137 @@ class Budget:
             fut.set_result(None)
 
 
-class Connection:
-    def __init__(
-        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+class Stream(asyncio.BufferedProtocol):
+    """One client socket: receives into the protocol's buffers, writes like a StreamWriter.
+
+    The connection's read loop awaits `wait_data`; reading pauses while more
+    than READ_HIGH received bytes wait to be parsed (the loop is waiting for
+    the byte budget or for the socket to drain) and resumes when it asks for
+    more.  `drain` waits while the transport's write buffer is over its high
+    mark, as StreamWriter.drain does.
+    """
+
+    def __init__(self, server: NBDServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername") or "unix"
+        self.transport: asyncio.Transport
+        self.conn: Connection
+        self.task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._fed = False  # bytes or EOF arrived since the loop last waited
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._lost = False  # connection_lost() was called
+        self._error: Exception | None = None  # ... with this error (ECONNRESET, ...)
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- protocol callbacks ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.server.stopping:
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = Connection(self.server, self)
+        self.task = self._loop.create_task(self.server._run(self.conn))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.proto.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.proto.buffer_filled(nbytes)
+        if not self._read_paused and self.conn.proto.buffered() > READ_HIGH:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.conn.proto.receive_data(b"")
+        self._wake()
+        return True  # keep the transport: replies to requests before EOF still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._error = exc
+        if exc is None and hasattr(self, "conn"):
+            self.conn.proto.receive_data(b"")  # a plain close is an EOF
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        self._fed = True
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+    # -- the read side -------------------------------------------------------------------
+    async def wait_data(self) -> None:
+        """Return once bytes or EOF arrived since the last call (the protocol has them)."""
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if not self._fed:
+            if self._error is not None:
+                raise self._error  # as StreamReader.read() does
+            self._data_waiter = self._loop.create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        self._fed = False
+
+    # -- the write side (StreamWriter's subset the connection uses) -------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def writelines(self, bufs: list[bytes | memoryview]) -> None:
+        self.transport.writelines(bufs)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = self._loop.create_future()
+        await asyncio.shield(self._drain_waiter)
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.transport.get_extra_info(name)
+
+
+class Connection:
+    def __init__(self, server: NBDServer, stream: Stream) -> None:
+        self.server = server
+        self.stream = stream
+        peer = stream.get_extra_info("peername") or "unix"
         self.log = log.getChild(f"conn{server.next_id()}")
         self.log.debug("connected from %s", peer)
         self.proto = ServerConnection(
@@ -151,7 +277,7 @@ class Connection:
     async def run(self) -> None:
         # The read loop is its own task so that shutdown can stop reading
         # without cancelling the replies and the close below.
-        self.writer.write(self.proto.initial_bytes())
+        self.stream.write(self.proto.initial_bytes())
         self.read_task = asyncio.create_task(self._read_loop())
         try:
             await asyncio.shield(self.read_task)
@@ -170,16 +296,16 @@ class Connection:
             with contextlib.suppress(Exception):
                 self._flush_out()  # replies queued in this loop iteration
                 self._flush_handshake()
-                await self.writer.drain()
-            self.writer.close()
+                await self.stream.drain()
+            self.stream.close()
             with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+                await self.stream.wait_closed()
             self.log.debug("closed")
 
     def _flush_handshake(self) -> None:
         out = self.proto.data_to_send()
         if out:
-            self.writer.write(out)
+            self.stream.write(out)
 
     async def _read_loop(self) -> None:
         budget = self.server.budget
@@ -192,18 +318,17 @@ class Connection:
                 # socket only when it is backed up.
                 if self._out:
                     self._flush_out()
-                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH:
-                    await self.writer.drain()
-                data = await self.reader.read(READ_CHUNK)
-                self.proto.receive_data(data)
+                if self.stream.get_write_buffer_size() > WRITE_HIGH:
+                    await self.stream.drain()
+                await self.stream.wait_data()  # the bytes are in the protocol already
                 continue
             if isinstance(ev, ExportChosen):
                 self.export = self.server.exports[ev.name]
                 self.log.debug("export %r chosen", ev.name)
             elif isinstance(ev, Request):
                 if self._serve_now(ev):
-                    if self.writer.transport.get_write_buffer_size() > WRITE_HIGH:
-                        await self.writer.drain()
+                    if self.stream.get_write_buffer_size() > WRITE_HIGH:
+                        await self.stream.drain()
                     continue
                 # A read holds one buffer per child until the vote: charge them all.
                 cost = (ev.length * self.export.node.buffers_per_read()
@@ -227,10 +352,9 @@ class Connection:
         Back-pressure: a sender waits while the socket's buffer is full.
         """
         self._queue(reply)
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > WRITE_HIGH:
+        if self.stream.get_write_buffer_size() > WRITE_HIGH:
             async with self.send_lock:  # one drainer at a time
-                await self.writer.drain()
+                await self.stream.drain()
 
     def _queue(self, reply: object) -> None:
         iov = self.proto.send(reply)  # type: ignore[arg-type]
@@ -245,7 +369,7 @@ class Connection:
     def _flush_out(self) -> None:
         self._flush_scheduled = False
         out, self._out, self._out_bytes = self._out, [], 0
-        if not out or self.writer.is_closing():
+        if not out or self.stream.is_closing():
             return
         if len(out) > 1 and any(len(b) >= BIG_PAYLOAD for b in out):
             # Python 3.11's writelines() joins (copies) the buffers; for a big
@@ -253,9 +377,9 @@ class Connection:
             # sends at once or copies what is left, so the payload's memory is
             # free for reuse when write() returns.
             for buf in out:
-                self.writer.write(buf)
+                self.stream.write(buf)
         else:
-            self.writer.writelines(out)
+            self.stream.writelines(out)
 
     def _serve_now(self, req: Request) -> bool:
         """Serve a small READ or WRITE synchronously if the node can (no task,
@@ -355,14 +479,10 @@ class NBDServer:
         self._ids += 1
         return self._ids
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.stopping:
-            writer.close()
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, reader, writer)
+    def _stream(self) -> Stream:
+        return Stream(self)
+
+    async def _run(self, conn: Connection) -> None:
         self.connections.add(conn)
         self._idle.clear()
         try:
@@ -374,19 +494,21 @@ class NBDServer:
 
     async def serve_socket(self, sock: socket.socket) -> None:
         """Serve one already-accepted connection (handed over by the worker pool)."""
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
-        await self._handle(reader, writer)
+        _transport, stream = await asyncio.get_running_loop().connect_accepted_socket(
+            self._stream, sock)
+        if stream.task is not None:
+            await stream.task
 
     async def listen_unix(self, path: str) -> None:
         remove_stale_socket(path)
         self.servers.append(
-            await asyncio.start_unix_server(self._handle, path=path, limit=READ_CHUNK)
+            await asyncio.get_running_loop().create_unix_server(self._stream, path=path)
         )
 
     async def listen_tcp(self, host: str, port: int) -> None:
         self.servers.append(
-            await asyncio.start_server(self._handle, host=host, port=port, limit=READ_CHUNK,
-                                       reuse_address=True)
+            await asyncio.get_running_loop().create_server(self._stream, host=host, port=port,
+                                                           reuse_address=True)
         )
 
     async def shutdown(self, grace: float = 60.0) -> None:

@@ -11,6 +11,7 @@ descriptors) is passed on flagged ``truncated``.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -30,6 +31,24 @@ Message = dict[str, Any]
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+# socket.send_fds/recv_fds of Python 3.11 drop their flags argument (so
+# MSG_DONTWAIT would be ignored): the same two calls, with the flags.
+def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int], flags: int) -> int:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return sock.sendmsg([data], anc, flags)
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int,
+             flags: int) -> tuple[bytes, list[int], int]:
+    fds = array.array("i")
+    data, ancdata, msg_flags, _addr = sock.recvmsg(
+        bufsize, socket.CMSG_LEN(maxfds * fds.itemsize), flags)
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    return data, list(fds), msg_flags
 
 
 class Channel:
@@ -59,8 +78,7 @@ class Channel:
         if self.closed:
             return False
         try:
-            socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds),
-                            socket.MSG_DONTWAIT)
+            send_fds(self.sock, json.dumps(msg).encode(), fds, socket.MSG_DONTWAIT)
             return True
         except (BlockingIOError, InterruptedError):
             log.error("control channel: the peer is not reading; %r not sent", msg.get("op"))
@@ -73,8 +91,7 @@ class Channel:
     def _readable(self) -> None:
         while not self.closed:
             try:
-                data, fds, flags, _addr = socket.recv_fds(
-                    self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
+                data, fds, flags = recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:

@@ -339,3 +339,40 @@ def test_fault_injectors_keep_every_read_forwarded(tmp_path: Path) -> None:
         g.close()
 
     run(main())
+
+
+def test_control_channel_carries_messages_and_descriptors_without_blocking(
+    tmp_path: Path,
+) -> None:
+    """On the standard asyncio loop (which leaves sockets blocking): a receive with
+    nothing queued returns to the loop, a descriptor arrives open, EOF is reported."""
+    from nbdquorum.worker.control import Channel, channel_pair
+
+    async def main() -> None:
+        a, b = channel_pair()
+        got: list[tuple[dict[str, object], list[int], bool]] = []
+        eof, arrived = asyncio.Event(), asyncio.Event()
+
+        def on_message(m: dict[str, object], f: list[int], t: bool) -> None:
+            got.append((m, f, t))
+            arrived.set()
+
+        ch_a = Channel(a, lambda m, f, t: None, lambda: None)
+        ch_b = Channel(b, on_message, eof.set)
+        ch_b.start()
+        await asyncio.sleep(0.05)  # readable callbacks with nothing queued must not block
+        f = tmp_path / "x"
+        f.write_bytes(b"hello")
+        fd = os.open(f, os.O_RDONLY)
+        assert ch_a.send({"op": "view", "n": 1}, [fd])
+        os.close(fd)
+        await asyncio.wait_for(arrived.wait(), 5)
+        (msg, fds, truncated), = got
+        assert msg == {"op": "view", "n": 1} and not truncated and len(fds) == 1
+        assert os.pread(fds[0], 5, 0) == b"hello"
+        os.close(fds[0])
+        ch_a.close()
+        await asyncio.wait_for(eof.wait(), 5)
+        ch_b.close()
+
+    run(main())
