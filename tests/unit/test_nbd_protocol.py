@@ -1382,3 +1382,53 @@ def test_payloads_stay_out_of_repr() -> None:
         DataChunk(0, big),
     ):
         assert len(repr(event)) < 200
+
+
+def _receive_into(conn: ServerConnection, data: bytes, step: int) -> list[memoryview]:
+    """Feed *data* the BufferedProtocol way, *step* bytes per read; return the buffers used."""
+    used = []
+    for i in range(0, len(data), step):
+        piece = data[i:i + step]
+        buf = conn.receive_buffer()
+        n = min(len(piece), len(buf))
+        buf[:n] = piece[:n]
+        used.append(buf)
+        conn.buffer_filled(n)
+        if n < len(piece):  # the rest goes to the next buffer
+            rest = piece[n:]
+            buf2 = conn.receive_buffer()
+            buf2[:len(rest)] = rest
+            conn.buffer_filled(len(rest))
+    return used
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 70_000, 1 << 20])
+def test_receive_buffer_puts_a_write_payload_straight_into_its_buffer(step: int) -> None:
+    conn = transmission_conn()
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    wire = req(Cmd.WRITE, 5, 4096, len(payload), data=payload) + req(Cmd.FLUSH, 6)
+    events: list[Event] = []
+    # parse between reads, as the server's read loop does
+    for i in range(0, len(wire), step):
+        _receive_into(conn, wire[i:i + step], step)
+        events += drain(conn)[0]
+    write, flush = events
+    assert isinstance(write, Request) and write.cmd == Cmd.WRITE and write.cookie == 5
+    assert bytes(write.data) == payload
+    assert isinstance(flush, Request) and flush.cmd == Cmd.FLUSH
+    assert conn.buffered() == 0
+
+
+def test_receive_buffer_is_the_payload_once_the_header_is_parsed() -> None:
+    conn = transmission_conn()
+    payload = b"\xab" * 100_000
+    wire = req(Cmd.WRITE, 1, 0, len(payload), data=payload)
+    _receive_into(conn, wire[:1000], 1000)  # header and the start of the payload
+    assert drain(conn)[0] == []  # waiting for the payload
+    buf = conn.receive_buffer()
+    assert len(buf) == len(payload) - (1000 - 28)  # exactly what is missing of it
+    buf[:] = wire[1000:]
+    conn.buffer_filled(len(buf))
+    (write,), _ = drain(conn)
+    assert isinstance(write, Request) and bytes(write.data) == payload
+    assert write.data is buf.obj  # the bytes landed in the request's own buffer
