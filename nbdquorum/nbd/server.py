@@ -35,7 +35,7 @@ from nbdquorum.nbd.events import (
     Request,
     SimpleReply,
 )
-from nbdquorum.nbd.protocol import ServerConnection
+from nbdquorum.nbd.protocol import Phase, ServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,9 @@ class Stream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.proto.buffer_filled(nbytes)
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done() and self.conn.serve_inline():
+            return  # everything received was served here; the read loop sleeps on
         if not self._read_paused and self.conn.proto.buffered() > READ_HIGH:
             self._read_paused = True
             self.transport.pause_reading()
@@ -273,6 +276,8 @@ class Connection:
         self._flush_scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.read_task: asyncio.Task[Any] | None = None
+        #: an event (or error) serve_inline() took but left to the read loop
+        self._held: object = None
 
     async def run(self) -> None:
         # The read loop is its own task so that shutdown can stop reading
@@ -307,10 +312,43 @@ class Connection:
         if out:
             self.stream.write(out)
 
+    def serve_inline(self) -> bool:
+        """Serve what just arrived from the socket callback itself, without waking
+        the read loop, while every request takes a fast path (_serve_now).
+
+        Called only while the read loop waits for data.  True: all of it was
+        served, the loop sleeps on.  False: wake the loop, which continues with
+        the event (or the protocol error) held here.  For a client with one
+        request in flight this saves a task switch per request.
+        """
+        if (self.proto.phase is not Phase.TRANSMISSION or self.server.stopping
+                or self.stream.get_write_buffer_size() > WRITE_HIGH):
+            return False
+        while True:
+            try:
+                ev = self.proto.next_event()
+                if ev is NEED_DATA:
+                    if self._out:
+                        self._flush_out()
+                    return True
+                if not (isinstance(ev, Request) and self._serve_now(ev)):
+                    self._held = ev
+                    return False
+            except Exception as err:  # raised again in the read loop, as it would be there
+                self._held = err
+                return False
+            if self.stream.get_write_buffer_size() > WRITE_HIGH:
+                return False  # the loop drains the socket first
+
     async def _read_loop(self) -> None:
         budget = self.server.budget
         while True:
-            ev = self.proto.next_event()
+            if self._held is not None:
+                ev, self._held = self._held, None
+                if isinstance(ev, BaseException):
+                    raise ev
+            else:
+                ev = self.proto.next_event()
             self._flush_handshake()
             if ev is NEED_DATA:
                 # Everything received is handled: send the replies now rather
