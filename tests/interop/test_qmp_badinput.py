@@ -144,7 +144,21 @@ def test_a_one_mib_line_of_garbage(qmp_target: StartTarget) -> None:
 def test_clients_that_vanish_mid_command(qmp_target: StartTarget, target: str) -> None:
     t = qmp_target(target)
     for i in range(20):
-        c = RawQMP(t.qmp, negotiate=i % 2 == 0)
+        if target == "qsd" and i % 2 == 0:
+            # qsd's chardev monitor serves one client at a time and now and then
+            # answers the vanished client's command (or half command) to the next
+            # one: allow one stale reply before the negotiation's own (a rare flake
+            # of the reference, seen once in ~50 runs; nbdquorum must be exact)
+            c = RawQMP(t.qmp, negotiate=False)
+            c.send(b'{"execute": "qmp_capabilities"}\n')
+            first = c.reply()
+            if first != {"return": {}}:
+                # a stale reply (then ours is next) or ours spoiled by stale bytes
+                # (then the retry's is): either way the next reply is a success
+                c.send(b'{"execute": "qmp_capabilities"}\n')
+                assert c.reply() == {"return": {}}, first
+        else:
+            c = RawQMP(t.qmp, negotiate=i % 2 == 0)
         if i % 3 == 0:
             c.send(b'{"execute": "query-named-block-nodes", "id": 1}\n')  # reply never read
         elif i % 3 == 1:
