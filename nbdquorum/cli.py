@@ -22,6 +22,7 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.ratelimit import Burst
 
 log = logging.getLogger("nbdquorum")
 
@@ -210,8 +211,25 @@ def distrust_new_images(quorum: QuorumNode, created: set[str]) -> None:
             quorum.set_state(slot, ChildState.RESYNCING)
 
 
+_event_lines = Burst()
+#: events a failing child can repeat on every request: their lines are limited
+_REPEATING = ("QUORUM_REPORT_BAD", "QUORUM_FAILURE")
+
+
 def log_event(ev: Event) -> None:
-    """Events go to stderr as one JSON line each (tests and log shippers parse them)."""
+    """Events go to stderr as one JSON line each (tests and log shippers parse them).
+
+    QUORUM_REPORT_BAD and QUORUM_FAILURE are limited per node to a burst a
+    second (ratelimit.py); how many were left out is logged with the next one.
+    """
+    if ev.name in _REPEATING:
+        node = ev.data.get("node-name") or ev.data.get("reference")
+        held = _event_lines.admit((ev.name, node))
+        if held is None:
+            return
+        if held:
+            log.warning("%d %s event line(s) for %s left out of the log (more than %d a second)",
+                        held, ev.name, node, _event_lines.limit)
     line = json.dumps({"event": ev.name, "data": ev.data, "timestamp": ev.timestamp})
     sys.stderr.write(f"EVENT {line}\n")
     sys.stderr.flush()

@@ -270,10 +270,13 @@ def make_images(d: Path, size: int, ncopies: int, stale: bool) -> None:
     write_random(d / "c0.raw", size)
     for i in range(1, ncopies):
         copy_file(d / "c0.raw", d / f"c{i}.raw")
+    # the one-file targets (qsd raw, nbdkit) get their own copy: their writes
+    # must not make c0 differ from c1, c2 under the quorums of later runs
+    copy_file(d / "c0.raw", d / "single.raw")
     if stale:
         write_random(d / "stale.raw", size)
     os.sync()
-    print(f"bench: {ncopies} identical images{' + stale' if stale else ''} of "
+    print(f"bench: {ncopies + 1} identical images{' + stale' if stale else ''} of "
           f"{size >> 20} MiB in {d} ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
@@ -307,7 +310,9 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
-def image_set(d: Path, name: str) -> list[Path]:
+def image_set(d: Path, name: str, target: Target | None = None) -> list[Path]:
+    if target is not None and target.mode == "single":
+        return [d / "single.raw"]
     if name == "q3":
         return [d / f"c{i}.raw" for i in range(3)]
     if name == "stale":
@@ -415,14 +420,14 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
             rep: int) -> dict[str, Any]:
     sock = out / "run" / f"{target.id}.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
-    argv = server_argv(target, image_set(imgdir, row.images), sock)
+    argv = server_argv(target, image_set(imgdir, row.images, target), sock)
     fio_out = out / "fio" / f"{row.id}.{target.id}.{rep}.json"
     fio_out.parent.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{target.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     os.sync()  # write-back from the previous row should not land in this one
     if args.warm:
-        warm(image_set(imgdir, row.images)[: 1 if target.mode == "single" else None])
+        warm(image_set(imgdir, row.images, target))
     t_wait = time.monotonic()
     idle_cores = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     waited = time.monotonic() - t_wait
@@ -696,10 +701,11 @@ def main() -> int:
         if r.images.startswith("n"):
             need = max(need, int(r.images[1:]))
     imgdir = (Path(args.image_dir) if args.image_dir
-              else default_image_dir(out, (need + 1) * args.size))
+              else default_image_dir(out, (need + 2) * args.size))
     imgdir.mkdir(parents=True, exist_ok=True)
     args.warm = fs_type(imgdir) != "tmpfs"
-    have = [imgdir / f"c{i}.raw" for i in range(need)] + [imgdir / "stale.raw"]
+    have = [imgdir / f"c{i}.raw" for i in range(need)] + [imgdir / "stale.raw",
+                                                           imgdir / "single.raw"]
     if not (args.keep_images and all(p.exists() and p.stat().st_size == args.size for p in have)):
         make_images(imgdir, args.size, need, stale=True)
 

@@ -44,6 +44,7 @@ from nbdquorum.block.rangelock import RangeLock
 from nbdquorum.block.readpath import INLINE_MAX, INLINE_STALL, BufferPool, InlineReads
 from nbdquorum.block.vote import VoteResult
 from nbdquorum.eventbus import EventBus
+from nbdquorum.ratelimit import Burst
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class QuorumNode(BlockNode):
         self._nowait_writes = True
         #: spare read buffers by size, so big reads do not zero-fill fresh ones
         self._pool = BufferPool()
+        #: a failing child must not flood the log (ratelimit.py)
+        self._log_burst = Burst()
         #: the last scrub's result (jobs/scrub.py), for status displays
         self.last_scrub: dict[str, Any] | None = None
         #: called after each membership/state change (persistence hooks in)
@@ -255,16 +258,22 @@ class QuorumNode(BlockNode):
         if err is not None:
             code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
             data["error"] = os.strerror(code)
-        log.warning(
-            "child %s (%s) bad on %s at sector %d+%d%s",
-            slot.node.node_name, slot.name, op, num, count,
-            f": {data['error']}" if err is not None else ": contents differ",
-        )
+        held = self._log_burst.admit((slot.node.node_name, op))
+        if held is not None:
+            log.warning(
+                "child %s (%s) bad on %s at sector %d+%d%s%s",
+                slot.node.node_name, slot.name, op, num, count,
+                f": {data['error']}" if err is not None else ": contents differ",
+                f" ({held} more not logged)" if held else "",
+            )
         self.bus.emit("QUORUM_REPORT_BAD", data)
 
     def _failure(self, offset: int, length: int) -> None:
         num, count = sector_span(offset, length)
-        log.error("quorum %s lost its quorum at sector %d+%d", self.node_name, num, count)
+        held = self._log_burst.admit(("failure",))
+        if held is not None:
+            log.error("quorum %s lost its quorum at sector %d+%d%s", self.node_name, num, count,
+                      f" ({held} more not logged)" if held else "")
         self.bus.emit(
             "QUORUM_FAILURE",
             {"reference": self.node_name, "sectors-count": count, "sector-num": num},
