@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 64
+#: the shared epoch page (a memfd both sides map): one little-endian u64 at offset 0
+EPOCH = struct.Struct("<Q")
 
 Message = dict[str, Any]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,8 +22,7 @@ from nbdquorum.block.node import BlockNode, Buffer, Extent
 from nbdquorum.block.readpath import INLINE_MAX, BufferPool, InlineReads, ReadOutcome
 from nbdquorum.nbd.client import NBDClient
 from nbdquorum.nbd.constants import Cmd, CmdFlag
-
-_EPOCH = struct.Struct("<Q")
+from nbdquorum.worker.control import EPOCH
 
 
 @dataclass(eq=False)
@@ -100,7 +98,7 @@ class WorkerNode(BlockNode):
         return {k: n for k, n in counts.items() if n}
 
     def _current(self, v: View) -> bool:
-        epoch: int = _EPOCH.unpack_from(self._epoch)[0]
+        epoch: int = EPOCH.unpack_from(self._epoch)[0]
         return v.epoch == epoch
 
     def _usable(self) -> View | None:

@@ -15,7 +15,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.nbd.server import Export, NBDServer, remove_stale_socket
-from nbdquorum.worker.control import Channel, Message, channel_pair
+from nbdquorum.worker.control import EPOCH, Channel, Message, channel_pair
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class WorkerPool:
     # -- the view ----------------------------------------------------------------------
     def _bump(self) -> None:
         self.epoch += 1
-        struct.pack_into("<Q", self._epoch_map, 0, self.epoch)
+        EPOCH.pack_into(self._epoch_map, 0, self.epoch)
 
     def _view(self) -> tuple[Message, list[int]]:
         q = self.quorum
