@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdquorum import __version__
 from nbdquorum.block.bitmap import RegionBitmap
@@ -23,6 +23,10 @@ from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.ratelimit import Burst
+from nbdquorum.sockets import Listener, bind_tcp, bind_unix
+
+if TYPE_CHECKING:
+    from nbdquorum.state import StateStore
 
 log = logging.getLogger("nbdquorum")
 
@@ -235,13 +239,33 @@ def log_event(ev: Event) -> None:
     sys.stderr.flush()
 
 
+def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
+    """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address."""
+    nbd: list[Listener] = []
+    try:
+        if cfg.socket:
+            nbd.append(bind_unix(cfg.socket, listen=False))
+        if cfg.listen or not cfg.socket:
+            host, port = cfg.listen or ("127.0.0.1", 10809)
+            nbd.extend(bind_tcp(host, port, listen=False))
+        control = bind_unix(cfg.control, mode=0o600, listen=False) if cfg.control else None
+    except OSError as err:
+        close_listeners(nbd, None)
+        raise UsageError(err.strerror or str(err)) from err
+    return nbd, control
+
+
+def close_listeners(nbd: list[Listener], control: Listener | None) -> None:
+    """Close listeners and remove the socket files this process created."""
+    for li in nbd:
+        li.close()
+    if control is not None:
+        control.close()
+
+
 async def serve(cfg: ServeConfig) -> int:
     from nbdquorum import native
-    from nbdquorum.jobs.job import JobManager
-    from nbdquorum.jobs.resync import ResyncManager
-    from nbdquorum.nbd.server import Export, NBDServer
-    from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
-    from nbdquorum.worker.pool import WorkerPool
+    from nbdquorum.state import StateError, StateStore
 
     native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()
@@ -258,6 +282,24 @@ async def serve(cfg: ServeConfig) -> int:
             cfg = apply_state(cfg, state, cfg.state_dir)
     if not cfg.children:
         raise UsageError("serve needs at least one --child (or a --state-dir that records them)")
+    # Every address first: a server that cannot listen must not have created
+    # images, recovered a crash or started jobs.
+    nbd_listeners, qmp_listener = bind_listeners(cfg)
+    try:
+        return await _serve_on(cfg, bus, store, state, nbd_listeners, qmp_listener)
+    finally:
+        close_listeners(nbd_listeners, qmp_listener)
+
+
+async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
+                    state: dict[str, Any] | None, nbd_listeners: list[Listener],
+                    qmp_listener: Listener | None) -> int:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+    from nbdquorum.nbd.server import Export, NBDServer
+    from nbdquorum.state import WriteIntentLog, crash_recover, restore
+    from nbdquorum.worker.pool import WorkerPool
+
     graph, quorum = build_graph(cfg, bus)
     intent = None
     tasks: list[asyncio.Task[None]] = []
@@ -299,27 +341,22 @@ async def serve(cfg: ServeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if pool is not None:
+            await pool.start()
         try:
-            if pool is not None:
-                await pool.start()
-            if cfg.socket:
-                await listener.listen_unix(cfg.socket)
-            if cfg.listen or not cfg.socket:
-                host, port = cfg.listen or ("127.0.0.1", 10809)
-                await listener.listen_tcp(host, port)
-            if cfg.control:
-                from nbdquorum.qmp.server import QMPServer
-
-                qmp = QMPServer(graph, bus)
-                qmp.jobs = jobs
-                qmp.resync = resync
-                await qmp.listen_unix(cfg.control)
+            for li in nbd_listeners:
+                await listener.serve_listener(li)
         except OSError as err:
-            raise UsageError(f"cannot listen: {err.strerror or err}") from err
-        where = [f"unix:{cfg.socket}"] if cfg.socket else []
-        if cfg.listen or not cfg.socket:
-            host, port = cfg.listen or ("127.0.0.1", 10809)
-            where.append(f"tcp:{host}:{port}")
+            raise UsageError(err.strerror or str(err)) from err
+        if qmp_listener is not None:
+            from nbdquorum.qmp.server import QMPServer
+
+            qmp = QMPServer(graph, bus)
+            qmp.jobs = jobs
+            qmp.resync = resync
+            await qmp.serve_listener(qmp_listener)
+        where = [li.address for li in nbd_listeners]
+        where = list(dict.fromkeys(where))
         gc.freeze()  # the graph, tables and modules never become garbage
         log.info(
             "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s%s",
