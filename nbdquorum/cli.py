@@ -420,22 +420,40 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="serve a quorum of raw images over NBD")
+    p = sub.add_parser(
+        "serve", help="serve a quorum of raw images over NBD",
+        description="Export one virtual disk over NBD: a voted quorum of raw image files. "
+                    "Every write goes to every child; every read is voted.",
+        epilog="Example: nbdquorum serve --child a=/disk1/a.raw --child b=/disk2/b.raw "
+               "--child c=/disk3/c.raw --socket /run/nbdq.sock --control /run/nbdq.qmp "
+               "--state-dir /var/lib/nbdquorum")
     p.add_argument("--child", action="append", default=[], metavar="[NAME=]PATH",
                    help="a raw image file (repeat; node-names default to child0, child1, ...)")
     p.add_argument("--size", type=parse_size, help="create missing images (sparse) of this size")
-    p.add_argument("--vote-threshold", type=int, help="children that must agree (default: majority)")
-    p.add_argument("--read-pattern", choices=["quorum", "fifo"], default="quorum")
+    p.add_argument("--vote-threshold", type=int, metavar="N",
+                   help="children that must agree for a read to succeed "
+                        "(default: a majority, children // 2 + 1)")
+    p.add_argument("--read-pattern", choices=["quorum", "fifo"], default="quorum",
+                   help="quorum: read every child and vote; fifo: read the first active "
+                        "child, the next one only on an error (default quorum)")
     p.add_argument("--rewrite-corrupted", action="store_true",
                    help="rewrite children that lose a read vote with the winning bytes")
-    p.add_argument("--node-name", default="quorum0", help="the quorum node's name")
-    p.add_argument("--export-name", default="disk", help='export name ("" selects it too)')
+    p.add_argument("--node-name", default="quorum0", metavar="NAME",
+                   help="the quorum node's name in QMP and events (default quorum0)")
+    p.add_argument("--export-name", default="disk", metavar="NAME",
+                   help='the NBD export name; clients asking for "" get it too (default disk)')
     p.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
                    help="TCP address (default 127.0.0.1:10809 when no --socket)")
-    p.add_argument("--socket", metavar="PATH", help="Unix socket for NBD")
-    p.add_argument("--control", metavar="PATH", help="Unix socket for QMP")
-    p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state")
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket for NBD (refused if a running server listens there; "
+                        "removed on exit)")
+    p.add_argument("--control", metavar="PATH",
+                   help="Unix socket for QMP, mode 0600 (default: none)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="persistent membership, resync progress and write-intent bitmap "
+                        "(default: none: a restart forgets QMP changes)")
+    p.add_argument("--read-only", action="store_true",
+                   help="export read-only and open the images read-only")
     p.add_argument("--max-errors", type=int, default=20, metavar="N",
                    help="errors after which a child is marked faulted (0: never; default 20)")
     p.add_argument("--child-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -443,9 +461,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--resync-speed", type=parse_size, default=0, metavar="BYTES",
                    help="default resync rate limit in bytes/second (512M, ...; default unlimited)")
     p.add_argument("--intent-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="how often flushed regions leave the write-intent bitmap")
+                   help="how often flushed regions leave the write-intent bitmap "
+                        "(with --state-dir; default 5)")
     p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
-                   help="how often children are checked for deleted or resized files")
+                   help="how often children are checked for deleted or resized files "
+                        "(default 1)")
     p.add_argument("--reset-state", action="store_true",
                    help="discard the membership recorded in --state-dir")
     p.add_argument("--fault-injection", action="store_true",
@@ -456,7 +476,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--workers-take-all", action="store_true",
                    help="with --workers: place every connection on a worker; the primary "
                         "only makes the forwarded requests")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: more log lines; -vv: debug, per request")
 
 
 def make_parser() -> argparse.ArgumentParser:
