@@ -469,6 +469,26 @@ def _integer(text: str) -> int:
     return n
 
 
+def _connection_options(p: argparse.ArgumentParser, *, default: bool) -> None:
+    p.add_argument("--control", metavar="PATH",
+                   default=os.environ.get("NBDQUORUM_CONTROL") if default else argparse.SUPPRESS,
+                   help="the server's --control socket (default: $NBDQUORUM_CONTROL)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   default=DEFAULT_TIMEOUT if default else argparse.SUPPRESS,
+                   help=f"for each reply (default {DEFAULT_TIMEOUT:g})")
+
+
+def _sub_parser_class(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """A parser class whose instances all inherit ``common``'s options."""
+
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["parents"] = [*kwargs.get("parents", ()), common]
+            super().__init__(*args, **kwargs)
+
+    return SubParser
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ctl`` on the main parser's subcommands."""
     p = sub.add_parser(
@@ -476,11 +496,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Operate a running nbdquorum server over its QMP control socket. "
                     "Exit codes: 0 ok, 1 the server refused a command, 2 usage, "
                     "3 cannot connect.")
-    p.add_argument("--control", metavar="PATH", default=os.environ.get("NBDQUORUM_CONTROL"),
-                   help="the server's --control socket (default: $NBDQUORUM_CONTROL)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help=f"for each reply (default {DEFAULT_TIMEOUT:g})")
-    csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    _connection_options(p, default=True)
+    # the same options after the subcommand (`ctl status --control S`): without a
+    # default there, so they override the value before it only when given
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_options(common, default=False)
+    csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND",
+                            parser_class=_sub_parser_class(common))
 
     s = csub.add_parser("status", help="children, states, counters and threshold")
     s.add_argument("node", nargs="?", help="only this quorum node")

@@ -207,3 +207,26 @@ def test_status_of_several_quorums_needs_parent(srv: ThreadedServer, capsys: Any
     assert code == 0, err
     code, out, _ = ctl_run(srv, capsys, "status", "quorum1")
     assert out.startswith("quorum1: healthy")
+
+
+@pytest.mark.parametrize("where", ["before", "after", "both"])
+def test_connection_options_before_or_after_the_subcommand(
+        srv: ThreadedServer, capsys: Any, tmp_path: Path, where: str) -> None:
+    good = ["--control", str(srv.path), "--timeout", "20"]
+    if where == "before":
+        argv = ["ctl", *good, "status", "--json"]
+    elif where == "after":
+        argv = ["ctl", "status", "--json", *good]
+    else:  # the one after the subcommand wins
+        argv = ["ctl", "--control", str(tmp_path / "none.sock"), "status", *good]
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "quorum0" in out
+
+
+def test_control_after_the_subcommand_of_a_change(srv: ThreadedServer, capsys: Any) -> None:
+    assert cli_main(["ctl", "threshold", "1", "--control", str(srv.path)]) == 0, (
+        capsys.readouterr().err)
+    assert srv.call(lambda: srv.quorum.vote_threshold) == 1
+    assert ctl.main(["events", "--count", "0", "--control", str(srv.path)]) == 0
