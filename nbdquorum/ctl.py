@@ -226,53 +226,105 @@ def add_child(client: QMPClient, parent: str, name: str, path: str) -> None:
         raise
 
 
+class ProgressBar:
+    """``label [#####     ]  42.0%  12.3 MiB/s`` redrawn in place on a terminal.
+
+    Off a terminal it draws nothing (a log file gets no carriage returns);
+    :meth:`finish` then leaves the cursor on a fresh line either way, so the
+    line printed after it (the "done" line) is never overwritten.
+    """
+
+    WIDTH: Final = 30
+
+    def __init__(self, label: str, out: IO[str]) -> None:
+        self.label = label
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = False
+        self._start: tuple[float, int] | None = None  # (time, bytes done) at the first draw
+        self._rate = ""
+
+    def update(self, done: int, total: int) -> None:
+        if not self.tty or total <= 0:
+            return
+        now = time.monotonic()
+        if self._start is None:
+            self._start = (now, done)
+        t0, d0 = self._start
+        if now > t0 and done > d0:
+            self._rate = f"  {(done - d0) / (now - t0) / 2**20:7.1f} MiB/s"
+        self._draw(min(1.0, max(0.0, done / total)))
+
+    def _draw(self, fraction: float) -> None:
+        bar = "#" * int(fraction * self.WIDTH)
+        self.out.write(f"\r{self.label} [{bar:<{self.WIDTH}}] {fraction * 100:5.1f}%"
+                       f"{self._rate}   ")
+        self.out.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        """Draw 100% and end the line (only if a bar was drawn)."""
+        if self.drawn:
+            self._draw(1.0)
+            self.out.write("\n")
+            self.out.flush()
+            self.drawn = False
+
+
 def wait_active(client: QMPClient, parent: str, name: str, timeout: float | None,
                 out: IO[str]) -> None:
     """Poll until the child ``name`` votes (its resync is done)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = None
-    started: tuple[float] | None = None
-    first_done = 0.0
-    while True:
-        (status,) = quorum_status(client, parent)
-        child = child_of(status, name)
-        if child is None:
-            raise CtlError(f"{name} left {parent} while it was being synchronized")
-        state = child.get("state")
-        if state == "active":
-            if started is not None:
-                out.write(f"\rresync {name} [{'#' * 30}] 100.0%{' ' * 20}\n")
-                out.flush()
-            return
-        if state == "faulted":
-            raise CtlError(f"{name} faulted while it was being synchronized")
-        failures = child.get("resync-failures", 0)
-        if isinstance(failures, int) and failures >= RESYNC_GIVE_UP:
-            raise CtlError(f"the resync of {name} failed {failures} times "
-                           f"(last: {child.get('resync-error')}); the server keeps retrying, "
-                           f"{name} stays out of the vote")
-        left = child.get("unsynced-bytes")
-        size = status.get("size")
-        if out.isatty() and isinstance(left, int) and isinstance(size, int) and size > 0:
-            # a progress bar on a terminal, redrawn in place
-            done = 1.0 - left / size
-            rate = ""
-            if started is not None and done > first_done:
-                spent = time.monotonic() - started[0]
-                rate = f"  {(done - first_done) * size / spent / 2**20:7.1f} MiB/s" if spent else ""
-            if started is None:
-                started, first_done = (time.monotonic(),), done
-            bar = "#" * int(done * 30)
-            out.write(f"\rresync {name} [{bar:<30}] {done * 100:5.1f}%{rate}   ")
+    bar = ProgressBar(f"resync {name}", out)
+    try:
+        while True:
+            (status,) = quorum_status(client, parent)
+            child = child_of(status, name)
+            if child is None:
+                raise CtlError(f"{name} left {parent} while it was being synchronized")
+            state = child.get("state")
+            if state == "active":
+                bar.finish()
+                return
+            if state == "faulted":
+                raise CtlError(f"{name} faulted while it was being synchronized")
+            failures = child.get("resync-failures", 0)
+            if isinstance(failures, int) and failures >= RESYNC_GIVE_UP:
+                raise CtlError(f"the resync of {name} failed {failures} times "
+                               f"(last: {child.get('resync-error')}); the server keeps "
+                               f"retrying, {name} stays out of the vote")
+            left = child.get("unsynced-bytes")
+            size = status.get("size")
+            if bar.tty and isinstance(left, int) and isinstance(size, int) and size > 0:
+                bar.update(size - left, size)
+            elif left != shown:
+                print(f"waiting for {name} to resync ({state}"
+                      + (f", {_human(left)} to go" if isinstance(left, int) else "") + ")",
+                      file=out, flush=True)
+                shown = left
+            if deadline is not None and time.monotonic() > deadline:
+                raise CtlError(f"{name} is still {state} after {timeout}s")
+            time.sleep(POLL_INTERVAL)
+    finally:
+        if bar.drawn:  # interrupted mid-bar: end its line before the error message
+            out.write("\n")
             out.flush()
-        elif left != shown:
-            print(f"waiting for {name} to resync ({state}"
-                  + (f", {left} bytes to go" if isinstance(left, int) else "") + ")",
-                  file=out, flush=True)
-            shown = left
-        if deadline is not None and time.monotonic() > deadline:
-            raise CtlError(f"{name} is still {state} after {timeout}s")
-        time.sleep(POLL_INTERVAL)
+
+
+def describe_child(client: QMPClient, parent: str, name: str) -> str:
+    """``active (in sync)`` or ``resyncing (16.0 MiB to copy)``: for confirmation lines."""
+    (status,) = quorum_status(client, parent)
+    child = child_of(status, name)
+    if child is None:
+        return "not a member"
+    state = str(child.get("state"))
+    left = child.get("unsynced-bytes")
+    if state == "active":
+        return "active (in sync)"
+    if state == "resyncing" and isinstance(left, int):
+        return f"resyncing ({_human(left)} to copy)"
+    return state
 
 
 # --------------------------------------------------------------------------- status table
@@ -355,7 +407,10 @@ def cmd_add(client: QMPClient, args: argparse.Namespace) -> int:
     add_child(client, parent, name, path)
     if args.wait:
         wait_active(client, parent, name, args.wait_timeout, sys.stderr)
-    _report(args, {"parent": parent, "added": name, "filename": path})
+    text = f"added {name} to {parent}: {describe_child(client, parent, name)}"
+    if not args.wait and "resyncing" in text:
+        text += "; it votes once in sync (`nbdquorum ctl status` shows the progress)"
+    _report(args, {"parent": parent, "added": name, "filename": path}, text)
     return EXIT_OK
 
 
@@ -368,7 +423,9 @@ def cmd_remove(client: QMPClient, args: argparse.Namespace) -> int:
         except QMPReplyError as err:
             raise QMPReplyError(err.error_class, f"{args.name} was detached from {parent}, "
                                                  f"but not closed: {err.desc}") from err
-    _report(args, {"parent": parent, "removed": args.name})
+    _report(args, {"parent": parent, "removed": args.name},
+            f"removed {args.name} from {parent}"
+            + (" (detached; the node stays open)" if args.keep_node else " and closed it"))
     return EXIT_OK
 
 
@@ -384,15 +441,25 @@ def cmd_replace(client: QMPClient, args: argparse.Namespace) -> int:
     client.execute("x-blockdev-child-del", {"parent": parent, "child": args.old})
     if not args.keep_node:
         client.execute("blockdev-del", {"node-name": args.old})
-    _report(args, {"parent": parent, "added": name, "filename": path, "removed": args.old})
+    gone = "detached (node kept open)" if args.keep_node else "removed"
+    if args.no_wait:
+        text = (f"replaced {args.old} with {name} in {parent}: {args.old} {gone}; "
+                f"{name} is {describe_child(client, parent, name)}")
+    else:
+        text = f"replaced {args.old} with {name} in {parent}: done ({name} in sync, {args.old} {gone})"
+    _report(args, {"parent": parent, "added": name, "filename": path, "removed": args.old}, text)
     return EXIT_OK
 
 
 def cmd_threshold(client: QMPClient, args: argparse.Namespace) -> int:
     parent = pick_parent(client, args.parent)
+    (before,) = quorum_status(client, parent)
     client.execute("blockdev-reopen", {"options": [
         {"driver": "quorum", "node-name": parent, "vote-threshold": args.n}]})
-    _report(args, {"parent": parent, "vote-threshold": args.n})
+    old = before.get("vote-threshold")
+    _report(args, {"parent": parent, "vote-threshold": args.n},
+            f"{parent}: vote-threshold {args.n}" + (f" (was {old})" if old != args.n
+                                                    else " (unchanged)"))
     return EXIT_OK
 
 
@@ -442,9 +509,12 @@ def check_usage(args: argparse.Namespace) -> None:
         parse_named_path(args.spec)
 
 
-def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+def _report(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """The confirmation of a change: ``result`` as JSON with --json, else ``text``."""
     if getattr(args, "json", False):
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+    else:
+        print(text, flush=True)
 
 
 COMMANDS: Final = {

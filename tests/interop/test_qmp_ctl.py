@@ -60,18 +60,22 @@ def test_add_remove_replace_threshold(qmp_target: StartTarget) -> None:
     with open(spare, "rb") as f:
         assert f.read(1 << 20) == b"\x32" * (1 << 20)  # resynced before --wait returned
 
-    assert ctl(t.qmp, "threshold", "3").returncode == 0
+    proc = ctl(t.qmp, "threshold", "3")
+    assert (proc.returncode, proc.stdout) == (0, f"{QUORUM}: vote-threshold 3 (was 2)\n")
     assert status(t)["vote-threshold"] == 3
 
     fresh = make_image(t.tmp / "fresh.raw")
     proc = ctl(t.qmp, "replace", "child1", f"fresh={fresh}")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (f"replaced child1 with fresh in {QUORUM}: done "
+                           "(fresh in sync, child1 removed)\n")
     names = [c["node-name"] for c in status(t)["children"]]
     assert names == ["child0", "child2", "spare", "fresh"]
     with open(fresh, "rb") as f:
         assert f.read(1 << 20) == b"\x32" * (1 << 20)  # replace waited for the resync
 
-    assert ctl(t.qmp, "remove", "spare").returncode == 0
+    proc = ctl(t.qmp, "remove", "spare")
+    assert (proc.returncode, proc.stdout) == (0, f"removed spare from {QUORUM} and closed it\n")
     proc = ctl(t.qmp, "remove", "child0")
     assert proc.returncode == 1
     assert "lower than the vote threshold 3" in proc.stderr

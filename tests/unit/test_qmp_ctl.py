@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode
 from nbdquorum.cli import main as cli_main
 from nbdquorum.eventbus import EventBus
+from nbdquorum.jobs.job import JobManager
+from nbdquorum.jobs.resync import ResyncManager
 from nbdquorum.qmp.server import QMPServer
 
 SIZE = 1 << 20
@@ -25,7 +29,8 @@ SIZE = 1 << 20
 class ThreadedServer:
     """A graph and its QMP server on an event loop in a background thread."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, resync_speed: int | None = None) -> None:
+        """``resync_speed``: run background jobs, new children resyncing at this rate."""
         self.tmp = tmp
         self.path = tmp / "qmp.sock"
         self.bus = EventBus()
@@ -40,6 +45,11 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
         self.loop.set_debug(True)
         self.server = QMPServer(self.graph, self.bus)
+        self.jobs: JobManager | None = None
+        if resync_speed is not None:
+            self.jobs = JobManager(self.bus)
+            self.server.jobs = self.jobs
+            self.server.resync = ResyncManager(self.graph, self.jobs, speed=resync_speed)
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -65,6 +75,8 @@ class ThreadedServer:
         return box[0]
 
     def stop(self) -> None:
+        if self.jobs is not None:
+            asyncio.run_coroutine_threadsafe(self.jobs.shutdown(), self.loop).result(10)
         asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -86,6 +98,19 @@ def srv(tmp_path: Path) -> Iterator[ThreadedServer]:
     s = ThreadedServer(tmp_path)
     yield s
     s.stop()
+
+
+@pytest.fixture
+def jobsrv(tmp_path: Path) -> Iterator[ThreadedServer]:
+    """A server with background jobs; new children resync at 512 KiB/s (2 s for 1 MiB)."""
+    s = ThreadedServer(tmp_path, resync_speed=512 * 1024)
+    yield s
+    s.stop()
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def ctl_run(srv: ThreadedServer, capsys: Any, *argv: str) -> tuple[int, str, str]:
@@ -230,3 +255,63 @@ def test_control_after_the_subcommand_of_a_change(srv: ThreadedServer, capsys: A
         capsys.readouterr().err)
     assert srv.call(lambda: srv.quorum.vote_threshold) == 1
     assert ctl.main(["events", "--count", "0", "--control", str(srv.path)]) == 0
+
+
+def test_every_change_prints_a_confirmation_line(srv: ThreadedServer, capsys: Any) -> None:
+    n3 = srv.image("n3.raw")
+    code, out, err = ctl_run(srv, capsys, "add", f"n3={n3}")
+    assert (code, err) == (0, "")
+    assert out == "added n3 to quorum0: active (in sync)\n"
+    code, out, _ = ctl_run(srv, capsys, "threshold", "3")
+    assert out == "quorum0: vote-threshold 3 (was 2)\n"
+    code, out, _ = ctl_run(srv, capsys, "threshold", "3")
+    assert out == "quorum0: vote-threshold 3 (unchanged)\n"
+    code, out, _ = ctl_run(srv, capsys, "replace", "child1", f"n4={srv.image('n4.raw')}")
+    assert code == 0
+    assert out == "replaced child1 with n4 in quorum0: done (n4 in sync, child1 removed)\n"
+    code, out, _ = ctl_run(srv, capsys, "remove", "n3")
+    assert (code, out) == (0, "removed n3 from quorum0 and closed it\n")
+    # --json stays one machine-readable object, nothing else on stdout
+    code, out, _ = ctl_run(srv, capsys, "threshold", "2", "--json")
+    assert json.loads(out) == {"parent": "quorum0", "vote-threshold": 2}
+    code, out, err = ctl_run(srv, capsys, "remove", "n4", "--keep-node")
+    assert (code, out) == (0, "removed n4 from quorum0 (detached; the node stays open)\n"), err
+
+
+def test_progress_bar_ends_its_line_before_the_done_line() -> None:
+    term = FakeTerminal()
+    bar = ctl.ProgressBar("resync n4", term)
+    bar.update(0, 4 << 20)
+    bar.update(1 << 20, 4 << 20)
+    bar.finish()
+    term.write("done\n")
+    lines = term.getvalue().split("\n")
+    assert lines[-1] == ""
+    assert lines[-2] == "done"  # on a line of its own: not overwritten by the bar
+    assert lines[-3].rsplit("\r", 1)[-1].startswith("resync n4 [" + "#" * 30 + "] 100.0%")
+    quiet = io.StringIO()  # not a terminal: no bar, no carriage returns
+    bar = ctl.ProgressBar("resync n4", quiet)
+    bar.update(1, 2)
+    bar.finish()
+    assert quiet.getvalue() == ""
+
+
+def test_replace_on_a_terminal_draws_a_bar_then_the_done_line(
+        jobsrv: ThreadedServer, capsys: Any, monkeypatch: Any) -> None:
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    code = cli_main(["ctl", "--control", str(jobsrv.path), "replace", "child1",
+                     f"n4={jobsrv.image('n4.raw')}"])
+    out, _ = capsys.readouterr()
+    assert code == 0, term.getvalue()
+    assert out == "replaced child1 with n4 in quorum0: done (n4 in sync, child1 removed)\n"
+    bar = term.getvalue()
+    assert bar.endswith("\n") and "\r" in bar
+    assert bar.rstrip().rsplit("\r", 1)[-1].startswith("resync n4 [" + "#" * 30 + "] 100.0%")
+
+
+def test_add_without_wait_says_it_resyncs(jobsrv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(jobsrv, capsys, "add", f"n3={jobsrv.image('n3.raw')}")
+    assert code == 0, err
+    assert out.startswith("added n3 to quorum0: resyncing (")
+    assert "to copy); it votes once in sync" in out
