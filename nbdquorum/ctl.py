@@ -2,7 +2,7 @@
 
 Subcommands: ``status`` (a table of children, states and counters, like
 ``zpool status``), ``add NAME=PATH``, ``remove NAME``, ``replace OLD NAME=PATH``,
-``threshold N``, ``events`` (follow) and ``qmp JSON`` (raw).  Each is a short
+``threshold N``, ``scrub``, ``events`` (follow) and ``qmp COMMAND|JSON``.  Each is a short
 sequence of ordinary QMP commands, so anything ctl does can be scripted with
 any QMP client too.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -477,18 +478,65 @@ def cmd_events(client: QMPClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parse_message(text: str) -> dict[str, Any]:
+#: what ``ctl qmp NAME`` takes for a command name (QAPI names: letters, digits, ``-_``)
+_COMMAND_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def parse_message(text: str, arguments: str | None = None) -> dict[str, Any]:
+    """The message of ``ctl qmp``: raw JSON, or a command name and optional JSON arguments.
+
+    Raises:
+        UsageProblem: neither, or arguments that are not a JSON object.
+    """
+    if _COMMAND_NAME.fullmatch(text):
+        msg: dict[str, Any] = {"execute": text}
+        if arguments is not None:
+            try:
+                args = json.loads(arguments)
+            except ValueError as err:
+                raise UsageProblem(f"the arguments of {text} are not JSON: {err}") from err
+            if not isinstance(args, dict):
+                raise UsageProblem(f"the arguments of {text} must be a JSON object, "
+                                   """e.g. '{"node-name": "child1"}'""")
+            msg["arguments"] = args
+        return msg
+    if arguments is not None:
+        raise UsageProblem("give either a whole JSON message or a command name and its "
+                           "arguments, not a JSON message and more")
     try:
-        msg = json.loads(text)
+        parsed = json.loads(text)
     except ValueError as err:
-        raise UsageProblem(f"not JSON: {err}") from err
-    if not isinstance(msg, dict):
+        raise UsageProblem(f"neither a command name nor JSON: {err}") from err
+    if not isinstance(parsed, dict):
         raise UsageProblem("the message must be a JSON object")
-    return msg
+    return parsed
+
+
+def known_events() -> list[str]:
+    """The event names the server can send (the table in qmp/schema.py)."""
+    from nbdquorum.qmp.schema import EVENTS
+
+    return sorted(EVENTS)
+
+
+def check_event_names(names: Sequence[str]) -> list[str]:
+    """``names`` spelled as the server sends them (any case accepted).
+
+    Raises:
+        UsageProblem: an unknown name; the message lists the known ones.
+    """
+    known = known_events()
+    out = []
+    for name in names:
+        if name.upper() not in known:
+            raise UsageProblem(f"unknown event {name!r}; the server sends: "
+                               + ", ".join(known))
+        out.append(name.upper())
+    return out
 
 
 def cmd_qmp(client: QMPClient, args: argparse.Namespace) -> int:
-    reply = client.raw(parse_message(args.message))
+    reply = client.raw(parse_message(args.message, args.arguments))
     print(json.dumps(reply))
     if "error" in reply:
         error = reply["error"]
@@ -504,7 +552,9 @@ def check_usage(args: argparse.Namespace) -> None:
         UsageProblem: with the message for stderr.
     """
     if args.ctl_command == "qmp":
-        parse_message(args.message)
+        parse_message(args.message, args.arguments)
+    if args.ctl_command == "events" and args.name:
+        args.name = check_event_names(args.name)
     if args.ctl_command in ("add", "replace"):
         parse_named_path(args.spec)
 
@@ -608,10 +658,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     e = csub.add_parser("events", help="print events as JSON lines until interrupted")
     e.add_argument("--count", type=_integer, metavar="N", help="stop after N events")
-    e.add_argument("--name", action="append", metavar="EVENT", help="only these events (repeat)")
+    e.add_argument("--name", action="append", metavar="EVENT",
+                   help="only these events (repeat); one of " + ", ".join(known_events()))
 
-    q = csub.add_parser("qmp", help="send one raw QMP message and print the reply")
-    q.add_argument("message", metavar="JSON", help="""e.g. '{"execute": "query-version"}'""")
+    q = csub.add_parser(
+        "qmp", help="send one QMP command and print the reply",
+        description="Send one QMP message and print the reply as JSON: a command name "
+                    "(`ctl qmp query-jobs`), a name and its arguments as a JSON object "
+                    """(`ctl qmp x-quorum-scrub '{"repair": true}'`), or a whole raw """
+                    """message (`ctl qmp '{"execute": "query-version", "id": 1}'`).""")
+    q.add_argument("message", metavar="COMMAND|JSON",
+                   help="a command name, or a whole JSON message")
+    q.add_argument("arguments", metavar="ARGUMENTS", nargs="?",
+                   help="the command's arguments, a JSON object (with a command name only)")
 
 
 def run(args: argparse.Namespace) -> int:

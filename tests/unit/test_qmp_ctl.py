@@ -315,3 +315,61 @@ def test_add_without_wait_says_it_resyncs(jobsrv: ThreadedServer, capsys: Any) -
     assert code == 0, err
     assert out.startswith("added n3 to quorum0: resyncing (")
     assert "to copy); it votes once in sync" in out
+
+
+def test_qmp_takes_a_bare_command_name_and_json_arguments(
+        srv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(srv, capsys, "qmp", "query-version")
+    assert code == 0, err
+    assert json.loads(out)["return"]["package"] == "nbdquorum 0.1.0"
+    code, out, err = ctl_run(srv, capsys, "qmp", "query-quorum-status",
+                             '{"node-name": "quorum0"}')
+    assert code == 0, err
+    assert json.loads(out)["return"][0]["node-name"] == "quorum0"
+    code, out, err = ctl_run(srv, capsys, "qmp", "query-quorum-status", '{"node-name": "x"}')
+    assert code == 1 and "node-name='x'" in err
+
+
+def test_qmp_message_parsing() -> None:
+    assert ctl.parse_message("query-version") == {"execute": "query-version"}
+    assert ctl.parse_message("qmp_capabilities") == {"execute": "qmp_capabilities"}
+    assert ctl.parse_message("x-quorum-scrub", '{"repair": true}') == {
+        "execute": "x-quorum-scrub", "arguments": {"repair": True}}
+    assert ctl.parse_message(' {"execute": "quit", "id": 3}') == {"execute": "quit", "id": 3}
+    for bad, args, text in [("not json", None, "neither a command name nor JSON"),
+                            ("[1]", None, "must be a JSON object"),
+                            ("quit", "[1]", "must be a JSON object"),
+                            ("quit", "{", "are not JSON"),
+                            ('{"execute": "quit"}', "{}", "not a JSON message and more")]:
+        with pytest.raises(ctl.UsageProblem, match=text):
+            ctl.parse_message(bad, args)
+
+
+def test_unknown_event_names_are_refused_at_once(tmp_path: Path, capsys: Any) -> None:
+    # refused before connecting: no server is needed, nothing waits
+    code = cli_main(["ctl", "--control", str(tmp_path / "none.sock"), "events",
+                     "--name", "BOGUS"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown event 'BOGUS'" in err
+    assert "QUORUM_REPORT_BAD" in err and "BLOCK_JOB_COMPLETED" in err
+
+
+def test_event_names_in_any_case(srv: ThreadedServer, capsys: Any) -> None:
+    result: list[int] = []
+
+    def follow() -> None:
+        result.append(ctl.main(["--control", str(srv.path), "events", "--count", "1",
+                                "--name", "quorum_failure"]))
+
+    t = threading.Thread(target=follow)
+    t.start()
+    for _ in range(2000):
+        if not t.is_alive():
+            break
+        srv.call(srv.bus.emit, "QUORUM_FAILURE",
+                 {"reference": "quorum0", "sectors-count": 1, "sector-num": 0})
+        t.join(0.01)
+    t.join(10)
+    assert result == [0]
+    assert json.loads(capsys.readouterr().out)["event"] == "QUORUM_FAILURE"
