@@ -352,15 +352,146 @@ def _human(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-def format_status(statuses: Sequence[dict[str, Any]]) -> str:
-    """``zpool status``-like text: one block per quorum, one row per child."""
+def _count(n: int, what: str) -> str:
+    plural = "children" if what == "child" else f"{what}s"
+    return f"{n} {what if n == 1 else plural}"
+
+
+def _local_time(epoch: Any) -> str:
+    if not isinstance(epoch, int | float) or isinstance(epoch, bool):
+        return "at an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+def format_scrub(scrub: dict[str, Any], members: Sequence[str]) -> str:
+    """The ``last scrub`` line: kind, outcome, local date, what it found on CURRENT members.
+
+    A child removed since the scrub is not named (its node-name may even belong to
+    another image by now).
+    """
+    kind = "repair" if scrub.get("repair") else "check"
+    when = _local_time(scrub.get("finished"))
+    if scrub.get("cancelled"):
+        outcome = f"cancelled {when}"
+    elif scrub.get("error"):
+        outcome = f"failed {when} ({scrub['error']})"
+    else:
+        outcome = f"completed {when}"
+    parts = [f"{kind}, {outcome}"]
+    scanned = scrub.get("scanned")
+    if isinstance(scanned, int):
+        parts.append(f"{_human(scanned)} scanned")
+    regions = scrub.get("mismatched-regions") or {}
+    nbytes = scrub.get("mismatched-bytes") or {}
+    found = []
+    if isinstance(regions, dict):
+        verb = "repaired" if scrub.get("repair") else "differ"
+        for name in members:
+            n = regions.get(name)
+            if isinstance(n, int) and n > 0:
+                size = nbytes.get(name) if isinstance(nbytes, dict) else None
+                found.append(f"{name}: {_count(n, 'region')}"
+                              + (f" ({_human(size)})" if isinstance(size, int) else "")
+                              + f" {verb}")
+    unrecoverable = scrub.get("unrecoverable-regions")
+    if isinstance(unrecoverable, int) and unrecoverable > 0:
+        found.append(f"{_count(unrecoverable, 'region')} without a quorum (unrecoverable)")
+    parts += found or ["no mismatches"]
+    return ", ".join(parts)
+
+
+def _n(child: dict[str, Any], key: str) -> int:
+    value = child.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def diagnose(st: dict[str, Any], *, several: bool = False
+             ) -> tuple[str, list[tuple[str, str]]]:
+    """``(health, [(status, action), ...])`` of one quorum, like zpool's state/status/action.
+
+    health is ``healthy`` (every child active, no errors counted), ``degraded``
+    (a child is out of the vote or has errors; I/O still works) or ``failed``
+    (fewer children in sync than the vote threshold: I/O fails).  ``several``:
+    the server has several quorums, so the suggested commands name this one.
+    """
+    node = str(st.get("node-name"))
+
+    def ctl(command: str) -> str:
+        parent = f" --parent {node}" if several else ""
+        return f"`nbdquorum ctl {command}{parent}`"
+
+    children = [c for c in st.get("children", []) if isinstance(c, dict)]
+    threshold = st.get("vote-threshold")
+    size = st.get("size")
+    active = sum(1 for c in children if c.get("state") == "active")
+    problems: list[tuple[str, str]] = []
+    failed = isinstance(threshold, int) and active < threshold
+    if failed:
+        lower = (f"lower the threshold ({ctl(f'threshold {active}')}) to serve from the "
+                 "children in sync, or " if active >= 1 else "")
+        problems.append((
+            f"only {active} of {_count(len(children), 'child')} in sync, fewer than the vote "
+            f"threshold {threshold}: reads and writes fail",
+            f"{lower}bring children back (below)"))
+    for c in children:
+        name = str(c.get("node-name"))
+        state = c.get("state")
+        replace = ctl(f"replace {name} NEW=PATH")
+        if state == "faulted":
+            problems.append((
+                f"{name} is faulted after {_count(_n(c, 'errors'), 'error')}: it gets no I/O",
+                f"{replace}; or, once its device is fixed, `nbdquorum ctl qmp "
+                f"""x-quorum-resync '{{"node-name": "{name}", "full": true}}'`"""))
+            continue
+        if state == "resyncing":
+            left = _n(c, "unsynced-bytes")
+            progress = (f"{(1 - left / size) * 100:.1f}% done, {_human(left)} to go"
+                        if isinstance(size, int) and size > 0 else f"{_human(left)} to go")
+            failures = _n(c, "resync-failures")
+            if failures:
+                problems.append((
+                    f"{name} is resyncing ({progress}), but its resync failed "
+                    f"{_count(failures, 'time')} (last: {c.get('resync-error')})",
+                    f"check the image of {name}; the server keeps retrying; or {replace}"))
+            else:
+                problems.append((f"{name} is resyncing: {progress}",
+                                 "none needed; it votes once in sync "
+                                 f"(`nbdquorum ctl status {node}` shows the progress)"))
+        elif state != "active":
+            problems.append((f"{name} is {state}", f"{replace}"))
+        errs = [(_n(c, "checksum-errors"), "checksum error"), (_n(c, "read-errors"), "read error"),
+                (_n(c, "write-errors"), "write error"), (_n(c, "flush-errors"), "flush error")]
+        found = [_count(n, what) for n, what in errs if n]
+        if not found:
+            continue
+        text = f"{name} has " + (", ".join(found[:-1]) + " and " + found[-1]
+                                 if len(found) > 1 else found[0])
+        if _n(c, "checksum-errors"):
+            action = f"run {ctl('scrub --repair')}, or {replace}"
+        else:
+            action = (f"check the device behind {name} (kernel log); if errors continue, "
+                      f"{replace}")
+        problems.append((text, action))
+    if failed:
+        health = "failed"
+    elif problems:
+        health = "degraded"
+    else:
+        health = "healthy"
+    return health, problems
+
+
+def format_status(statuses: Sequence[dict[str, Any]], *, several: bool = False) -> str:
+    """``zpool status``-like text: per quorum its health (what is wrong, what to run),
+    options, one row per child, the last scrub."""
     out: list[str] = []
     for st in statuses:
         children = st.get("children", [])
-        active = sum(1 for c in children if c.get("state") == "active")
-        health = "healthy" if active == len(children) else (
-            f"degraded ({active} of {len(children)} children active)")
+        health, problems = diagnose(st, several=several or len(statuses) > 1)
         out.append(f"{st.get('node-name')}: {health}")
+        for status, action in problems:
+            out.append(f"  status: {status}")
+            out.append(f"  action: {action}")
         opts = [f"vote-threshold {st.get('vote-threshold')}",
                 f"read-pattern {st.get('read-pattern')}",
                 f"rewrite-corrupted {'on' if st.get('rewrite-corrupted') else 'off'}"]
@@ -385,7 +516,8 @@ def format_status(statuses: Sequence[dict[str, Any]]) -> str:
             out.append("  " + "  ".join(cells).rstrip())
         scrub = st.get("last-scrub")
         if isinstance(scrub, dict):
-            out.append("  last scrub: " + ", ".join(f"{k} {v}" for k, v in scrub.items()))
+            members = [str(c.get("node-name")) for c in children]
+            out.append("  last scrub: " + format_scrub(scrub, members))
         out.append("")
     return "\n".join(out)
 
@@ -397,8 +529,9 @@ def cmd_status(client: QMPClient, args: argparse.Namespace) -> int:
     statuses = quorum_status(client, args.node)
     if args.json:
         print(json.dumps(statuses, indent=2))
-    else:
-        sys.stdout.write(format_status(statuses))
+        return EXIT_OK
+    several = len(statuses) > 1 or (args.node is not None and len(quorum_status(client)) > 1)
+    sys.stdout.write(format_status(statuses, several=several))
     return EXIT_OK
 
 

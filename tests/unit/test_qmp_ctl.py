@@ -7,6 +7,7 @@ import io
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,134 @@ def test_event_names_in_any_case(srv: ThreadedServer, capsys: Any) -> None:
     t.join(10)
     assert result == [0]
     assert json.loads(capsys.readouterr().out)["event"] == "QUORUM_FAILURE"
+
+
+# --------------------------------------------------------------------------- health
+
+
+def quorum(*children: dict[str, Any], threshold: int = 2, **more: Any) -> dict[str, Any]:
+    kids = []
+    for i, c in enumerate(children):
+        kids.append({"child": f"children.{i}", "node-name": f"c{i}", "state": "active",
+                     "reads": 0, "writes": 0, "read-errors": 0, "write-errors": 0,
+                     "flush-errors": 0, "checksum-errors": 0, "repaired-bytes": 0,
+                     "unsynced-bytes": 0, "errors": 0, "resync-failures": 0,
+                     "filename": f"/img/c{i}.raw", **c})
+    return {"node-name": "q", "vote-threshold": threshold, "read-pattern": "quorum",
+            "rewrite-corrupted": False, "size": 16 << 20, "children": kids,
+            "last-scrub": None, **more}
+
+
+def test_health_healthy() -> None:
+    assert ctl.diagnose(quorum({}, {}, {})) == ("healthy", [])
+
+
+def test_health_names_checksum_errors_and_the_next_command() -> None:
+    health, problems = ctl.diagnose(quorum({}, {"checksum-errors": 3}, {}))
+    assert health == "degraded"
+    assert problems == [("c1 has 3 checksum errors",
+                         "run `nbdquorum ctl scrub --repair`, or "
+                         "`nbdquorum ctl replace c1 NEW=PATH`")]
+
+
+def test_health_read_and_write_errors() -> None:
+    health, problems = ctl.diagnose(quorum({"read-errors": 1, "write-errors": 2}, {}, {}))
+    assert health == "degraded"
+    ((status, action),) = problems
+    assert status == "c0 has 1 read error and 2 write errors"
+    assert "check the device behind c0" in action and "replace c0 NEW=PATH" in action
+    _, problems = ctl.diagnose(quorum({"checksum-errors": 1, "read-errors": 1,
+                                       "flush-errors": 1}, {}, {}))
+    assert problems[0][0] == "c0 has 1 checksum error, 1 read error and 1 flush error"
+    assert "scrub --repair" in problems[0][1]
+
+
+def test_health_faulted_child() -> None:
+    health, problems = ctl.diagnose(quorum({}, {}, {"state": "faulted", "errors": 20,
+                                                    "read-errors": 20}))
+    assert health == "degraded"
+    assert problems[0] == (
+        "c2 is faulted after 20 errors: it gets no I/O",
+        "`nbdquorum ctl replace c2 NEW=PATH`; or, once its device is fixed, "
+        """`nbdquorum ctl qmp x-quorum-resync '{"node-name": "c2", "full": true}'`""")
+
+
+def test_health_resyncing_child_with_progress() -> None:
+    health, problems = ctl.diagnose(quorum({}, {}, {"state": "resyncing",
+                                                    "unsynced-bytes": 12 << 20}))
+    assert health == "degraded"
+    assert problems == [("c2 is resyncing: 25.0% done, 12.0 MiB to go",
+                         "none needed; it votes once in sync "
+                         "(`nbdquorum ctl status q` shows the progress)")]
+    _, problems = ctl.diagnose(quorum({}, {}, {"state": "resyncing", "unsynced-bytes": 1024,
+                                               "resync-failures": 2,
+                                               "resync-error": "Input/output error"}))
+    assert problems[0][0].endswith("but its resync failed 2 times (last: Input/output error)")
+    assert "replace c2 NEW=PATH" in problems[0][1]
+
+
+def test_health_below_the_threshold() -> None:
+    health, problems = ctl.diagnose(quorum({}, {"state": "faulted"}, {"state": "faulted"}))
+    assert health == "failed"
+    assert problems[0][0] == ("only 1 of 3 children in sync, fewer than the vote threshold 2: "
+                              "reads and writes fail")
+    assert "`nbdquorum ctl threshold 1`" in problems[0][1]
+    assert [p[0].split()[0] for p in problems[1:]] == ["c1", "c2"]
+
+
+def test_health_commands_name_the_quorum_when_there_are_several() -> None:
+    _, problems = ctl.diagnose(quorum({"checksum-errors": 1}, {}, {}), several=True)
+    assert problems[0][1] == ("run `nbdquorum ctl scrub --repair --parent q`, or "
+                              "`nbdquorum ctl replace c0 NEW=PATH --parent q`")
+
+
+def test_status_text_has_state_status_and_action_lines() -> None:
+    text = ctl.format_status([quorum({}, {"checksum-errors": 3}, {})])
+    lines = text.splitlines()
+    assert lines[:3] == [
+        "q: degraded",
+        "  status: c1 has 3 checksum errors",
+        "  action: run `nbdquorum ctl scrub --repair`, or `nbdquorum ctl replace c1 NEW=PATH`",
+    ]
+    assert lines[3].startswith("  vote-threshold 2")
+
+
+def test_last_scrub_line_is_readable_and_names_current_members_only(
+        monkeypatch: Any) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        scrub = {"repair": False, "mismatched-regions": {"c1": 3, "gone": 7},
+                 "mismatched-bytes": {"c1": 3 * 65536, "gone": 7 * 65536},
+                 "unrecoverable-regions": 0, "scanned": 16 << 20, "cancelled": False,
+                 "error": None, "finished": 1795630071.25}
+        text = ctl.format_status([quorum({}, {}, {}, **{"last-scrub": scrub})])
+        (line,) = [x for x in text.splitlines() if "last scrub" in x]
+        assert line == ("  last scrub: check, completed 2026-11-25 18:07:51 UTC, "
+                        "16.0 MiB scanned, c1: 3 regions (192.0 KiB) differ")
+        assert "{" not in line and "gone" not in line and "1795630071" not in line
+        clean = {**scrub, "repair": True, "mismatched-regions": {"gone": 1},
+                 "cancelled": True}
+        assert ctl.format_scrub(clean, ["c0", "c1"]) == (
+            "repair, cancelled 2026-11-25 18:07:51 UTC, 16.0 MiB scanned, no mismatches")
+        bad = {**scrub, "repair": True, "unrecoverable-regions": 2}
+        assert ctl.format_scrub(bad, ["c1"]).endswith(
+            "c1: 3 regions (192.0 KiB) repaired, 2 regions without a quorum (unrecoverable)")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_status_of_a_live_server_with_checksum_errors(srv: ThreadedServer, capsys: Any) -> None:
+    def hurt() -> None:
+        srv.quorum.slots[1].stats.checksum_errors = 3
+
+    srv.call(hurt)
+    code, out, err = ctl_run(srv, capsys, "status")
+    assert code == 0, err
+    assert out.splitlines()[:3] == [
+        "quorum0: degraded",
+        "  status: child1 has 3 checksum errors",
+        "  action: run `nbdquorum ctl scrub --repair`, or "
+        "`nbdquorum ctl replace child1 NEW=PATH`",
+    ]
