@@ -239,6 +239,34 @@ struct(
 )
 alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
           "Inline node options, or the node-name of an existing node.")
+enum("JobStatus", ["created", "running", "paused", "waiting", "pending", "aborting",
+                   "concluded", "null"],
+     "A job's status, in QEMU's state machine (QEMU also has `ready`, `standby` and "
+     "`undefined`, which nbdquorum's jobs never enter).")
+enum("BlockDeviceIoStatus", ["ok", "failed", "nospace"],
+     "Whether a job's last I/O worked (`nospace`: it failed for lack of space).")
+struct(
+    "BlockJobInfo",
+    {"type": "str", "device": "str", "len": "int", "offset": "int", "busy": "bool",
+     "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
+     "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str"},
+    "A running block job, in the shape of QEMU 7.2's BlockJobInfo. `type` is `resync` or "
+    "`scrub` (QEMU's job types are `mirror`, `commit`, ...), so a client that decodes it "
+    "as QEMU's JobType enum must accept other strings.",
+    docs={"type": "the job type: `resync` or `scrub`",
+          "device": "the job's id (as in the BLOCK_JOB_* events and job-* commands)",
+          "len": "bytes to do, so far (a resync's grows when writes fail on its child)",
+          "offset": "bytes done; `offset / len` is the progress",
+          "busy": "the job is working (not paused, not finished)",
+          "paused": "the job is paused (job-pause)",
+          "speed": "rate limit in bytes per second, 0 = unlimited (block-job-set-speed)",
+          "io-status": "`failed` once the job has failed, else `ok`",
+          "ready": "always false: no nbdquorum job waits for a job-complete",
+          "status": "the job's status",
+          "auto-finalize": "always true: jobs finalize themselves",
+          "auto-dismiss": "always true: jobs dismiss themselves once concluded",
+          "error": "why the job failed, once it has"},
+)
 
 # --------------------------------------------------------------------------- commands
 
@@ -400,6 +428,17 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         examples=['-> {"execute": "query-jobs"}',
                   '<- {"return": [{"current-progress": 5242880, "status": "running", '
                   '"total-progress": 16777216, "type": "resync", "id": "resync-new_node"}]}'],
+    ),
+    cmd(
+        "query-block-jobs", {}, returns="[BlockJobInfo]",
+        doc="The running block jobs (resync, scrub) in QEMU's BlockJobInfo shape: the "
+            "jobs the BLOCK_JOB_COMPLETED and BLOCK_JOB_CANCELLED events report, while "
+            "they run. `device` is the job's id. An empty list when nothing runs.",
+        examples=['-> {"execute": "query-block-jobs"}',
+                  '<- {"return": [{"auto-finalize": true, "io-status": "ok", '
+                  '"device": "resync-new_node", "auto-dismiss": true, "busy": true, '
+                  '"len": 16777216, "offset": 5242880, "status": "running", '
+                  '"paused": false, "speed": 0, "ready": false, "type": "resync"}]}'],
     ),
     cmd(
         "job-pause", {"id": "str"},

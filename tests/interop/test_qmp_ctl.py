@@ -11,12 +11,17 @@ from .qmp_fixtures import (
     QUORUM,
     StartTarget,
     Target,
+    arun,
+    both_targets,
     corrupt,
     ctl,
+    execute,
     make_image,
     nbdquorum_env,
     qemu_io,
+    qmp_client,
     qmp_target_fixture,  # noqa: F401  (the qmp_target fixture)
+    shape,
 )
 
 KiB = 1024
@@ -126,3 +131,48 @@ def test_events_follows_a_corruption(qmp_target: StartTarget) -> None:
     (line,) = out.decode().splitlines()
     ev = json.loads(line)
     assert ev["event"] == "QUORUM_REPORT_BAD" and ev["data"]["node-name"] == "child2"
+
+
+#: query-block-jobs' answer for one running job, as qemu-storage-daemon 7.2 gives it
+BLOCK_JOB_SHAPE = {"type": "str", "device": "str", "len": "number", "offset": "number",
+                   "busy": "bool", "paused": "bool", "speed": "number", "io-status": "str",
+                   "ready": "bool", "status": "str", "auto-finalize": "bool",
+                   "auto-dismiss": "bool"}
+
+
+@both_targets
+def test_query_block_jobs_while_a_job_runs(qmp_target: StartTarget, target: str) -> None:
+    """nbdquorum: during the resync of a new child; qsd: during a slow backup job.
+
+    Both through qemu.qmp's client; both answers must have QEMU's BlockJobInfo shape."""
+    t = qmp_target(target, extra=["--resync-speed", str(1 << 20)] if target == "nbdquorum"
+                   else [])
+
+    async def main() -> dict[str, Any]:
+        async with qmp_client(t.qmp) as qmp:
+            assert await execute(qmp, "query-block-jobs") == []
+            image = make_image(t.tmp / "new.raw")
+            await execute(qmp, "blockdev-add", {"driver": "raw", "node-name": "new", "file": {
+                "driver": "file", "filename": str(image)}})
+            if target == "nbdquorum":
+                await execute(qmp, "x-blockdev-child-add", {"parent": QUORUM, "child": "new"})
+                job = "resync-new"
+            else:
+                await execute(qmp, "blockdev-backup", {"job-id": "b0", "device": QUORUM,
+                                                       "target": "new", "sync": "full",
+                                                       "speed": 1})
+                job = "b0"
+            (info,) = await execute(qmp, "query-block-jobs")
+            assert info["device"] == job and info["status"] == "running", info
+            await execute(qmp, "job-pause", {"id": job})
+            (paused,) = await execute(qmp, "query-block-jobs")
+            assert paused["paused"] is True
+            await execute(qmp, "job-cancel", {"id": job})
+            return dict(info)
+
+    info = arun(main())
+    assert shape(info) == BLOCK_JOB_SHAPE
+    assert info["len"] == 16 << 20 and 0 <= info["offset"] <= info["len"]
+    assert info["type"] == ("resync" if target == "nbdquorum" else "backup")
+    assert (info["io-status"], info["ready"], info["auto-finalize"], info["auto-dismiss"]) == (
+        "ok", False, True, True)

@@ -505,3 +505,42 @@ def test_status_of_a_live_server_with_checksum_errors(srv: ThreadedServer, capsy
         "  action: run `nbdquorum ctl scrub --repair`, or "
         "`nbdquorum ctl replace child1 NEW=PATH`",
     ]
+
+
+# --------------------------------------------------------------------------- query-block-jobs
+
+
+def qmp_json(srv: ThreadedServer, capsys: Any, *argv: str) -> Any:
+    code, out, err = ctl_run(srv, capsys, "qmp", *argv)
+    assert code == 0, err
+    reply = json.loads(out)
+    return reply["return"]
+
+
+def test_query_block_jobs_during_a_resync(jobsrv: ThreadedServer, capsys: Any) -> None:
+    from nbdquorum.qmp.schema import _visit
+
+    assert qmp_json(jobsrv, capsys, "query-block-jobs") == []
+    code, _, err = ctl_run(jobsrv, capsys, "add", f"n3={jobsrv.image('n3.raw')}")
+    assert code == 0, err
+    qmp_json(jobsrv, capsys, "job-pause", '{"id": "resync-n3"}')  # holds it still
+    (info,) = qmp_json(jobsrv, capsys, "query-block-jobs")
+    _visit("BlockJobInfo", info, "")  # every member and type as declared
+    assert {k: info[k] for k in ("type", "device", "len", "busy", "paused", "speed",
+                                 "io-status", "ready", "status", "auto-finalize",
+                                 "auto-dismiss")} == {
+        "type": "resync", "device": "resync-n3", "len": SIZE, "busy": False, "paused": True,
+        "speed": 512 * 1024, "io-status": "ok", "ready": False, "status": "paused",
+        "auto-finalize": True, "auto-dismiss": True}
+    assert 0 <= info["offset"] <= SIZE
+    (job,) = qmp_json(jobsrv, capsys, "query-jobs")  # the same job, in JobInfo's terms
+    assert (job["id"], job["current-progress"]) == (info["device"], info["offset"])
+    qmp_json(jobsrv, capsys, "job-resume", '{"id": "resync-n3"}')
+    (info,) = qmp_json(jobsrv, capsys, "query-block-jobs") or [{"status": "running",
+                                                                 "busy": True,
+                                                                 "paused": False}]
+    assert (info["status"], info["busy"], info["paused"]) == ("running", True, False)
+
+
+def test_query_block_jobs_without_jobs(srv: ThreadedServer, capsys: Any) -> None:
+    assert qmp_json(srv, capsys, "query-block-jobs") == []  # as QEMU: never an error
