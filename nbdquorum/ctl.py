@@ -597,6 +597,58 @@ def cmd_threshold(client: QMPClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _job(client: QMPClient, job_id: str) -> dict[str, Any] | None:
+    jobs = client.execute("query-jobs")
+    assert isinstance(jobs, list)
+    return next((j for j in jobs if isinstance(j, dict) and j.get("id") == job_id), None)
+
+
+def cmd_scrub(client: QMPClient, args: argparse.Namespace) -> int:
+    parent = pick_parent(client, args.parent)
+    (before,) = quorum_status(client, parent)
+    job_id = f"scrub-{parent}"
+    kind = "repair" if args.repair else "check"
+    arguments: dict[str, Any] = {"node-name": parent, "repair": args.repair, "job-id": job_id}
+    if args.speed is not None:
+        arguments["speed"] = args.speed
+    client.execute("x-quorum-scrub", arguments)
+    if not args.wait:
+        _report(args, {"parent": parent, "job": job_id, "repair": args.repair},
+                f"started a scrub ({kind}) of {parent} as job {job_id}; `nbdquorum ctl "
+                f"status` shows the result when it is done (or run with --wait)")
+        return EXIT_OK
+    bar = ProgressBar(f"scrub {parent}", sys.stderr)
+    if not bar.tty:
+        print(f"scrubbing {parent} ({kind}) ...", file=sys.stderr, flush=True)
+    deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+    try:
+        while (job := _job(client, job_id)) is not None:
+            done, total = job.get("current-progress"), job.get("total-progress")
+            if isinstance(done, int) and isinstance(total, int):
+                bar.update(done, total)
+            if deadline is not None and time.monotonic() > deadline:
+                raise CtlError(f"the scrub of {parent} still runs after {args.wait_timeout}s "
+                               f"(job {job_id}; `nbdquorum ctl qmp job-cancel "
+                               f"""'{{"id": "{job_id}"}}'` stops it)""")
+            time.sleep(POLL_INTERVAL)
+        (after,) = quorum_status(client, parent)
+        result = after.get("last-scrub")
+        if not isinstance(result, dict) or result == before.get("last-scrub"):
+            raise CtlError(f"the scrub of {parent} ended without a result")
+        if not result.get("cancelled") and not result.get("error"):
+            bar.finish()
+    finally:
+        if bar.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+    members = [str(c.get("node-name")) for c in after.get("children", [])]
+    _report(args, {"parent": parent, "job": job_id, "last-scrub": result},
+            f"scrub of {parent}: {format_scrub(result, members)}")
+    if result.get("cancelled") or result.get("error"):
+        return EXIT_QMP_ERROR
+    return EXIT_OK
+
+
 def cmd_events(client: QMPClient, args: argparse.Namespace) -> int:
     seen = 0
     if args.count is not None and args.count <= 0:
@@ -706,6 +758,7 @@ COMMANDS: Final = {
     "remove": cmd_remove,
     "replace": cmd_replace,
     "threshold": cmd_threshold,
+    "scrub": cmd_scrub,
     "events": cmd_events,
     "qmp": cmd_qmp,
 }
@@ -788,6 +841,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     t = csub.add_parser("threshold", help="change the vote threshold (blockdev-reopen)")
     t.add_argument("n", type=_integer, metavar="N")
     parent_opt(t)
+
+    sc = csub.add_parser("scrub", help="read and vote every region; --repair rewrites losers",
+                         description="Start a scrub (x-quorum-scrub): every region of every "
+                                     "active child is read and voted on; children that lose "
+                                     "are counted, and with --repair rewritten. Without "
+                                     "--wait it returns at once; the result then appears in "
+                                     "`ctl status` (last scrub). With --wait: a progress bar "
+                                     "on a terminal, then a summary line; exit 1 if the "
+                                     "scrub was cancelled or failed.")
+    sc.add_argument("--repair", action="store_true",
+                    help="rewrite the regions where a child lost the vote")
+    sc.add_argument("--wait", action="store_true", help="wait for the end; print a summary")
+    sc.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+    sc.add_argument("--speed", type=_integer, metavar="BYTES",
+                    help="rate limit in bytes per second (default unlimited)")
+    parent_opt(sc)
 
     e = csub.add_parser("events", help="print events as JSON lines until interrupted")
     e.add_argument("--count", type=_integer, metavar="N", help="stop after N events")

@@ -544,3 +544,76 @@ def test_query_block_jobs_during_a_resync(jobsrv: ThreadedServer, capsys: Any) -
 
 def test_query_block_jobs_without_jobs(srv: ThreadedServer, capsys: Any) -> None:
     assert qmp_json(srv, capsys, "query-block-jobs") == []  # as QEMU: never an error
+
+
+# --------------------------------------------------------------------------- scrub
+
+
+def test_scrub_repair_wait_prints_a_summary(jobsrv: ThreadedServer, capsys: Any) -> None:
+    with open(jobsrv.tmp / "c1.raw", "r+b") as f:  # child1 differs, behind the server's back
+        f.write(b"\x42" * 4096)
+    code, out, err = ctl_run(jobsrv, capsys, "scrub", "--repair", "--wait")
+    assert code == 0, err
+    assert out.startswith("scrub of quorum0: repair, completed ")
+    assert out.endswith(", 1.0 MiB scanned, child1: 1 region (4.0 KiB) repaired\n")
+    assert err == "scrubbing quorum0 (repair) ...\n"  # not a terminal: no bar
+    with open(jobsrv.tmp / "c1.raw", "rb") as f:
+        assert f.read(4096) == bytes(4096)
+    code, out, _ = ctl_run(jobsrv, capsys, "status")
+    (line,) = [x for x in out.splitlines() if "last scrub" in x]
+    assert "child1: 1 region (4.0 KiB) repaired" in line and "{" not in line
+    code, out, _ = ctl_run(jobsrv, capsys, "scrub", "--wait", "--json")
+    result = json.loads(out)
+    assert result["parent"] == "quorum0" and result["job"] == "scrub-quorum0"
+    assert result["last-scrub"]["mismatched-regions"] == {}
+
+
+def test_scrub_without_wait_returns_at_once(jobsrv: ThreadedServer, capsys: Any) -> None:
+    code, out, err = ctl_run(jobsrv, capsys, "scrub", "--speed", str(64 * 1024))
+    assert code == 0, err
+    assert out.startswith("started a scrub (check) of quorum0 as job scrub-quorum0;")
+    code, out, err = ctl_run(jobsrv, capsys, "scrub")  # one at a time
+    assert code == 1 and "scrub-quorum0" in err and "already in use" in err
+    code, out, err = ctl_run(jobsrv, capsys, "qmp", "job-cancel", '{"id": "scrub-quorum0"}')
+    assert code == 0, err
+
+
+def test_scrub_progress_bar_on_a_terminal(jobsrv: ThreadedServer, capsys: Any,
+                                          monkeypatch: Any) -> None:
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    code = cli_main(["ctl", "--control", str(jobsrv.path), "scrub", "--wait",
+                     "--speed", str(512 * 1024)])
+    out, _ = capsys.readouterr()
+    assert code == 0, term.getvalue()
+    assert out.startswith("scrub of quorum0: check, completed ")
+    bar = term.getvalue()
+    assert bar.endswith("\n")
+    assert bar.rstrip().rsplit("\r", 1)[-1].startswith("scrub quorum0 [" + "#" * 30 + "] 100.0%")
+
+
+def test_a_cancelled_scrub_exits_1(jobsrv: ThreadedServer, capsys: Any) -> None:
+    result: list[int] = []
+
+    def scrub() -> None:
+        result.append(ctl.main(["--control", str(jobsrv.path), "scrub", "--wait",
+                                "--speed", str(16 * 1024)]))
+
+    t = threading.Thread(target=scrub)
+    t.start()
+
+    def running() -> bool:
+        assert jobsrv.jobs is not None
+        return "scrub-quorum0" in jobsrv.jobs.jobs
+
+    for _ in range(1000):
+        if jobsrv.call(running):
+            break
+        t.join(0.01)
+    assert jobsrv.call(running)
+    assert jobsrv.jobs is not None
+    jobsrv.call(jobsrv.jobs.jobs["scrub-quorum0"].cancel)
+    t.join(30)
+    assert result == [1]
+    out = capsys.readouterr().out
+    assert out.startswith("scrub of quorum0: check, cancelled ")
