@@ -421,6 +421,16 @@ def diagnose(st: dict[str, Any], *, several: bool = False
         return f"`nbdquorum ctl {command}{parent}`"
 
     children = [c for c in st.get("children", []) if isinstance(c, dict)]
+    scrub = st.get("last-scrub")
+    # checksum errors counted before a completed repair scrub ended are repaired
+    repaired_upto: dict[str, Any] = {}
+    repaired_when = ""
+    if (isinstance(scrub, dict) and scrub.get("repair") and not scrub.get("cancelled")
+            and not scrub.get("error") and not scrub.get("unrecoverable-regions")
+            and isinstance(scrub.get("checksum-errors"), dict)):
+        repaired_upto = scrub["checksum-errors"]
+        repaired_when = _local_time(scrub.get("finished"))
+    notes: list[tuple[str, str]] = []
     threshold = st.get("vote-threshold")
     size = st.get("size")
     active = sum(1 for c in children if c.get("state") == "active")
@@ -459,6 +469,13 @@ def diagnose(st: dict[str, Any], *, several: bool = False
                                  f"(`nbdquorum ctl status {node}` shows the progress)"))
         elif state != "active":
             problems.append((f"{name} is {state}", f"{replace}"))
+        cksum = _n(c, "checksum-errors")
+        upto = repaired_upto.get(name)
+        if cksum and isinstance(upto, int) and cksum <= upto:
+            notes.append((f"{name} had {_count(cksum, 'checksum error')}, repaired by the "
+                          f"scrub of {repaired_when}",
+                          f"none needed; if more appear, {replace}"))
+            c = {**c, "checksum-errors": 0}
         errs = [(_n(c, "checksum-errors"), "checksum error"), (_n(c, "read-errors"), "read error"),
                 (_n(c, "write-errors"), "write error"), (_n(c, "flush-errors"), "flush error")]
         found = [_count(n, what) for n, what in errs if n]
@@ -478,7 +495,7 @@ def diagnose(st: dict[str, Any], *, several: bool = False
         health = "degraded"
     else:
         health = "healthy"
-    return health, problems
+    return health, problems + notes
 
 
 def format_status(statuses: Sequence[dict[str, Any]], *, several: bool = False) -> str:

@@ -617,3 +617,42 @@ def test_a_cancelled_scrub_exits_1(jobsrv: ThreadedServer, capsys: Any) -> None:
     assert result == [1]
     out = capsys.readouterr().out
     assert out.startswith("scrub of quorum0: check, cancelled ")
+
+
+def test_checksum_errors_a_completed_repair_scrub_dealt_with(monkeypatch: Any) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        scrub = {"repair": True, "mismatched-regions": {"c1": 3}, "mismatched-bytes": {},
+                 "unrecoverable-regions": 0, "scanned": 16 << 20, "cancelled": False,
+                 "error": None, "finished": 1795630071.0, "checksum-errors": {"c1": 3}}
+        st = quorum({}, {"checksum-errors": 3}, {}, **{"last-scrub": scrub})
+        health, problems = ctl.diagnose(st)
+        assert health == "healthy"
+        assert problems == [("c1 had 3 checksum errors, repaired by the scrub of "
+                             "2026-11-25 18:07:51 UTC",
+                             "none needed; if more appear, `nbdquorum ctl replace c1 NEW=PATH`")]
+        # more errors since the scrub: degraded again
+        st["children"][1]["checksum-errors"] = 4
+        assert ctl.diagnose(st)[0] == "degraded"
+        # a check (not a repair), or a cancelled repair, repairs nothing
+        for other in ({**scrub, "repair": False}, {**scrub, "cancelled": True}):
+            st = quorum({}, {"checksum-errors": 3}, {}, **{"last-scrub": other})
+            assert ctl.diagnose(st)[0] == "degraded"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_status_after_scrub_repair_on_a_live_server(jobsrv: ThreadedServer,
+                                                    capsys: Any) -> None:
+    def hurt() -> None:
+        jobsrv.quorum.slots[1].stats.checksum_errors = 2
+
+    jobsrv.call(hurt)
+    assert ctl_run(jobsrv, capsys, "status")[1].startswith("quorum0: degraded\n")
+    code, _, err = ctl_run(jobsrv, capsys, "scrub", "--repair", "--wait")
+    assert code == 0, err
+    out = ctl_run(jobsrv, capsys, "status")[1]
+    assert out.startswith("quorum0: healthy\n  status: child1 had 2 checksum errors, "
+                          "repaired by the scrub of ")
