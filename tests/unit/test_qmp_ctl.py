@@ -656,3 +656,67 @@ def test_status_after_scrub_repair_on_a_live_server(jobsrv: ThreadedServer,
     out = ctl_run(jobsrv, capsys, "status")[1]
     assert out.startswith("quorum0: healthy\n  status: child1 had 2 checksum errors, "
                           "repaired by the scrub of ")
+
+
+# --------------------------------------------------------------------------- status --json shape
+
+#: Every member of `status --json` (query-quorum-status) that docs/qmp.md documents.
+#: Scripts rely on them: this list may only grow. A rename or removal, in the code or in
+#: the documentation, fails the test below.
+PINNED_STATUS_MEMBERS: dict[str, set[str]] = {
+    "QuorumStatus": {"node-name", "vote-threshold", "read-pattern", "rewrite-corrupted",
+                     "size", "children", "last-scrub"},
+    "QuorumChildStatus": {"child", "node-name", "filename", "state", "errors",
+                          "unsynced-bytes", "resync-failures", "resync-error", "reads",
+                          "writes", "read-errors", "write-errors", "flush-errors",
+                          "checksum-errors", "repaired-bytes"},
+    "QuorumScrubResult": {"repair", "mismatched-regions", "mismatched-bytes",
+                          "unrecoverable-regions", "scanned", "cancelled", "error",
+                          "finished", "checksum-errors"},
+}
+PINNED_CHILD_STATES = {"active", "resyncing", "faulted"}
+
+
+def test_status_json_shape_is_documented_and_only_grows(
+        jobsrv: ThreadedServer, capsys: Any) -> None:
+    from nbdquorum.qmp.schema import EnumType, StructType, named_type
+
+    documented: dict[str, dict[str, bool]] = {}
+    for name, pinned in PINNED_STATUS_MEMBERS.items():
+        t = named_type(name)
+        assert isinstance(t, StructType)
+        documented[name] = {m.name: m.optional for m in t.members}
+        assert all(m.doc for m in t.members), f"{name}: a member without documentation"
+        missing = pinned - set(documented[name])
+        assert not missing, f"{name}: documented members removed or renamed: {missing}"
+        assert "nothing is renamed or removed" in t.doc or "no member is renamed" in t.doc
+    states = named_type("QuorumChildState")
+    assert isinstance(states, EnumType) and set(states.values) >= PINNED_CHILD_STATES
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "qmp.md").read_text()
+    assert "### QuorumChildStatus" in doc and "nothing is renamed or removed" in doc
+
+    # the live answer: a resync that failed once (resync-error), after a scrub
+    code, _, err = ctl_run(jobsrv, capsys, "scrub", "--wait")
+    assert code == 0, err
+
+    def fail_resync() -> None:
+        slot = jobsrv.quorum.slots[2]
+        slot.resync_failures, slot.resync_error = 1, "Input/output error"
+
+    jobsrv.call(fail_resync)
+    code, out, err = ctl_run(jobsrv, capsys, "status", "--json")
+    assert code == 0, err
+    (st,) = json.loads(out)
+    objects = [("QuorumStatus", st), ("QuorumScrubResult", st["last-scrub"]),
+               *(("QuorumChildStatus", c) for c in st["children"])]
+    for name, obj in objects:
+        # every documented member is there (optional ones may be absent) ...
+        required = {m for m, optional in documented[name].items() if not optional}
+        assert required <= set(obj), f"{name}: the server no longer sends {required - set(obj)}"
+        # ... and every member sent is documented
+        assert set(obj) <= set(documented[name]), (
+            f"{name}: undocumented members {set(obj) - set(documented[name])}: document "
+            "them in qmp/schema.py")
+        assert PINNED_STATUS_MEMBERS[name] <= set(documented[name])
+    assert "resync-error" in st["children"][2]
+    assert {c["state"] for c in st["children"]} <= set(states.values)
