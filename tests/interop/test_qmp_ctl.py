@@ -176,3 +176,64 @@ def test_query_block_jobs_while_a_job_runs(qmp_target: StartTarget, target: str)
     assert info["type"] == ("resync" if target == "nbdquorum" else "backup")
     assert (info["io-status"], info["ready"], info["auto-finalize"], info["auto-dismiss"]) == (
         "ok", False, True, True)
+
+
+def test_operator_finds_and_repairs_a_corrupted_child(qmp_target: StartTarget) -> None:
+    """status names the problem and the command; scrub --repair --wait repairs it."""
+    t = qmp_target("nbdquorum")
+    qemu_io(t.uri, "write -P 0x32 0 64k", "flush")
+    corrupt(t.images[2], 0, 64 * KiB, 0x42)
+    qemu_io(t.uri, "read -P 0x32 0 64k")  # child2 loses the vote: a checksum error
+    proc = run_ctl_after(t, "status")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{QUORUM}: degraded"
+    assert lines[1].startswith("  status: child2 has ") and "checksum error" in lines[1]
+    assert lines[2] == ("  action: run `nbdquorum ctl scrub --repair`, or "
+                        "`nbdquorum ctl replace child2 NEW=PATH`")
+
+    proc = ctl(t.qmp, "scrub", "--repair", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"scrub of {QUORUM}: repair, completed ")
+    assert "16.0 MiB scanned" in proc.stdout and "child2: 1 region (64.0 KiB) repaired" in (
+        proc.stdout)
+    with open(t.images[2], "rb") as f:
+        assert f.read(64 * KiB) == b"\x32" * (64 * KiB)
+
+    lines = ctl(t.qmp, "status").stdout.splitlines()
+    assert lines[0] == f"{QUORUM}: healthy"
+    assert lines[1].startswith("  status: child2 had ") and "repaired by the scrub" in lines[1]
+    (scrub,) = [x for x in lines if "last scrub:" in x]
+    assert "{" not in scrub and "child2: 1 region (64.0 KiB) repaired" in scrub
+
+
+def run_ctl_after(t: Target, *args: str) -> Any:
+    """ctl with --control after the subcommand, as an operator may type it."""
+    from .qmp_fixtures import run
+
+    return run([sys.executable, "-m", "nbdquorum", "ctl", *args, "--control", str(t.qmp)],
+               timeout=60, env=nbdquorum_env())
+
+
+def test_ctl_usage_at_3am(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    # an unknown event name fails at once, naming the known ones (it used to wait forever)
+    proc = ctl(t.qmp, "events", "--name", "BOGUS", timeout=30)
+    assert proc.returncode == 2
+    assert "unknown event 'BOGUS'" in proc.stderr and "QUORUM_REPORT_BAD" in proc.stderr
+    # a bare command name, and one with arguments
+    proc = ctl(t.qmp, "qmp", "query-version")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["return"]["package"] == "nbdquorum 0.1.0"
+    proc = ctl(t.qmp, "qmp", "query-quorum-status", json.dumps({"node-name": QUORUM}))
+    assert json.loads(proc.stdout)["return"][0]["node-name"] == QUORUM
+    # the removed child is no longer named in the last scrub line
+    assert ctl(t.qmp, "scrub", "--wait").returncode == 0
+    spare = make_image(t.tmp / "spare.raw")
+    assert ctl(t.qmp, "add", f"spare={spare}", "--wait").returncode == 0
+    proc = run_ctl_after(t, "remove", "child0")
+    assert (proc.returncode, proc.stdout) == (0, f"removed child0 from {QUORUM} and closed it\n")
+    out = run_ctl_after(t, "status").stdout
+    assert out.startswith(f"{QUORUM}: healthy\n")
+    (scrub,) = [x for x in out.splitlines() if "last scrub:" in x]
+    assert "no mismatches" in scrub and "child0" not in out
