@@ -60,7 +60,10 @@ def build(srcdir: Path, outdir: Path, *options: str, timeout: float = 300) -> Pa
 def unpack_sdist(sdist: Path, dest: Path) -> Path:
     """Unpack an sdist; the project directory inside it."""
     with tarfile.open(sdist) as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)  # our own sdist
     (top,) = dest.iterdir()
     return top
 
