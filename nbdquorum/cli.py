@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nbdquorum import __version__
-from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.qmp.events import wired
 from nbdquorum.ratelimit import Burst
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
@@ -211,8 +211,7 @@ def distrust_new_images(quorum: QuorumNode, created: set[str]) -> None:
         if slot.state is ChildState.ACTIVE:
             log.warning("child %s: its image %s was missing and is new: resyncing it",
                         slot.node.node_name, slot.node.filename())
-            slot.sync = RegionBitmap(quorum.size(), fill=True)
-            quorum.set_state(slot, ChildState.RESYNCING)
+            quorum.members.start_resync(slot)
 
 
 _event_lines = Burst()
@@ -269,7 +268,7 @@ async def serve(cfg: ServeConfig) -> int:
 
     native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()
-    bus.subscribe(log_event)
+    bus.subscribe(wired(log_event))
     store = None
     state = None
     if cfg.state_dir:
@@ -294,10 +293,11 @@ async def serve(cfg: ServeConfig) -> int:
 async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
                     state: dict[str, Any] | None, nbd_listeners: list[Listener],
                     qmp_listener: Listener | None) -> int:
+    from nbdquorum.block.quorum.recovery import crash_recover
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
     from nbdquorum.nbd.server import Export, NBDServer
-    from nbdquorum.state import WriteIntentLog, crash_recover, restore
+    from nbdquorum.state import WriteIntentLog, restore
     from nbdquorum.worker.pool import WorkerPool
 
     graph, quorum = build_graph(cfg, bus)

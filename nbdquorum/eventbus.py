@@ -1,8 +1,10 @@
-"""The internal event bus: block nodes emit, the log and the QMP monitors listen.
+"""The internal event bus: block nodes and jobs publish, the log and the QMP monitors listen.
 
-Events carry QEMU's names and field names (qapi/block.json): QUORUM_REPORT_BAD,
-QUORUM_FAILURE, and later the job events.  The bus delivers synchronously and in
-order; subscribers that do I/O must queue, not block.
+Two kinds of object travel on it: the block layer's typed events
+(block/quorum/events.py), and ``Event``s already in QMP's shape (the job
+events, which are QEMU's job vocabulary).  ``nbdquorum.qmp.events.wired``
+gives a subscriber every one of them in the wire shape.  The bus delivers
+synchronously and in order; subscribers that do I/O must queue, not block.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Event:
     timestamp: float = field(default_factory=time.time)  # wall clock, seconds
 
 
-Subscriber = Callable[[Event], None]
+Subscriber = Callable[[Any], None]
 
 
 class EventBus:
@@ -43,10 +45,14 @@ class EventBus:
         return unsubscribe
 
     def emit(self, name: str, data: dict[str, Any]) -> Event:
+        """Publish an event already in QMP's shape (name and wire data)."""
         ev = Event(name, data)
+        self.publish(ev)
+        return ev
+
+    def publish(self, ev: object) -> None:
         for fn in list(self._subscribers):
             try:
                 fn(ev)
             except Exception:  # a broken listener must never fail an I/O request
                 log.exception("event subscriber %r failed", fn)
-        return ev

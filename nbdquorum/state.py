@@ -17,7 +17,7 @@ Two files live in the state directory:
     Setting bits is group-committed: concurrent writers share one
     pwrite + fdatasync of the bitmap.  After an unclean stop only the dirty
     regions can differ between children; start-up resolves them by a
-    fine-grained vote (crash_recover) before the first request is served.
+    fine-grained vote (block/quorum/recovery.py) before the first request is served.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nbdquorum import native
 from nbdquorum.block import aio
 from nbdquorum.block.bitmap import DEFAULT_REGION, RegionBitmap
 from nbdquorum.block.quorum import ChildState, QuorumNode, WriteIntent
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 STATE_FILE = "state.json"
 INTENT_FILE = "write-intent.bitmap"
-#: crash recovery votes at this grain inside a dirty region
-RECOVERY_GRAIN = 4096
 
 
 class StateError(Exception):
@@ -130,15 +127,16 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
     """Give a freshly built quorum the recorded edge names, states and sync maps."""
     region = int(state.get("region", DEFAULT_REGION))
     by_name = {c["node-name"]: c for c in state["children"]}
+    records = []
     for slot in q.slots:
         rec = by_name[slot.node.node_name]
-        slot.name = rec["child"]
-        slot.state = ChildState(rec["state"])
-        if rec.get("sync") and slot.state is ChildState.RESYNCING:
-            slot.sync = RegionBitmap.from_hex(q.size(), region, rec["sync"])
-        elif slot.state is ChildState.RESYNCING:
-            slot.sync = RegionBitmap(q.size(), region, fill=True)
-    q.next_child_index = int(state["quorum"].get("next-child-index", len(q.slots)))
+        st = ChildState(rec["state"])
+        sync = None
+        if st is ChildState.RESYNCING:
+            sync = (RegionBitmap.from_hex(q.size(), region, rec["sync"]) if rec.get("sync")
+                    else RegionBitmap(q.size(), region, fill=True))
+        records.append((slot, str(rec["child"]), st, sync))
+    q.members.restore(records, int(state["quorum"].get("next-child-index", len(q.slots))))
 
 
 class WriteIntentLog(WriteIntent):
@@ -246,55 +244,3 @@ class WriteIntentLog(WriteIntent):
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-async def crash_recover(q: QuorumNode, dirty: RegionBitmap) -> dict[str, int]:
-    """Make the children agree again on the regions dirty at an unclean stop.
-
-    Each region is voted at RECOVERY_GRAIN among the active children; a grain
-    with a winning version is copied to the others.  Where no version has a
-    quorum (different writes were in flight on different children), the bytes
-    of the first active child are taken: a write acknowledged to a client
-    reached at least vote-threshold children, so it has a quorum and wins.
-    Resyncing children get the dirty regions added to their resync bitmaps.
-    Returns counts for the log and the tests.
-    """
-    stats = {"regions": 0, "grains-repaired": 0, "grains-without-quorum": 0}
-    voters = q.active()
-    for slot in q.slots:
-        if slot.state is ChildState.RESYNCING and slot.sync is not None:
-            for b in dirty:
-                off, n = dirty.region_of(b)
-                slot.sync.set_range(off, n)
-    if not voters:
-        return stats
-    fds = [s.node.fast_fd() for s in voters]
-    for b in dirty:
-        off, n = dirty.region_of(b)
-        stats["regions"] += 1
-        bufs = [await s.node.pread(off, n) for s in voters] if None in fds else None
-        if bufs is None:
-            _, raw, codes = await aio.run(
-                native.pread_vote, [fd for fd in fds if fd is not None], off, n, 1
-            )
-            if any(codes):
-                raise OSError(max(codes), f"crash recovery: cannot read region at {off}")
-            bufs = list(raw)
-        for g in range(0, n, RECOVERY_GRAIN):
-            views = [memoryview(buf)[g:g + RECOVERY_GRAIN] for buf in bufs]
-            result = native.vote(views, q.vote_threshold)
-            src = result.winner if result.winner is not None else 0
-            targets = [i for i in range(len(voters)) if i != src
-                       and result.groups[i] != result.groups[src]]
-            if result.winner is None and len(set(result.groups)) > 1:
-                stats["grains-without-quorum"] += 1
-            for i in targets:
-                await voters[i].node.pwrite(off + g, views[src])
-                stats["grains-repaired"] += 1
-    if stats["grains-repaired"]:
-        await q.flush()
-    log.warning(
-        "crash recovery of %s: %d dirty regions, %d grains repaired, %d without quorum",
-        q.node_name, stats["regions"], stats["grains-repaired"], stats["grains-without-quorum"],
-    )
-    return stats

@@ -16,7 +16,7 @@ import errno as errno_mod
 from dataclasses import dataclass
 from typing import Any
 
-from nbdquorum.block.node import BlockNode, Buffer, Extent, oserror
+from nbdquorum.block.node import BlockNode, Buffer, Direct, Filter, oserror
 
 OPS = ("read", "write", "flush", "any")
 ACTIONS = ("error", "flip", "zero", "hang")
@@ -59,15 +59,18 @@ class FaultRule:
         return offset + max(length, 1) > self.offset and (end is None or offset < end)
 
 
-class FaultyNode(BlockNode):
+class FaultyNode(Filter):
     driver = "faulty"
 
     def __init__(self, node_name: str, image: BlockNode, rules: list[FaultRule] | None = None) -> None:
-        super().__init__(node_name, read_only=image.read_only)
-        self.image = image
+        super().__init__(node_name, image)
         self.rules: list[FaultRule] = list(rules or [])
         self._changed = asyncio.Event() if _loop_running() else None
         self.injected = 0  # faults injected so far
+
+    @property
+    def image(self) -> BlockNode:
+        return self.child
 
     # -- control ---------------------------------------------------------------------
     def set_rules(self, rules: list[FaultRule]) -> None:
@@ -86,12 +89,9 @@ class FaultyNode(BlockNode):
         return None
 
     async def _hang(self) -> None:
-        while True:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            ev = self._changed
-            await ev.wait()
-            return
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
 
     async def _pre(self, op: str, offset: int, length: int) -> FaultRule | None:
         r = self._match(op, offset, length)
@@ -115,53 +115,34 @@ class FaultyNode(BlockNode):
             buf[a:b] = bytes(max(b - a, 0))
         return bytes(buf)
 
-    # -- BlockNode ---------------------------------------------------------------------
-    def size(self) -> int:
-        return self.image.size()
-
-    def children_nodes(self) -> list[BlockNode]:
-        return [self.image]
-
-    def filename(self) -> str:
-        return self.image.filename()
-
-    def fast_fd(self) -> int | None:
-        return None if self.rules else self.image.fast_fd()
+    # -- what the filter changes: the data path, and no direct access while rules apply
+    def direct(self) -> Direct | None:
+        return None if self.rules else self.child.direct()
 
     async def pread(self, offset: int, length: int) -> Buffer:
         r = await self._pre("read", offset, length)
-        data = await self.image.pread(offset, length)
+        data = await self.child.pread(offset, length)
         return data if r is None else self._damage(r, offset, data)
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         r = await self._pre("write", offset, len(data))
-        await self.image.pwrite(offset, data if r is None else self._damage(r, offset, data), fua=fua)
+        await self.child.pwrite(offset, data if r is None else self._damage(r, offset, data),
+                                fua=fua)
 
     async def flush(self) -> None:
         await self._pre("flush", 0, 0)
-        await self.image.flush()
+        await self.child.flush()
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._pre("write", offset, length)
-        await self.image.trim(offset, length, fua=fua)
+        await self.child.trim(offset, length, fua=fua)
 
     async def zero(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
         fua: bool = False,
     ) -> None:
         await self._pre("write", offset, length)
-        await self.image.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.image.cache(offset, length)
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.image.block_status(offset, length)
-
-    def info(self) -> dict[str, Any]:
-        d = super().info()
-        d["x-rules"] = [r.to_wire() for r in self.rules]
-        return d
+        await self.child.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
 
 def _loop_running() -> bool:

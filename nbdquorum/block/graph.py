@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from nbdquorum.block.errors import GraphError, NodeNotFound
 from nbdquorum.block.file import FileNode
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode
+from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReopenPlan
 from nbdquorum.block.raw import RawNode
 from nbdquorum.eventbus import EventBus
 
@@ -149,7 +148,7 @@ class Graph:
             raise GraphError(f"The node {node_name} cannot be a child of itself")
         if self.parents(node):
             raise GraphError(f"The node {node_name} already has a parent")
-        slot = q.attach(node, state)
+        slot = q.members.attach(node, state)
         log.warning("quorum %s: added %s as %s (%s)", q.node_name, node_name, slot.name, state)
         for fn in list(self.on_child_added):
             fn(q, slot)
@@ -169,7 +168,7 @@ class Graph:
             slot = q.slot(child)
             if slot is None:
                 raise GraphError(f"Node '{q.node_name}' does not have child '{child}'")
-        q.detach(slot)
+        q.members.detach(slot)
         log.warning("quorum %s: removed %s (%s)", q.node_name, slot.node.node_name, slot.name)
         for fn in list(self.on_child_removed):
             fn(q, slot)
@@ -207,5 +206,23 @@ class Graph:
                 log.exception("closing %s", node.node_name)
         self.nodes.clear()
 
-    def query_named_block_nodes(self, flat: bool = True) -> list[dict[str, Any]]:
-        return [n.info() for n in self.nodes.values()]
+    # -- reopen ---------------------------------------------------------------------------
+    def reopen(self, q: QuorumNode, plan: ReopenPlan) -> None:
+        """blockdev-reopen of a quorum: the whole plan, or nothing (prepare, then commit).
+
+        The caller has checked the graph-level facts (the nodes to add exist,
+        have no parent and are not in use); Members checks the rest.
+        """
+        q.members.prepare(plan)
+        try:
+            removed = list(plan.remove)
+            added = q.members.commit(plan)
+        except BaseException:
+            q.members.abort(plan)
+            raise
+        for slot in added:
+            for fn in list(self.on_child_added):
+                fn(q, slot)
+        for slot in removed:
+            for fn in list(self.on_child_removed):
+                fn(q, slot)

@@ -8,14 +8,51 @@ Offsets and lengths are bytes; callers (the NBD server, jobs) validate ranges.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
 
 #: base:allocation flags (proto.md "base:allocation metadata context")
 STATE_HOLE = 1
 STATE_ZERO = 2
+
+
+class Caps(enum.IntFlag):
+    """What a node can do besides read, write and flush."""
+
+    TRIM = 1  #: trim reaches the bytes (they read as zeros afterwards)
+    FAST_ZERO = 2  #: zero without writing data, or refuse quickly (ENOTSUP)
+    FUA = 4  #: a write can be made durable on its own (force unit access)
+    MULTI_CONN = 8  #: every connection/caller sees every other one's flushed writes
+    READ_ONLY = 16  #: writes are refused
+
+
+class Direct:
+    """A node's offer to serve a request now, on the caller's thread.
+
+    ``try_pread``/``try_pwrite`` answer at once or decline (None/False) when
+    that would block or is not the common case; the caller then awaits the
+    node as usual.  A node whose bytes are a file descriptor 1:1 says so with
+    ``fd``: the quorum's Voted I/O groups such children into one GIL-free C
+    call, holding ``pin()`` so the descriptor stays open meanwhile.
+    """
+
+    #: a descriptor holding the node's bytes 1:1, or None
+    fd: int | None = None
+
+    def try_pread(self, offset: int, length: int) -> Buffer | None:
+        return None
+
+    def try_pwrite(self, offset: int, data: Buffer) -> bool:
+        """Raises OSError like pwrite() when the write was done but failed."""
+        return False
+
+    def pin(self) -> None:
+        """Keep ``fd`` open until the matching unpin() (a request is using it)."""
+
+    def unpin(self) -> None:
+        pass
 
 Buffer = bytes | bytearray | memoryview
 Extent = tuple[int, int]  # (length, STATE_* flags)
@@ -71,28 +108,15 @@ class BlockNode:
         """Allocation of [offset, offset+length); the default: all data."""
         return [(length, 0)]
 
-    def buffers_per_read(self) -> int:
-        """How many request-sized buffers a read holds at once (memory budget)."""
-        return 1
+    # -- capabilities ------------------------------------------------------------
+    def caps(self) -> Caps:
+        """What the node can do beyond read/write/flush (NBD export flags derive from it)."""
+        return Caps.READ_ONLY if self.read_only else Caps(0)
 
-    # -- synchronous fast paths (optional) --------------------------------------
-    def try_pread_now(self, offset: int, length: int) -> Buffer | None:
-        """Serve a read without awaiting, if that is cheap and safe; else None."""
-        return None
+    def direct(self) -> Direct | None:
+        """The one optional capability: serve a request now, without a thread hop.
 
-    def try_pwrite_now(self, offset: int, data: Buffer) -> bool:
-        """Do a write without awaiting, if that is cheap and safe; else False.
-
-        Raises OSError like pwrite() when the write was done but failed.
-        """
-        return False
-
-    # -- fast path ----------------------------------------------------------
-    def fast_fd(self) -> int | None:
-        """A file descriptor that reads/writes this node's bytes 1:1, or None.
-
-        When every child of a quorum has one, the quorum does a request's
-        child I/O and its vote in one C call with the GIL released.
+        None for nodes that can only be awaited (the default).  See ``Direct``.
         """
         return None
 
@@ -103,20 +127,6 @@ class BlockNode:
             if problem:
                 return problem
         return None
-
-    def pin(self) -> None:
-        """Keep this node's descriptors open across an in-flight request.
-
-        A child removed and deleted while a request still uses it closes
-        only when the last request unpins it, so an fd is never reused
-        under a running pread/pwrite.
-        """
-        for c in self.children_nodes():
-            c.pin()
-
-    def unpin(self) -> None:
-        for c in self.children_nodes():
-            c.unpin()
 
     # -- lifecycle / introspection ----------------------------------------
     def close(self) -> None:
@@ -130,36 +140,59 @@ class BlockNode:
     def filename(self) -> str:
         return self.node_name
 
-    def info(self) -> dict[str, Any]:
-        """This node's entry for query-named-block-nodes (QEMU's BlockDeviceInfo)."""
-        size = self.size()
-        return {
-            "iops_rd": 0,
-            "detect_zeroes": "off",
-            "image": {
-                "virtual-size": size,
-                "filename": self.filename(),
-                "format": self.driver,
-                "actual-size": self.actual_size(),
-                "dirty-flag": False,
-            },
-            "iops_wr": 0,
-            "ro": self.read_only,
-            "node-name": self.node_name,
-            "backing_file_depth": 0,
-            "drv": self.driver,
-            "iops": 0,
-            "bps_wr": 0,
-            "write_threshold": 0,
-            "encrypted": False,
-            "bps": 0,
-            "bps_rd": 0,
-            "cache": {"no-flush": False, "direct": False, "writeback": True},
-            "file": self.filename(),
-        }
-
     def actual_size(self) -> int:
         return sum(c.actual_size() for c in self.children_nodes())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r}>"
+
+
+class Filter(BlockNode):
+    """A node over one child that passes everything through by default.
+
+    nbdkit's filter idea: a filter overrides only what it changes (``raw``
+    changes nothing, ``faulty`` injects errors into the data path).
+    """
+
+    def __init__(self, node_name: str, child: BlockNode, *, read_only: bool = False) -> None:
+        super().__init__(node_name, read_only=read_only or child.read_only)
+        self.child = child  # the node underneath ("file" in QEMU's graph)
+
+    def size(self) -> int:
+        return self.child.size()
+
+    def caps(self) -> Caps:
+        return self.child.caps() | (Caps.READ_ONLY if self.read_only else Caps(0))
+
+    def direct(self) -> Direct | None:
+        return self.child.direct()
+
+    def children_nodes(self) -> list[BlockNode]:
+        return [self.child]
+
+    def filename(self) -> str:
+        return self.child.filename()
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        return await self.child.pread(offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        await self.child.pwrite(offset, data, fua=fua)
+
+    async def flush(self) -> None:
+        await self.child.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.child.trim(offset, length, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self.child.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.child.cache(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.child.block_status(offset, length)

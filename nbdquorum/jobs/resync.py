@@ -48,7 +48,7 @@ class ResyncJob(Job):
         q, slot = self.quorum, self.slot
         bm = slot.sync
         if bm is None:
-            q.set_state(slot, ChildState.ACTIVE)
+            q.members.resynced(slot)
             return
         self.total = bm.dirty_bytes()
         log.info("resync of %s: %d bytes to copy", slot.node.node_name, self.total)
@@ -60,7 +60,7 @@ class ResyncJob(Job):
             self.total += bm.dirty_bytes()  # writes failed on the child during the flush
         if not self._still_member():
             raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
-        q.set_state(slot, ChildState.ACTIVE)
+        q.members.resynced(slot)
         log.info("resync of %s complete", slot.node.node_name)
 
     async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
@@ -72,19 +72,15 @@ class ResyncJob(Job):
                 if not bm.test(bit):
                     continue
                 off, n = bm.region_of(bit)
-                slot.node.pin()
-                try:
-                    async with q.lock.hold(off, n, exclusive=True):
-                        if not self._still_member():  # removed while we waited
-                            raise RuntimeError(
-                                f"child {slot.node.node_name} left the quorum or faulted")
-                        data = await q.read_voted(off, n)
-                        # a hung child must not hold the region (and every
-                        # client request on it) forever: the child timeout applies
-                        await q.child_io(slot.node.pwrite(off, data))
-                        bm.clear_bit(bit)
-                finally:
-                    slot.node.unpin()
+                async with q.lock.hold(off, n, exclusive=True):
+                    if not self._still_member():  # removed while we waited
+                        raise RuntimeError(
+                            f"child {slot.node.node_name} left the quorum or faulted")
+                    data = await q.read_voted(off, n)
+                    # a hung child must not hold the region (and every
+                    # client request on it) forever: the child timeout applies
+                    await q.child_io(slot.node.pwrite(off, data))
+                    q.members.region_synced(slot, bit)
                 await self.checkpoint(n)
                 if self.on_progress is not None:
                     self.on_progress()
@@ -128,7 +124,7 @@ class ResyncManager:
     def hook(self, q: QuorumNode) -> None:
         if id(q) not in self._hooked:
             self._hooked.add(id(q))
-            q.on_missed_write.append(lambda slot, off, n: self._on_added(q, slot))
+            q.members.on_resync_needed.append(lambda slot: self._on_added(q, slot))
 
     def _on_added(self, q: QuorumNode, slot: ChildSlot) -> None:
         self.ensure(q, slot)

@@ -368,10 +368,7 @@ class Connection:
                     if self.stream.get_write_buffer_size() > WRITE_HIGH:
                         await self.stream.drain()
                     continue
-                # A read holds one buffer per child until the vote: charge them all.
-                cost = (ev.length * self.export.node.buffers_per_read()
-                        if ev.cmd == Cmd.READ and self.export is not None
-                        else ev.length if ev.cmd == Cmd.WRITE else 0)
+                cost = ev.length if ev.cmd in (Cmd.READ, Cmd.WRITE) else 0
                 if cost:
                     await budget.acquire(cost)
                 task = asyncio.create_task(self._serve(ev, cost))
@@ -425,7 +422,8 @@ class Connection:
         if req.cmd == Cmd.READ:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
                 return False
-            data = self.export.node.try_pread_now(req.offset, req.length)
+            now = self.export.node.direct()
+            data = None if now is None else now.try_pread(req.offset, req.length)
             if data is None:
                 return False
             self._queue(ReadReply(req.cookie, [DataChunk(req.offset, data)]))
@@ -433,8 +431,9 @@ class Connection:
         if req.cmd == Cmd.WRITE and not req.flags:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
                 return False
+            now = self.export.node.direct()
             try:
-                if not self.export.node.try_pwrite_now(req.offset, req.data):
+                if now is None or not now.try_pwrite(req.offset, req.data):
                     return False
             except OSError as err:
                 self._queue(ErrorReply(req.cookie, to_nbd_errno(err, req.flags),

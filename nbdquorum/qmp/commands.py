@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from nbdquorum import __version__
-from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.faulty import FaultRule, FaultyNode
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
-from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReadPattern, check_options
+from nbdquorum.block.quorum import ChildSlot, QuorumNode, ReadPattern, ReopenPlan
 from nbdquorum.block.raw import RawNode
 from nbdquorum.jobs.job import Job, JobStatus
 from nbdquorum.jobs.scrub import ScrubJob
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
+from nbdquorum.qmp.format import block_device_info, quorum_status
 from nbdquorum.qmp.protocol import (
     NO_ID,
     Execute,
@@ -248,7 +248,7 @@ def blockdev_del(ctx: Context, *, node_name: str) -> None:
 
 @handler("query-named-block-nodes")
 def query_named_block_nodes(ctx: Context, *, flat: bool = False) -> list[dict[str, Any]]:
-    return ctx.graph.query_named_block_nodes(flat)
+    return [block_device_info(n) for n in ctx.graph]
 
 
 # --------------------------------------------------------------------------- quorum children
@@ -298,19 +298,12 @@ def x_blockdev_child_del(ctx: Context, *, parent: str, child: str) -> None:
 # --------------------------------------------------------------------------- reopen
 
 
-@dataclass
-class _Reopen:
-    """One validated blockdev-reopen entry for a quorum node."""
+def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]
+                 ) -> tuple[QuorumNode, ReopenPlan]:
+    """The graph-level checks of one blockdev-reopen entry, and its plan.
 
-    quorum: QuorumNode
-    vote_threshold: int
-    read_pattern: ReadPattern
-    rewrite_corrupted: bool
-    add: list[str]  # node-names to attach, in order
-    remove: list[str]  # edge names to detach
-
-
-def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]) -> _Reopen:
+    Members.prepare checks the rest (sizes, options, children left in sync).
+    """
     name = opts.get("node_name")
     if name is None:
         raise generic("node-name not specified")
@@ -330,7 +323,7 @@ def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]) -> _Reop
     if not wanted:
         raise generic("Number of provided children must be 1 or more")
     seen: set[str] = set()
-    add: list[str] = []
+    add: list[BlockNode] = []
     for child in wanted:
         if child in seen:
             raise generic(f"Node '{child}' is listed more than once in 'children'")
@@ -344,66 +337,36 @@ def _plan_reopen(graph: Graph, opts: dict[str, Any], claimed: set[str]) -> _Reop
             raise generic(f"The node {child} already has a parent")
         if child in graph.in_use:
             raise generic(f"Node {child} is in use")
-        if c.size() != q.size():
-            raise generic(f"Cannot add node '{child}' of size {c.size()} to quorum "
-                          f"'{q.node_name}' of size {q.size()}")
         claimed.add(child)
-        add.append(child)
-    remove = [s.name for s in q.slots if s.node.node_name not in seen]
-    threshold = opts.get("vote_threshold", q.vote_threshold)
-    pattern = opts.get("read_pattern", str(q.read_pattern))
-    rewrite = opts.get("rewrite_corrupted", q.rewrite_corrupted)
-    check_options(len(wanted), threshold, pattern, rewrite)
-    if rewrite and q.read_only:
-        raise generic(f"rewrite-corrupted=on cannot be used on the read-only node '{name}'")
-    # children that will vote right away: the active ones kept, and newcomers unless
-    # they start resyncing (graph.new_child_state)
-    kept_active = sum(1 for s in q.active() if s.node.node_name in seen)
-    voting = kept_active + (len(add) if graph.new_child_state is ChildState.ACTIVE else 0)
-    if voting < threshold:
-        raise generic(f"Cannot reopen {name}: {_in_sync(voting)}, fewer than the vote "
-                      f"threshold {threshold}")
-    return _Reopen(q, threshold, ReadPattern(pattern), rewrite, add, remove)
-
-
-def _apply_reopen(graph: Graph, plan: _Reopen) -> None:
-    """Apply a validated plan without yielding to the event loop.
-
-    The threshold is lowered first and raised last, so no intermediate step
-    trips detach()'s "fewer children than the vote threshold" check.
-    """
-    q = plan.quorum
-    changed = (q.vote_threshold, q.read_pattern, q.rewrite_corrupted) != (
-        plan.vote_threshold, plan.read_pattern, plan.rewrite_corrupted)
-    if plan.vote_threshold < q.vote_threshold:
-        q.vote_threshold = plan.vote_threshold
-    for name in plan.add:
-        graph.child_add(q.node_name, name)
-    for edge in plan.remove:
-        graph.child_del(q.node_name, edge)
-    q.vote_threshold = plan.vote_threshold
-    q.read_pattern = plan.read_pattern
-    q.rewrite_corrupted = plan.rewrite_corrupted
-    if changed:
-        for fn in list(q.on_change):  # persistence and status watchers
-            fn()
-    log.warning("quorum %s reopened: vote-threshold %d, read-pattern %s, rewrite-corrupted %s, "
-                "children %s", q.node_name, q.vote_threshold, q.read_pattern,
-                q.rewrite_corrupted, [s.node.node_name for s in q.slots])
+        add.append(c)
+    plan = ReopenPlan(
+        vote_threshold=opts.get("vote_threshold", q.vote_threshold),
+        read_pattern=opts.get("read_pattern", str(q.read_pattern)),
+        rewrite_corrupted=opts.get("rewrite_corrupted", q.rewrite_corrupted),
+        add=add,
+        remove=[s for s in q.slots if s.node.node_name not in seen],
+        new_state=graph.new_child_state,
+    )
+    try:
+        q.members.prepare(plan)
+    except GraphError as err:
+        raise generic(err.desc) from err
+    plan.read_pattern = ReadPattern(plan.read_pattern)
+    return q, plan
 
 
 @handler("blockdev-reopen")
 def blockdev_reopen(ctx: Context, *, options: list[dict[str, Any]]) -> None:
     graph = ctx.graph
     claimed: set[str] = set()
-    plans: list[_Reopen] = []
+    plans: list[tuple[QuorumNode, ReopenPlan]] = []
     for opts in options:
-        plan = _plan_reopen(graph, opts, claimed)
-        if any(p.quorum is plan.quorum for p in plans):
-            raise generic(f"Node '{plan.quorum.node_name}' is listed more than once")
-        plans.append(plan)
-    for plan in plans:
-        _apply_reopen(graph, plan)
+        q, plan = _plan_reopen(graph, opts, claimed)
+        if any(p is q for p, _ in plans):
+            raise generic(f"Node '{q.node_name}' is listed more than once")
+        plans.append((q, plan))
+    for q, plan in plans:
+        graph.reopen(q, plan)
 
 
 # --------------------------------------------------------------------------- status
@@ -492,13 +455,13 @@ def x_quorum_resync(ctx: Context, *, node_name: str, speed: int | None = None,
     job = ctx.resync.job_for(slot)
     if job is not None and job.status in (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED):
         raise generic(f"Job ID '{job.id}' already in use")
-    q.check_can_leave_vote(slot, "resync")
-    if full or slot.sync is None:
-        slot.sync = RegionBitmap(q.size(), fill=True)
-    if slot.state is not ChildState.RESYNCING:
-        q.set_state(slot, ChildState.RESYNCING)
-    if ctx.resync.ensure(q, slot, speed=speed) is None:
+    q.members.check_can_leave_vote(slot, "resync")
+    q.members.start_resync(slot, None if full or slot.sync is None else [], revive=True)
+    job = ctx.resync.ensure(q, slot)
+    if job is None:
         raise generic(f"Node '{node_name}' needs no resync")
+    if speed is not None:
+        job.set_speed(speed)
 
 
 @handler("x-quorum-scrub")
@@ -530,11 +493,11 @@ def x_faulty_set(ctx: Context, *, node_name: str, rules: list[dict[str, Any]]) -
 @handler("query-quorum-status")
 def query_quorum_status(ctx: Context, *, node_name: str | None = None) -> list[dict[str, Any]]:
     if node_name is None:
-        return [q.status() for q in ctx.graph.quorums()]
+        return [quorum_status(q) for q in ctx.graph.quorums()]
     node = ctx.graph.lookup_device(node_name)
     if not isinstance(node, QuorumNode):
         raise generic(f"Node '{node_name}' is not a quorum node")
-    return [node.status()]
+    return [quorum_status(node)]
 
 
 __all__ = ["HANDLERS", "NO_ID", "Context", "dispatch", "execute", "handler"]

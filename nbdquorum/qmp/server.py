@@ -26,6 +26,7 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.qmp.commands import Context, dispatch, version_triple
 from nbdquorum.qmp.errors import ErrorClass, LocalProtocolError, QMPError
+from nbdquorum.qmp.events import wired
 from nbdquorum.qmp.protocol import (
     NEED_DATA,
     NO_ID,
@@ -138,7 +139,7 @@ class QMPServer:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop_thread = threading.get_ident()
-            self._unsubscribe = self.bus.subscribe(self._on_bus_event)
+            self._unsubscribe = self.bus.subscribe(wired(self._on_bus_event))
 
     async def shutdown(self) -> None:
         """Stop listening, disconnect every client, remove the socket."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbdquorum.worker.control import Channel, Message
-from nbdquorum.worker.node import View, WorkerNode
+from nbdquorum.worker.node import LOCAL_KINDS, View, WorkerNode
 
 log = logging.getLogger("nbdquorum.worker")
 
@@ -60,9 +60,12 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
         op = msg.get("op")
         if op == "view":
             first = node.view.epoch < 0
+            children = list(msg["children"])
             view = View(epoch=int(msg["epoch"]), local=bool(msg["local"]),
                         threshold=int(msg["threshold"]), fifo=bool(msg["fifo"]),
-                        names=list(msg["names"]), fds=fds)
+                        names=[str(c["name"]) for c in children], fds=fds, size=node.size())
+            if any(c.get("kind") not in LOCAL_KINDS for c in children):
+                view.local = False  # a kind of child this worker cannot read itself
             if truncated or len(fds) != len(view.names):
                 # Out of descriptors: a vote over fewer children than the primary
                 # has would not be its vote.  Forward every read until the next view.

@@ -10,19 +10,58 @@ trim, zero, cache and block status always go to the primary.
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from nbdquorum import native
 from nbdquorum.block import aio
-from nbdquorum.block.node import BlockNode, Buffer, Extent
-from nbdquorum.block.readpath import INLINE_MAX, BufferPool, InlineReads, ReadOutcome
+from nbdquorum.block.file import pread_full
+from nbdquorum.block.node import BlockNode, Buffer, Direct, Extent
+from nbdquorum.block.quorum.voted import Reads, VotedIO
 from nbdquorum.nbd.client import NBDClient
 from nbdquorum.nbd.constants import Cmd, CmdFlag
 from nbdquorum.worker.control import EPOCH
+
+
+class _ViewDirect(Direct):
+    """A view's descriptor: pins count the view's reads in flight."""
+
+    def __init__(self, view: View, fd: int) -> None:
+        self.view = view
+        self.fd = fd
+
+    def pin(self) -> None:
+        self.view.inflight += 1
+
+    def unpin(self) -> None:
+        self.view.inflight -= 1
+        self.view.release()
+
+
+class ViewChild(BlockNode):
+    """A child of the primary's quorum as the view describes it: here, a file
+    by its descriptor (kind "file"), read through Voted I/O like the primary's."""
+
+    driver = "file"
+
+    def __init__(self, name: str, size: int, direct: _ViewDirect) -> None:
+        super().__init__(name, read_only=True)
+        self._size = size
+        self._direct = direct
+
+    def size(self) -> int:
+        return self._size
+
+    def direct(self) -> Direct:
+        return self._direct
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        return await aio.run(pread_full, self._direct.fd, offset, length)
+
+
+#: the kinds of child a worker can read itself (the view says each child's kind)
+LOCAL_KINDS = frozenset({"file"})
 
 
 @dataclass(eq=False)
@@ -35,13 +74,19 @@ class View:
     fifo: bool = False  # read-pattern fifo: read the first voter only
     names: list[str] = field(default_factory=list)  # voters' node-names
     fds: list[int] = field(default_factory=list)  # voters' descriptors (ours to close)
+    size: int = 0  # the export's size
     reads: int = 0  # reads answered with this view (for the primary's counters)
     inflight: int = 0  # pool reads using fds right now
     retired: bool = False
+    children: list[ViewChild] = field(default_factory=list)
 
-    def voters(self) -> tuple[list[int], int]:
-        """(descriptors to read, threshold) of a local read."""
-        return (self.fds[:1], 1) if self.fifo else (self.fds, self.threshold)
+    def __post_init__(self) -> None:
+        self.children = [ViewChild(n, self.size, _ViewDirect(self, fd))
+                         for n, fd in zip(self.names, self.fds, strict=False)]
+
+    def voters(self) -> tuple[list[ViewChild], int]:
+        """(children to read, threshold) of a local read."""
+        return (self.children[:1], 1) if self.fifo else (self.children, self.threshold)
 
     def counted_names(self) -> list[str]:
         return self.names[:1] if self.fifo else self.names
@@ -65,9 +110,9 @@ class WorkerNode(BlockNode):
         self._epoch = epoch
         self.child_timeout = child_timeout
         self.view = View(epoch=-1)
-        self._inline = InlineReads()
-        self._pool = BufferPool()
+        self.voted = VotedIO()
         self._retired_reads: Counter[str] = Counter()
+        self._now = _WorkerNow(self)
         #: local reads answered / forwarded (for tests and the stats message)
         self.local_reads = 0
         self.forwarded = 0
@@ -75,13 +120,13 @@ class WorkerNode(BlockNode):
     def size(self) -> int:
         return self._size
 
-    def buffers_per_read(self) -> int:
-        return max(1, len(self.view.voters()[0]))
+    def direct(self) -> Direct:
+        return self._now
 
     # -- the view ------------------------------------------------------------------
     def set_view(self, view: View) -> None:
         old, self.view = self.view, view
-        self._inline.reset()
+        self.voted.reset()
         for name in old.counted_names():
             self._retired_reads[name] += old.reads
         old.retired = True
@@ -105,27 +150,23 @@ class WorkerNode(BlockNode):
         v = self.view
         return v if v.local and self._current(v) else None
 
-    def _agreed(self, v: View, n: int, done: ReadOutcome) -> bytearray | None:
+    def _agreed(self, v: View, reads: Reads) -> Buffer | None:
         """The bytes, if every voter read them and the view was current throughout
         (the primary may change the quorum while the read runs)."""
-        result, bufs, codes = done
-        if (result.winner is None or any(codes) or len(result.winners) != n
-                or not self._current(v)):
+        if not reads.unanimous or not self._current(v):
             return None
         v.reads += 1
         self.local_reads += 1
-        return bufs[result.winner]
+        return reads.winner
 
     # -- reads -----------------------------------------------------------------------
     def try_pread_now(self, offset: int, length: int) -> Buffer | None:
-        if length > INLINE_MAX:
-            return None
         v = self._usable()
         if v is None:
             return None
-        fds, threshold = v.voters()
-        done = self._inline.pread(fds, offset, length, threshold)
-        return None if done is None else self._agreed(v, len(fds), done)
+        children, threshold = v.voters()
+        reads = self.voted.read_now(children, offset, length, threshold)
+        return None if reads is None else self._agreed(v, reads)
 
     async def pread(self, offset: int, length: int) -> Buffer:
         v = self._usable()
@@ -138,35 +179,18 @@ class WorkerNode(BlockNode):
         return out if isinstance(out, bytes | bytearray | memoryview) else bytes(length)
 
     async def _pread_local(self, v: View, offset: int, length: int) -> Buffer | None:
-        fds, threshold = v.voters()
-        done = self._inline.pread(fds, offset, length, threshold) if length <= INLINE_MAX else None
-        if done is not None:
-            return self._agreed(v, len(fds), done)
+        children, threshold = v.voters()
         lent: list[bytearray] = []
-        bufs = self._pool.take(len(fds), length, lent)
-        v.inflight += 1
-        fut = asyncio.get_running_loop().run_in_executor(
-            aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
-
-        def finished(f: asyncio.Future[ReadOutcome]) -> None:  # the thread is done
-            v.inflight -= 1
-            v.release()
-            if not f.cancelled():
-                f.exception()  # retrieved (it is also awaited unless we timed out)
-
-        fut.add_done_callback(finished)
+        win: Buffer | None = None
         try:
-            done = await asyncio.wait_for(asyncio.shield(fut), self.child_timeout)
-        except TimeoutError:
-            # The thread still reads into the buffers (they are not given back)
-            # and with the descriptors (released when it returns): forward.
-            return None
-        except OSError:
-            return None  # the primary reads again and reports
-        win = self._agreed(v, len(fds), done)
-        if lent:
-            self._pool.give_back(lent, win)
-        return win
+            # a read that outlives the child timeout is forwarded; its thread
+            # keeps the view's descriptors pinned (and its buffers) until it returns
+            reads = await self.voted.read(children, offset, length, threshold, lent=lent,
+                                          fd_limit=self.child_timeout)
+            win = self._agreed(v, reads)
+            return win
+        finally:
+            self.voted.give_back(lent, win)
 
     # -- everything else goes to the primary ------------------------------------------
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
@@ -197,3 +221,11 @@ class WorkerNode(BlockNode):
         self.view.retired = True
         self.view.release()
         super().close()
+
+
+class _WorkerNow(Direct):
+    def __init__(self, node: WorkerNode) -> None:
+        self.node = node
+
+    def try_pread(self, offset: int, length: int) -> Buffer | None:
+        return self.node.try_pread_now(offset, length)

@@ -260,9 +260,12 @@ class WorkerPool:
         EPOCH.pack_into(self._epoch_map, 0, self.epoch)
 
     def _view(self) -> tuple[Message, list[int]]:
+        """The voters as a worker may use them: each child by kind ("file": its
+        descriptor follows), or not local at all (every read forwarded)."""
         q = self.quorum
         voters = q.active()
-        fds = [s.node.fast_fd() for s in voters]
+        directs = [s.node.direct() for s in voters]
+        fds = [d.fd if d is not None else None for d in directs]
         fifo = q.read_pattern is ReadPattern.FIFO
         # a fault injector's rules change without a quorum change: never local
         local = (bool(voters) and None not in fds and all(_plain(s.node) for s in voters)
@@ -270,7 +273,8 @@ class WorkerPool:
         msg: Message = {
             "op": "view", "epoch": self.epoch, "local": local,
             "threshold": q.vote_threshold, "fifo": fifo,
-            "names": [s.node.node_name for s in voters] if local else [],
+            "children": ([{"name": s.node.node_name, "kind": "file"} for s in voters]
+                         if local else []),
         }
         return msg, [fd for fd in fds if fd is not None] if local else []
 

@@ -13,6 +13,7 @@ from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.jobs.job import JobManager
 from nbdquorum.jobs.resync import ResyncManager
 from nbdquorum.jobs.scrub import ScrubJob
+from nbdquorum.qmp.events import wired
 from tests.unit.aiohelp import run
 
 SIZE = 4 << 20
@@ -23,7 +24,7 @@ SIZE = 4 << 20
 def setup(tmp_path: Path, n: int = 3) -> tuple[Graph, QuorumNode, list[Event]]:
     bus = EventBus()
     seen: list[Event] = []
-    bus.subscribe(seen.append)
+    bus.subscribe(wired(seen.append))
     g = Graph(bus)
     kids = [g.open_raw_file(f"c{i}", str(tmp_path / f"c{i}.raw"), create_size=SIZE) for i in range(n)]
     q = QuorumNode("q0", kids, vote_threshold=2, bus=bus)

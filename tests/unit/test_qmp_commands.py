@@ -11,6 +11,7 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode
 from nbdquorum.eventbus import EventBus
+from nbdquorum.qmp import commands
 from nbdquorum.qmp.commands import Context, dispatch, execute
 from nbdquorum.qmp.errors import QMPError
 from nbdquorum.qmp.protocol import Execute, ServerConnection, greeting
@@ -361,10 +362,10 @@ def test_dispatch_builds_replies_with_the_id(env: Env) -> None:
 
 
 def test_an_unexpected_handler_error_is_a_generic_error(env: Env, monkeypatch: Any) -> None:
-    def boom(flat: bool = False) -> Any:
+    def boom(node: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(env.graph, "query_named_block_nodes", boom)
+    monkeypatch.setattr(commands, "block_device_info", boom)
     assert env.err("query-named-block-nodes") == "Internal error in query-named-block-nodes: boom"
 
 

@@ -14,8 +14,9 @@ import pytest
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode, Buffer
-from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, sector_span
+from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan
 from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.qmp.events import sector_span, wired
 from tests.unit.aiohelp import run
 
 SIZE = 1 << 20
@@ -61,7 +62,7 @@ class MemNode(BlockNode):
 def events() -> Iterator[tuple[EventBus, list[Event]]]:
     bus = EventBus()
     seen: list[Event] = []
-    bus.subscribe(seen.append)
+    bus.subscribe(wired(seen.append))
     yield bus, seen
 
 
@@ -287,7 +288,7 @@ def test_resyncing_child_gets_writes_but_never_votes(events: Any) -> None:
     bus, seen = events
     kids = [MemNode(f"m{i}") for i in range(3)]
     q = QuorumNode("q", kids, vote_threshold=2, bus=bus)
-    q.set_state(q.slots[2], ChildState.RESYNCING)
+    q.members.start_resync(q.slots[2], [])
     assert seen[-1].name == "QUORUM_CHILD_STATE_CHANGE"
     assert seen[-1].data["state"] == "resyncing"
     seen.clear()
@@ -350,16 +351,17 @@ def test_deleted_or_truncated_child_file_is_faulted_by_health_check(
 def test_sync_fast_paths_serve_only_the_common_case(tmp_path: Path, events: Any) -> None:
     bus, seen = events
     g, q = file_quorum(tmp_path, bus)
-    assert q.try_pwrite_now(0, b"\x05" * 4096) is True
-    assert bytes(q.try_pread_now(0, 4096) or b"") == b"\x05" * 4096
+    now = q.direct()
+    assert now.try_pwrite(0, b"\x05" * 4096) is True
+    assert bytes(now.try_pread(0, 4096) or b"") == b"\x05" * 4096
     corrupt(tmp_path / "c1.raw", 100, b"\x00")
-    assert q.try_pread_now(0, 4096) is None  # a mismatch: the full path reports it
+    assert now.try_pread(0, 4096) is None  # a mismatch: the full path reports it
     assert seen == []
     assert bytes(run(q.pread(0, 4096))) == b"\x05" * 4096
     assert [e.name for e in seen] == ["QUORUM_REPORT_BAD"]
-    q.read_pattern = ReadPattern.FIFO
-    assert bytes(q.try_pread_now(0, 4096) or b"") == b"\x05" * 4096
+    q.members.commit(q.members.prepare(ReopenPlan(q.vote_threshold, ReadPattern.FIFO, False)))
+    assert bytes(now.try_pread(0, 4096) or b"") == b"\x05" * 4096
     corrupt(tmp_path / "c0.raw", 100, b"\x09")
-    assert (q.try_pread_now(0, 4096) or b"")[100] == 9  # fifo does not verify
-    assert q.try_pread_now(0, 1 << 20) is None  # big requests take the pool
+    assert (now.try_pread(0, 4096) or b"")[100] == 9  # fifo does not verify
+    assert now.try_pread(0, 1 << 20) is None  # big requests take the pool
     g.close()

@@ -11,8 +11,9 @@ import pytest
 from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.quorum import ChildState, QuorumNode
+from nbdquorum.block.quorum.recovery import crash_recover
 from nbdquorum.eventbus import EventBus
-from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
+from nbdquorum.state import StateError, StateStore, WriteIntentLog, restore
 from tests.unit.aiohelp import run
 
 SIZE = 4 << 20
@@ -31,10 +32,8 @@ def quorum(tmp_path: Path, n: int = 3) -> tuple[Graph, QuorumNode]:
 def test_state_roundtrip_keeps_edges_states_and_sync(tmp_path: Path) -> None:
     g, q = quorum(tmp_path)
     q.slots[1].name = "children.7"
-    q.next_child_index = 8
-    q.set_state(q.slots[2], ChildState.RESYNCING)
-    q.slots[2].sync = RegionBitmap(SIZE)
-    q.slots[2].sync.set_range(2 << 20, 1)
+    q.members.next_child_index = 8  # as if children.3 .. children.7 had come and gone
+    q.members.start_resync(q.slots[2], [(2 << 20, 1)])
     store = StateStore(tmp_path / "st")
     store.save(q)
     state = store.load()

@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 
 from nbdquorum.block.graph import Graph
-from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
+from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.nbd import client as nbdc
 from nbdquorum.nbd.client import NBDClient
 from nbdquorum.nbd.constants import Cmd, CmdFlag, StateFlag
 from nbdquorum.nbd.server import READ_CHUNK, Export, NBDServer
+from nbdquorum.qmp.events import wired
 from nbdquorum.worker.node import View, WorkerNode
 from nbdquorum.worker.pool import WorkerPool
 from tests.unit.aiohelp import run
@@ -57,7 +58,8 @@ class Rig:
         msg, fds = self.pool._view()
         self.node.set_view(View(epoch=msg["epoch"], local=msg["local"],
                                 threshold=msg["threshold"], fifo=msg["fifo"],
-                                names=msg["names"], fds=[os.dup(fd) for fd in fds]))
+                                names=[c["name"] for c in msg["children"]],
+                                fds=[os.dup(fd) for fd in fds], size=self.node.size()))
 
     def child(self, i: int) -> Path:
         return self.tmp / f"c{i}.raw"
@@ -67,7 +69,7 @@ class Rig:
 async def rig(tmp: Path, **kw: object) -> AsyncIterator[Rig]:
     bus = EventBus()
     seen: list[Event] = []
-    bus.subscribe(seen.append)
+    bus.subscribe(wired(seen.append))
     g = Graph(bus)
     kids = [g.open_raw_file(f"c{i}", str(tmp / f"c{i}.raw"), create_size=SIZE) for i in range(3)]
     q = QuorumNode("q0", kids, vote_threshold=2, bus=bus, **kw)  # type: ignore[arg-type]
@@ -205,7 +207,7 @@ def test_the_view_follows_child_state_and_closes_retired_descriptors(tmp_path: P
     async def main() -> None:
         async with rig(tmp_path) as r:
             old = list(r.node.view.fds)
-            r.quorum.set_state(r.quorum.slots[2], ChildState.FAULTED)
+            r.quorum.members.fault(r.quorum.slots[2], "test")
             r.push_view()
             assert r.node.view.names == ["c0", "c1"]
             for fd in old:
@@ -223,8 +225,8 @@ def test_the_view_follows_child_state_and_closes_retired_descriptors(tmp_path: P
 def test_below_threshold_nothing_is_local(tmp_path: Path) -> None:
     async def main() -> None:
         async with rig(tmp_path) as r:
-            r.quorum.set_state(r.quorum.slots[1], ChildState.FAULTED)
-            r.quorum.set_state(r.quorum.slots[2], ChildState.FAULTED)
+            r.quorum.members.fault(r.quorum.slots[1], "test")
+            r.quorum.members.fault(r.quorum.slots[2], "test")
             r.push_view()
             assert not r.node.view.local
             assert r.node.try_pread_now(0, 4096) is None

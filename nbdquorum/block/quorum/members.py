@@ -1,0 +1,346 @@
+"""Members: the only writer of a quorum's children, their states, sync bitmaps and threshold.
+
+Every change of membership or child state goes through one named operation
+here (``attach``, ``detach``, ``start_resync``, ``resynced``, ``fault``,
+``restore``, ``reopen``), which checks what must hold, applies the change,
+reports it (``ChildStateChanged``) and runs the change hooks (persistence,
+the workers' view) once.  The CLI, QMP, persistence and the jobs ask for
+these operations; none of them assigns a slot's state itself.
+
+``reopen`` follows QEMU's reopen: ``prepare`` checks a whole plan against the
+current membership and changes nothing; ``commit`` applies it without
+yielding (so no request sees half of it); ``abort`` drops a prepared plan.
+
+Child states (ChildState): only ``active`` children vote and are read;
+``resyncing`` children get every write and are caught up by a background job
+from their ``sync`` bitmap; ``faulted`` children get no I/O at all until the
+operator acts.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from nbdquorum.block.bitmap import RegionBitmap
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.node import BlockNode
+from nbdquorum.block.quorum.events import ChildStateChanged, QuorumEvent
+
+log = logging.getLogger(__name__)
+
+
+class ReadPattern(enum.StrEnum):
+    QUORUM = "quorum"  #: read every active child and vote
+    FIFO = "fifo"  #: read the first active child; on error the next one
+
+
+class ChildState(enum.StrEnum):
+    ACTIVE = "active"  #: in sync; votes and is read
+    RESYNCING = "resyncing"  #: gets writes, never read or counted until resynced
+    FAULTED = "faulted"  #: failed too often; gets no I/O at all
+
+
+@dataclass
+class ChildStats:
+    """Per-child counters, in the spirit of zpool status READ/WRITE/CKSUM."""
+
+    reads: int = 0  # read requests sent to the child
+    writes: int = 0  # write/zero/trim requests sent to the child
+    read_errors: int = 0  # reads that returned an error
+    write_errors: int = 0  # writes/zero/trim that returned an error
+    flush_errors: int = 0
+    checksum_errors: int = 0  # reads whose bytes lost the vote
+    repaired_bytes: int = 0  # bytes rewritten with the winning version
+
+
+@dataclass(eq=False)
+class ChildSlot:
+    """One edge quorum -> child, named as QEMU names it (``children.N``).
+
+    Read it anywhere; only Members changes ``state``, ``sync`` and ``error_count``.
+    """
+
+    name: str  # edge name, "children.N"
+    node: BlockNode  # the child node
+    state: ChildState = ChildState.ACTIVE
+    stats: ChildStats = field(default_factory=ChildStats)
+    #: regions not yet in sync (a resyncing child); None when in sync
+    sync: RegionBitmap | None = None
+    #: errors counted toward max-errors since the child joined or was cleared
+    error_count: int = 0
+    #: resync attempts that failed in a row, and the last one's error (the job's)
+    resync_failures: int = 0
+    resync_error: str | None = None
+
+
+@dataclass
+class ReopenPlan:
+    """A whole change of a quorum's options and children (blockdev-reopen)."""
+
+    vote_threshold: int
+    read_pattern: ReadPattern
+    rewrite_corrupted: bool
+    add: list[BlockNode] = field(default_factory=list)  # nodes to attach, in order
+    remove: list[ChildSlot] = field(default_factory=list)  # slots to detach
+    #: the state new children start in
+    new_state: ChildState = ChildState.ACTIVE
+    #: set by Members.prepare: the plan was checked against this membership
+    prepared: bool = False
+
+
+def check_options(
+    nchildren: int, vote_threshold: int, read_pattern: str, rewrite_corrupted: bool
+) -> None:
+    """QEMU's open-time checks, with QEMU's texts."""
+    if vote_threshold < 1:
+        raise GraphError("Parameter 'vote-threshold' expects a value >= 1")
+    if vote_threshold > nchildren:
+        raise GraphError("threshold may not exceed children count")
+    if read_pattern not in ("quorum", "fifo"):
+        raise GraphError(f"Parameter 'read-pattern' does not accept value '{read_pattern}'")
+
+
+def _in_sync(n: int) -> str:
+    return f"{n} child{'' if n == 1 else 'ren'} would be left in sync (active)"
+
+
+class Members:
+    """The children of one quorum and the options that say how they vote."""
+
+    def __init__(
+        self, quorum: str, children: Sequence[BlockNode], *, size: int, vote_threshold: int,
+        read_pattern: ReadPattern, rewrite_corrupted: bool, read_only: Callable[[], bool],
+        max_errors: int, report: Callable[[QuorumEvent], None],
+    ) -> None:
+        self.quorum = quorum  # the quorum's node-name, for events and messages
+        self.size = size
+        self._read_only = read_only  # the quorum node's fact, asked when it matters
+        self.slots: list[ChildSlot] = [
+            ChildSlot(f"children.{i}", c) for i, c in enumerate(children)
+        ]
+        self.next_child_index = len(self.slots)
+        self.vote_threshold = vote_threshold
+        self.read_pattern = ReadPattern(read_pattern)
+        self.rewrite_corrupted = rewrite_corrupted
+        #: errors after which a child is faulted (md's max_read_errors); 0: never
+        self.max_errors = max_errors
+        self._report = report
+        #: called after each membership/state/option change (persistence, views)
+        self.on_change: list[Callable[[], None]] = []
+        #: called with a slot that now needs a resync job (the resync manager hooks in)
+        self.on_resync_needed: list[Callable[[ChildSlot], None]] = []
+
+    # -- reading ------------------------------------------------------------------------
+    def active(self) -> list[ChildSlot]:
+        return [s for s in self.slots if s.state is ChildState.ACTIVE]
+
+    def writable(self) -> list[ChildSlot]:
+        return [s for s in self.slots if s.state is not ChildState.FAULTED]
+
+    def slot(self, edge_name: str) -> ChildSlot | None:
+        return next((s for s in self.slots if s.name == edge_name), None)
+
+    def slot_of(self, node: BlockNode) -> ChildSlot | None:
+        return next((s for s in self.slots if s.node is node), None)
+
+    def named(self, node_name: str) -> ChildSlot | None:
+        return next((s for s in self.slots if s.node.node_name == node_name), None)
+
+    def __contains__(self, slot: object) -> bool:
+        return slot in self.slots
+
+    # -- membership -----------------------------------------------------------------------
+    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE) -> ChildSlot:
+        """A new child; a resyncing one starts with everything to copy."""
+        self._check_size(node)
+        slot = self._attach(node, state)
+        self._changed()
+        if state is ChildState.RESYNCING:
+            self._need_resync(slot)
+        return slot
+
+    def _check_size(self, node: BlockNode) -> None:
+        if node.size() != self.size:
+            raise GraphError(
+                f"Cannot add node '{node.node_name}' of size {node.size()} to quorum "
+                f"'{self.quorum}' of size {self.size}"
+            )
+
+    def _attach(self, node: BlockNode, state: ChildState) -> ChildSlot:
+        slot = ChildSlot(f"children.{self.next_child_index}", node, state)
+        if state is ChildState.RESYNCING:
+            slot.sync = RegionBitmap(self.size, fill=True)  # nothing copied yet
+        self.next_child_index += 1
+        self.slots.append(slot)
+        self._emit(slot, "none")
+        return slot
+
+    def detach(self, slot: ChildSlot) -> None:
+        self._check_detach(slot, self.vote_threshold)
+        self._detach(slot)
+        self._changed()
+
+    def _check_detach(self, slot: ChildSlot, threshold: int) -> None:
+        if len(self.slots) <= threshold:
+            raise GraphError(
+                f"The number of children cannot be lower than the vote threshold {threshold}"
+            )
+        # Beyond QEMU: resyncing children take writes but do not count towards
+        # the threshold, so removing an active child could leave a quorum
+        # where every write fails.
+        self.check_can_leave_vote(slot)
+
+    def _detach(self, slot: ChildSlot) -> None:
+        self.slots.remove(slot)
+        # QEMU 5.2+ "stable children names": only the top index is reused
+        if slot.name == f"children.{self.next_child_index - 1}":
+            self.next_child_index -= 1
+
+    def check_can_leave_vote(self, slot: ChildSlot, verb: str = "remove") -> None:
+        """Refuse to take an active child out of the vote below the threshold."""
+        left = len(self.active()) - (slot.state is ChildState.ACTIVE)
+        if slot.state is ChildState.ACTIVE and left < self.vote_threshold:
+            raise GraphError(
+                f"Cannot {verb} {slot.node.node_name}: {_in_sync(left)}, fewer than the vote "
+                f"threshold {self.vote_threshold}"
+            )
+
+    # -- states ----------------------------------------------------------------------------
+    def start_resync(self, slot: ChildSlot, regions: Iterable[tuple[int, int]] | None = None,
+                     *, revive: bool = False) -> None:
+        """The one way a child starts (or widens) a resync.
+
+        ``regions`` (byte ranges) are added to what the child still lacks;
+        None means all of it (a full resync).  A faulted child stays faulted
+        (a missed write changes nothing for it) unless ``revive``: the
+        operator asked for its resync (md's re-add).
+        """
+        if slot not in self.slots or (slot.state is ChildState.FAULTED and not revive):
+            return
+        if regions is None:
+            slot.sync = RegionBitmap(self.size, fill=True)
+        else:
+            if slot.sync is None:
+                slot.sync = RegionBitmap(self.size)
+            for off, n in regions:
+                slot.sync.set_range(off, n)
+        if slot.state is not ChildState.RESYNCING:
+            self._set_state(slot, ChildState.RESYNCING)
+        self._need_resync(slot)
+
+    def region_synced(self, slot: ChildSlot, bit: int) -> None:
+        """A resync job copied one region of ``slot.sync`` (bit index)."""
+        if slot.sync is not None:
+            slot.sync.clear_bit(bit)
+
+    def resynced(self, slot: ChildSlot) -> None:
+        """A resync job copied everything: the child votes again."""
+        if slot in self.slots and slot.state is ChildState.RESYNCING:
+            self._set_state(slot, ChildState.ACTIVE)
+
+    def fault(self, slot: ChildSlot, why: str) -> None:
+        """Take a failing child out of all I/O until the operator acts."""
+        if slot in self.slots and slot.state is not ChildState.FAULTED:
+            log.error("child %s: %s: faulted", slot.node.node_name, why)
+            self._set_state(slot, ChildState.FAULTED)
+
+    def count_error(self, slot: ChildSlot) -> None:
+        """One more I/O error of this child: faulted at max-errors, or at once
+        when the node itself reports a problem (a deleted or truncated image)."""
+        slot.error_count += 1
+        problem = slot.node.health() if slot.state is not ChildState.FAULTED else None
+        if problem:
+            self.fault(slot, problem)
+        elif self.max_errors and slot.error_count >= self.max_errors:
+            self.fault(slot, f"reached {slot.error_count} errors")
+
+    def restore(self, records: Sequence[tuple[ChildSlot, str, ChildState, RegionBitmap | None]],
+                next_child_index: int) -> None:
+        """Put back what was recorded before a restart (persistence), before serving.
+
+        Each record is (slot, edge name, state, sync bitmap or None).  Nothing
+        is reported: these are the states the children already had.
+        """
+        for slot, edge, state, sync in records:
+            slot.name = edge
+            slot.state = state
+            if state is ChildState.RESYNCING:
+                slot.sync = sync if sync is not None else RegionBitmap(self.size, fill=True)
+            else:
+                slot.sync = None
+        self.next_child_index = next_child_index
+
+    def _set_state(self, slot: ChildSlot, state: ChildState) -> None:
+        if slot.state is state:
+            return
+        log.warning("child %s (%s): %s -> %s", slot.node.node_name, slot.name, slot.state, state)
+        previous = slot.state
+        slot.state = state
+        if state is ChildState.ACTIVE:
+            slot.sync = None
+        if previous is ChildState.FAULTED:
+            slot.error_count = 0  # a second chance, as md's re-add
+        self._emit(slot, str(previous))
+        self._changed()
+
+    # -- reopen: prepare / commit / abort ----------------------------------------------------
+    def prepare(self, plan: ReopenPlan) -> ReopenPlan:
+        """Check a whole reopen against the current membership; change nothing.
+
+        Raises:
+            GraphError: with QEMU's text where it has one.
+        """
+        for node in plan.add:
+            self._check_size(node)
+        keep = [s for s in self.slots if s not in plan.remove]
+        check_options(len(keep) + len(plan.add), plan.vote_threshold, plan.read_pattern,
+                      plan.rewrite_corrupted)
+        if plan.rewrite_corrupted and self._read_only():
+            raise GraphError(
+                f"rewrite-corrupted=on cannot be used on the read-only node '{self.quorum}'")
+        kept_active = sum(1 for s in keep if s.state is ChildState.ACTIVE)
+        voting = kept_active + (len(plan.add) if plan.new_state is ChildState.ACTIVE else 0)
+        if voting < plan.vote_threshold:
+            raise GraphError(f"Cannot reopen {self.quorum}: {_in_sync(voting)}, fewer than the "
+                             f"vote threshold {plan.vote_threshold}")
+        plan.prepared = True
+        return plan
+
+    def commit(self, plan: ReopenPlan) -> list[ChildSlot]:
+        """Apply a prepared plan without yielding; returns the new slots."""
+        assert plan.prepared, "commit of a plan that was not prepared"
+        added = [self._attach(node, plan.new_state) for node in plan.add]
+        for slot in plan.remove:
+            self._detach(slot)
+        self.vote_threshold = plan.vote_threshold
+        self.read_pattern = plan.read_pattern
+        self.rewrite_corrupted = plan.rewrite_corrupted
+        plan.prepared = False
+        self._changed()
+        log.warning("quorum %s: vote-threshold %d, read-pattern %s, rewrite-corrupted %s, "
+                    "children %s", self.quorum, self.vote_threshold, self.read_pattern,
+                    self.rewrite_corrupted, [s.node.node_name for s in self.slots])
+        for slot in added:
+            if slot.state is ChildState.RESYNCING:
+                self._need_resync(slot)
+        return added
+
+    def abort(self, plan: ReopenPlan) -> None:
+        """Drop a prepared plan (prepare changed nothing, so nothing is undone)."""
+        plan.prepared = False
+
+    # -- reporting ----------------------------------------------------------------------------
+    def _emit(self, slot: ChildSlot, previous: str) -> None:
+        self._report(ChildStateChanged(self.quorum, slot.node.node_name, slot.name,
+                                       str(slot.state), previous))
+
+    def _need_resync(self, slot: ChildSlot) -> None:
+        for fn in list(self.on_resync_needed):
+            fn(slot)
+
+    def _changed(self) -> None:
+        for fn in list(self.on_change):
+            fn()

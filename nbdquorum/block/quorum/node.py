@@ -1,0 +1,569 @@
+"""The quorum driver: N children, every write to all, every read voted.
+
+Semantics follow QEMU's block/quorum.c, with three deliberate differences:
+
+* The vote compares bytes directly (memcmp-class, in the C core) on the
+  agreeing path and on the mismatch path; QEMU hashes every copy with SHA-256
+  once any copy differs.
+* A tie between the largest versions is a failure (EIO + QUORUM_FAILURE).
+  QEMU returns the version first seen at the highest child index.
+* QUORUM_REPORT_BAD for a content mismatch names the 512-byte span where the
+  child differs, not the whole request.
+
+Every request holds a range lock (rangelock.py) so overlapping writes land in
+the same order on every child and reads never vote on a half-written range.
+
+Two owners do the work: ``Members`` (members.py) holds the children, their
+states and the options, and is the only writer of them; ``VotedIO``
+(voted.py) reads N children and votes, and writes N children.  This module
+judges the outcomes (counts, reports, faults, repairs) and knows nothing of
+NBD, QMP or persistence: it reports typed events (events.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.node import (
+    STATE_HOLE,
+    STATE_ZERO,
+    BlockNode,
+    Buffer,
+    Caps,
+    Direct,
+    Extent,
+    oserror,
+)
+from nbdquorum.block.quorum.events import ChildBad, QuorumEvent, QuorumLost
+from nbdquorum.block.quorum.members import (
+    ChildSlot,
+    ChildState,
+    Members,
+    ReadPattern,
+    check_options,
+)
+from nbdquorum.block.quorum.voted import Reads, VotedIO
+from nbdquorum.block.rangelock import RangeLock
+from nbdquorum.ratelimit import Burst
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+
+
+class WriteIntent:
+    """What the quorum needs from a write-intent log (persistence implements it)."""
+
+    async def mark(self, offset: int, length: int) -> None:
+        """Make the regions durable-dirty before a write is sent to children."""
+
+    def mark_now(self, offset: int, length: int) -> bool:
+        """As mark() if the regions are durable-dirty already (no I/O needed);
+        False (and nothing marked) otherwise."""
+        return False
+
+    def done(self, offset: int, length: int) -> None:
+        """The write to this range finished on every child."""
+
+
+class _Now(Direct):
+    """The quorum's serve-now capability: small requests on the event loop."""
+
+    def __init__(self, q: QuorumNode) -> None:
+        self.q = q
+
+    def try_pread(self, offset: int, length: int) -> Buffer | None:
+        return self.q._try_pread_now(offset, length)
+
+    def try_pwrite(self, offset: int, data: Buffer) -> bool:
+        return self.q._try_pwrite_now(offset, data)
+
+
+class QuorumNode(BlockNode):
+    driver = "quorum"
+
+    def __init__(
+        self,
+        node_name: str,
+        children: Sequence[BlockNode],
+        *,
+        vote_threshold: int,
+        report: Callable[[QuorumEvent], None] | None = None,
+        bus: Any = None,
+        read_pattern: ReadPattern = ReadPattern.QUORUM,
+        rewrite_corrupted: bool = False,
+        read_only: bool = False,
+        max_errors: int = 20,
+        child_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(node_name, read_only=read_only)
+        if not children:
+            raise GraphError("Number of provided children must be 1 or more")
+        check_options(len(children), vote_threshold, read_pattern, rewrite_corrupted)
+        sizes = {c.node_name: c.size() for c in children}
+        if len(set(sizes.values())) != 1:
+            detail = ", ".join(f"{n}={s}" for n, s in sizes.items())
+            raise GraphError(f"children of a quorum must have the same size ({detail})")
+        self._size = next(iter(sizes.values()))
+        if report is None:
+            report = bus.publish if bus is not None else (lambda ev: None)
+        self.report: Callable[[QuorumEvent], None] = report
+        self.members = Members(
+            node_name, children, size=self._size, vote_threshold=vote_threshold,
+            read_pattern=ReadPattern(read_pattern), rewrite_corrupted=rewrite_corrupted,
+            read_only=lambda: self.read_only, max_errors=max_errors, report=report,
+        )
+        self.voted = VotedIO()
+        self.members.on_change.append(self.voted.reset)
+        self.lock = RangeLock()
+        #: seconds a child (on the awaited path) may take before it counts as failed
+        self.child_timeout = child_timeout
+        #: the write-intent log, when a state dir is configured
+        self.write_intent: WriteIntent | None = None
+        #: monotonic time of the last client request (scrub yields to client I/O)
+        self.last_client_io = 0.0
+        #: a failing child must not flood the log (ratelimit.py)
+        self._log_burst = Burst()
+        #: the last scrub's result (jobs/scrub.py), for status displays
+        self.last_scrub: dict[str, Any] | None = None
+        self._now = _Now(self)
+
+    # -- what Members owns, read here ---------------------------------------------------
+    @property
+    def slots(self) -> list[ChildSlot]:
+        return self.members.slots
+
+    @property
+    def vote_threshold(self) -> int:
+        return self.members.vote_threshold
+
+    @property
+    def read_pattern(self) -> ReadPattern:
+        return self.members.read_pattern
+
+    @property
+    def rewrite_corrupted(self) -> bool:
+        return self.members.rewrite_corrupted
+
+    @property
+    def next_child_index(self) -> int:
+        return self.members.next_child_index
+
+    @property
+    def on_change(self) -> list[Callable[[], None]]:
+        return self.members.on_change
+
+    def active(self) -> list[ChildSlot]:
+        return self.members.active()
+
+    def writable(self) -> list[ChildSlot]:
+        return self.members.writable()
+
+    def slot(self, edge_name: str) -> ChildSlot | None:
+        return self.members.slot(edge_name)
+
+    def slot_of(self, node: BlockNode) -> ChildSlot | None:
+        return self.members.slot_of(node)
+
+    # -- introspection --------------------------------------------------------
+    def size(self) -> int:
+        return self._size
+
+    def caps(self) -> Caps:
+        # trim and zero reach every child (children stay identical); one flush
+        # covers every caller, so every connection sees every other one's writes
+        return (Caps.TRIM | Caps.FAST_ZERO | Caps.FUA | Caps.MULTI_CONN
+                | (Caps.READ_ONLY if self.read_only else Caps(0)))
+
+    def direct(self) -> Direct:
+        return self._now
+
+    def children_nodes(self) -> list[BlockNode]:
+        return [s.node for s in self.slots]
+
+    def filename(self) -> str:
+        opts = {
+            "children": [
+                {"driver": s.node.driver, "file": {"driver": "file", "filename": s.node.filename()}}
+                for s in self.slots
+            ],
+            "driver": "quorum",
+            "vote-threshold": self.vote_threshold,
+        }
+        return "json:" + json.dumps(opts)
+
+    # -- reports ----------------------------------------------------------------
+    def _report_bad(
+        self, slot: ChildSlot, op: str, offset: int, length: int, err: BaseException | None = None
+    ) -> None:
+        code = None
+        if err is not None:
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+        held = self._log_burst.admit((slot.node.node_name, op))
+        if held is not None:
+            log.warning(
+                "child %s (%s) bad on %s at byte %d+%d%s%s",
+                slot.node.node_name, slot.name, op, offset, length,
+                f": {err}" if err is not None else ": contents differ",
+                f" ({held} more not logged)" if held else "",
+            )
+        self.report(ChildBad(slot.node.node_name, op, offset, length, code))
+
+    def _failure(self, offset: int, length: int) -> None:
+        held = self._log_burst.admit(("failure",))
+        if held is not None:
+            log.error("quorum %s lost its quorum at byte %d+%d%s", self.node_name, offset,
+                      length, f" ({held} more not logged)" if held else "")
+        self.report(QuorumLost(self.node_name, offset, length))
+
+    async def child_io(self, aw: Awaitable[Any]) -> Any:
+        """Await one child's I/O under the child timeout (for jobs)."""
+        try:
+            return await asyncio.wait_for(aw, self.child_timeout)
+        except TimeoutError:
+            raise oserror(errno.ETIMEDOUT, "child did not answer") from None
+
+    def _missed_write(self, slot: ChildSlot, offset: int, length: int) -> None:
+        """A child failed a write the quorum acknowledged: it is out of sync there."""
+        self.members.start_resync(slot, [(offset, length)])
+
+    @staticmethod
+    def _voted_errno(errors: Sequence[BaseException]) -> int:
+        codes = [e.errno if isinstance(e, OSError) and e.errno else errno.EIO for e in errors]
+        return Counter(codes).most_common(1)[0][0] if codes else errno.EIO
+
+    # -- read -----------------------------------------------------------------
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self.last_client_io = time.monotonic()
+        async with self.lock.hold(offset, length, exclusive=False):
+            if self.read_pattern is ReadPattern.FIFO:
+                return await self._read_fifo(offset, length)
+            return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted)
+
+    async def read_voted(self, offset: int, length: int) -> Buffer:
+        """A voted read for a job that already holds the range lock."""
+        return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted)
+
+    async def verify(self, offset: int, length: int, *, repair: bool) -> dict[str, int]:
+        """Scrub one range: vote, report, count; with repair, rewrite the losers.
+
+        Returns {node-name: differing bytes} for the children that lost.
+        Raises OSError (EIO) when the range has no quorum.
+        """
+        findings: dict[str, int] = {}
+        async with self.lock.hold(offset, length, exclusive=repair):
+            await self._read_quorum(offset, length, rewrite=repair, findings=findings)
+        return findings
+
+    async def _read_fifo(self, offset: int, length: int) -> Buffer:
+        errors: list[BaseException] = []
+        for slot in self.active():
+            slot.stats.reads += 1
+            try:
+                return await self.child_io(slot.node.pread(offset, length))  # type: ignore[no-any-return]
+            except OSError as err:
+                slot.stats.read_errors += 1
+                errors.append(err)
+                self._report_bad(slot, "read", offset, length, err)
+                self.members.count_error(slot)
+        self._failure(offset, length)
+        raise oserror(self._voted_errno(errors), f"{self.node_name}: no child could read")
+
+    async def _read_quorum(
+        self, offset: int, length: int, *, rewrite: bool,
+        findings: dict[str, int] | None = None,
+    ) -> Buffer:
+        voters = self.active()
+        if not voters:
+            self._failure(offset, length)
+            raise oserror(errno.EIO, f"{self.node_name}: no active child")
+        for s in voters:
+            s.stats.reads += 1
+        lent: list[bytearray] = []  # pool buffers this read borrowed
+        win: Buffer | None = None
+        try:
+            reads = await self.voted.read([s.node for s in voters], offset, length,
+                                          self.vote_threshold, lent=lent,
+                                          limit=self.child_timeout)
+            win = await self._judge(voters, reads, offset, length, rewrite, findings)
+            return win
+        finally:
+            self.voted.give_back(lent, win)
+
+    async def _judge(
+        self, voters: list[ChildSlot], reads: Reads, offset: int, length: int, rewrite: bool,
+        findings: dict[str, int] | None,
+    ) -> Buffer:
+        """Count and report a read's outcome; the winner's bytes, or EIO."""
+        failed = [e for e in reads.errors if e is not None]
+        for slot, err in zip(voters, reads.errors, strict=True):
+            if err is not None:
+                slot.stats.read_errors += 1
+                self._report_bad(slot, "read", offset, length, err)
+                self.members.count_error(slot)
+        if len(voters) - len(failed) < self.vote_threshold:
+            self._failure(offset, length)
+            raise oserror(self._voted_errno(failed), f"{self.node_name}: too few children read")
+        win = reads.winner
+        if win is None:
+            self._failure(offset, length)
+            raise oserror(errno.EIO, f"{self.node_name}: no quorum")
+        losers = list(reads.result.losers)
+        if losers:
+            await self._handle_losers(voters, reads.bufs, win, losers, offset, rewrite, findings)
+        return win
+
+    async def _handle_losers(
+        self, voters: list[ChildSlot], bufs: list[Buffer | None], win: Buffer,
+        losers: list[int], offset: int, rewrite: bool, findings: dict[str, int] | None,
+    ) -> None:
+        rewrites: list[Awaitable[None]] = []
+        for i in losers:
+            slot, buf = voters[i], bufs[i]
+            assert buf is not None
+            span = self.voted.diff_span(win, buf)
+            if span is None:
+                continue
+            first, end = span
+            slot.stats.checksum_errors += 1
+            if findings is not None:
+                findings[slot.node.node_name] = end - first
+            self._report_bad(slot, "read", offset + first, end - first)
+            if rewrite:
+                a = (first // SECTOR) * SECTOR
+                b = min(len(win), -(-end // SECTOR) * SECTOR)
+                rewrites.append(self._rewrite(slot, offset + a, memoryview(win)[a:b]))
+        if rewrites:
+            await asyncio.gather(*rewrites)
+
+    async def _rewrite(self, slot: ChildSlot, offset: int, data: Buffer) -> None:
+        try:
+            await self.child_io(slot.node.pwrite(offset, data))
+            slot.stats.repaired_bytes += len(data)
+            log.info("rewrote %d bytes of %s at %d", len(data), slot.node.node_name, offset)
+        except OSError as err:  # QEMU ignores rewrite errors too; we count them
+            slot.stats.write_errors += 1
+            self._report_bad(slot, "write", offset, len(data), err)
+
+    # -- write-like operations --------------------------------------------------
+    async def _write_all(
+        self, op: str, offset: int, length: int, call: Callable[[BlockNode], Awaitable[None]],
+        *, data: Buffer | None = None, fua: bool = False,
+    ) -> None:
+        self.last_client_io = time.monotonic()
+        async with self.lock.hold(offset, length, exclusive=True):
+            intent = self.write_intent
+            if intent is not None:
+                await intent.mark(offset, length)
+            targets = self.writable()
+            for s in targets:
+                s.stats.writes += 1
+            try:
+                errs = await self.voted.write([s.node for s in targets], offset, length, call,
+                                              data=data, fua=fua, limit=self.child_timeout)
+                self._account_write(op, offset, length, targets, errs)
+            finally:
+                if intent is not None:
+                    intent.done(offset, length)
+
+    def _account_write(
+        self, op: str, offset: int, length: int, targets: list[ChildSlot],
+        errs: Sequence[BaseException | None],
+    ) -> None:
+        """Count, report and judge a write's per-child outcome (raises below threshold)."""
+        ok = 0
+        failed: list[BaseException] = []
+        for slot, err in zip(targets, errs, strict=True):
+            if err is None:
+                if slot.state is ChildState.ACTIVE:
+                    ok += 1
+                continue
+            failed.append(err)
+            slot.stats.write_errors += 1
+            self._report_bad(slot, "write", offset, length, err)
+        if ok < self.vote_threshold:
+            self._failure(offset, length)
+            raise oserror(self._voted_errno(failed),
+                          f"{self.node_name}: {op} failed on too many children")
+        for slot, err in zip(targets, errs, strict=True):
+            if err is not None:
+                self._missed_write(slot, offset, length)
+                self.members.count_error(slot)
+
+    # -- serve now (the Direct capability the NBD server tries first) ----------------
+    def _try_pread_now(self, offset: int, length: int) -> Buffer | None:
+        """Serve a small read without awaiting anything, or return None.
+
+        Only the common case qualifies: quorum read pattern, every active child
+        a descriptor, no overlapping write queued or running, the bytes in the
+        page cache, and every child read OK and agreeing.  Anything else
+        (None) takes the full path, which may redo the read: reads are
+        idempotent, and the full path does the reporting and repair.
+        """
+        if self.lock.would_block(offset, length, exclusive=False):
+            return None
+        voters = self.active()
+        fifo = self.read_pattern is ReadPattern.FIFO
+        if fifo:
+            voters = voters[:1]  # fifo reads the first child; errors take the full path
+        reads = self.voted.read_now([s.node for s in voters], offset, length,
+                                    1 if fifo else self.vote_threshold)
+        if reads is None or not reads.unanimous:
+            return None
+        self.last_client_io = time.monotonic()
+        for slot in voters:
+            slot.stats.reads += 1
+        return reads.winner
+
+    def _try_pwrite_now(self, offset: int, data: Buffer) -> bool:
+        """Do a small write without awaiting anything; False: take the full path.
+
+        Qualifies when every writable child is a descriptor, nothing overlaps
+        it in the range lock, the write-intent log has the regions durable
+        already, and the page cache takes the data without blocking.  Once
+        written, errors are handled here exactly as on the full path (this
+        raises OSError when fewer than vote-threshold children took it).
+        """
+        length = len(data)
+        if self.lock.would_block(offset, length, exclusive=True):
+            return False
+        targets = self.writable()
+        if not targets:
+            return False
+        intent = self.write_intent
+        if intent is not None and not intent.mark_now(offset, length):
+            return False
+        try:
+            errs = self.voted.write_now([s.node for s in targets], offset, data)
+            if errs is None:
+                return False
+            self.last_client_io = time.monotonic()
+            for slot in targets:
+                slot.stats.writes += 1
+            self._account_write("write", offset, length, targets, errs)
+            return True
+        finally:
+            if intent is not None:
+                intent.done(offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        await self._write_all("write", offset, len(data),
+                              lambda n: n.pwrite(offset, data, fua=fua), data=data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self._write_all(
+            "write", offset, length,
+            lambda n: n.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua),
+        )
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._write_all("write", offset, length, lambda n: n.trim(offset, length, fua=fua))
+
+    async def flush(self) -> None:
+        targets = self.writable()
+        outs = await asyncio.gather(*(self.child_io(s.node.flush()) for s in targets),
+                                    return_exceptions=True)
+        ok = 0
+        failed: list[BaseException] = []
+        for slot, out in zip(targets, outs, strict=True):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out
+                failed.append(out)
+                slot.stats.flush_errors += 1
+                self._report_bad(slot, "flush", 0, 0, out)
+                self.members.count_error(slot)
+            elif slot.state is ChildState.ACTIVE:
+                ok += 1
+        if ok < self.vote_threshold:
+            self._failure(0, 0)
+            raise oserror(self._voted_errno(failed), f"{self.node_name}: flush failed")
+
+    async def cache(self, offset: int, length: int) -> None:
+        await asyncio.gather(*(s.node.cache(offset, length) for s in self.active()),
+                             return_exceptions=True)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """A range is a hole/zero only where every active child says so."""
+        voters = self.active()
+        if not voters:
+            return [(length, 0)]
+        maps = await asyncio.gather(*(s.node.block_status(offset, length) for s in voters),
+                                    return_exceptions=True)
+        good = [m for m in maps if not isinstance(m, BaseException)]
+        if not good:
+            return [(length, 0)]
+        return intersect_extents(good, length)
+
+    # -- health -------------------------------------------------------------------
+    def check_health(self) -> list[tuple[ChildSlot, str]]:
+        """Fault children whose files were deleted or resized under us.
+
+        I/O alone cannot see a deleted image (the open file keeps working) or a
+        truncation beyond the range read so far; a periodic fstat can.
+        """
+        found = []
+        for slot in list(self.slots):
+            if slot.state is ChildState.FAULTED:
+                continue
+            problem = slot.node.health()
+            if problem:
+                self._report_bad(slot, "read", 0, 0, oserror(errno.EIO, problem))
+                self.members.fault(slot, problem)
+                found.append((slot, problem))
+        return found
+
+    def health(self) -> str | None:
+        left = len(self.active())
+        if left < self.vote_threshold:
+            return f"{left} children in sync, fewer than the vote threshold {self.vote_threshold}"
+        return None
+
+    async def run_health_checks(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check_health()
+
+
+def intersect_extents(maps: Sequence[Sequence[Extent]], length: int) -> list[Extent]:
+    """AND the flags of several extent lists over the same range."""
+    cuts: set[int] = {0, length}
+    for m in maps:
+        pos = 0
+        for n, _ in m:
+            pos += n
+            cuts.add(min(pos, length))
+    points = sorted(cuts)
+
+    def flags_at(m: Sequence[Extent], pos: int) -> int:
+        p = 0
+        for n, f in m:
+            if p <= pos < p + n:
+                return f
+            p += n
+        return 0
+
+    out: list[Extent] = []
+    for a, b in itertools.pairwise(points):
+        if b <= a:
+            continue
+        f = STATE_HOLE | STATE_ZERO
+        for m in maps:
+            f &= flags_at(m, a)
+        if out and out[-1][1] == f:
+            out[-1] = (out[-1][0] + b - a, f)
+        else:
+            out.append((b - a, f))
+    return out

@@ -1,0 +1,387 @@
+"""Voted I/O: the one way to read N children and vote, and to write N children.
+
+Every caller that reads a quorum's children and votes (the quorum node's
+reads and its fast path, the worker processes, scrub through the quorum,
+crash recovery) and every caller that writes them all goes through
+``VotedIO``; no other module calls the C core's read, vote or write
+functions.
+
+A child is anything that can be read and written asynchronously (a
+BlockNode).  Children whose ``direct()`` offers a file descriptor are grouped
+into one GIL-free C call (``native.pread_vote`` / ``pwrite_all``): one thread
+hop for N children is where the speed comes from.  Every other child is
+awaited alongside that call, under the child timeout, and the vote then runs
+over all the buffers.  In the common case (every child a file, small
+request, bytes in the page cache) the C call runs on the event loop itself
+(``read_now`` / ``write_now``): a hop to a thread and back costs ten times
+more than a 4 KiB read.  Where the file system supports RWF_NOWAIT the
+kernel says when a call would block and the request goes to the pool
+instead; where it cannot tell (tmpfs), a plain call is made and timed, and a
+slow one sends small requests to the pool for a second.
+
+Big reads borrow their per-child buffers from a pool (``BufferPool``)
+instead of zero-filling fresh ones for every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from nbdquorum import native
+from nbdquorum.block import aio
+from nbdquorum.block.node import BlockNode, Buffer, Direct, oserror
+from nbdquorum.block.vote import VoteResult
+
+T = TypeVar("T")
+
+PreadVote = tuple[VoteResult, list[bytearray], list[int]]
+
+#: requests up to this size are served on the event loop when the page cache allows
+INLINE_MAX = 64 << 10
+#: an inline call slower than this (s) moves small requests back to the pool for
+#: a second (only where RWF_NOWAIT cannot say; scheduling noise stays below it)
+INLINE_STALL = 0.02
+#: reads at least this big borrow their buffers from a pool
+POOL_MIN = 128 << 10
+#: at most this many bytes of spare buffers are kept per request size
+POOL_BYTES = 32 << 20
+#: votes over at least this many bytes run on the pool, not the event loop
+VOTE_ON_POOL = 65536
+
+
+@dataclass(slots=True)
+class Reads:
+    """What reading N children at one range gave, before anyone judges it."""
+
+    bufs: list[Buffer | None]  #: per child: its bytes, or None if it failed
+    errors: list[OSError | None]  #: per child: its error, or None
+    result: VoteResult  #: the vote over ``bufs`` at the threshold asked for
+
+    @property
+    def unanimous(self) -> bool:
+        """Every child read OK and all agreed (nothing to report or repair)."""
+        return (self.result.winner is not None and not any(self.errors)
+                and len(self.result.winners) == len(self.bufs))
+
+    @property
+    def winner(self) -> Buffer | None:
+        w = self.result.winner
+        return None if w is None else self.bufs[w]
+
+
+def _directs(nodes: Sequence[BlockNode]) -> list[Direct | None]:
+    return [n.direct() for n in nodes]
+
+
+def _fds(directs: Sequence[Direct | None]) -> list[int] | None:
+    """The descriptors of all children, or None unless every child has one."""
+    fds = [d.fd if d is not None else None for d in directs]
+    return None if None in fds else fds  # type: ignore[return-value]
+
+
+async def _timed(aw: Awaitable[T], limit: float | None) -> T:
+    if limit is None:
+        return await aw
+    try:
+        return await asyncio.wait_for(aw, limit)
+    except TimeoutError:
+        raise oserror(errno.ETIMEDOUT, "child did not answer") from None
+
+
+class BufferPool:
+    """Spare read buffers by size, so big reads do not zero-fill fresh ones."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, n: int, length: int, lent: list[bytearray]) -> list[bytearray] | None:
+        """n buffers of ``length`` bytes (recorded in ``lent``), or None below POOL_MIN."""
+        if length < POOL_MIN:
+            return None
+        free = self._free.setdefault(length, [])
+        bufs = [free.pop() if free else bytearray(length) for _ in range(n)]
+        lent.extend(bufs)
+        return bufs
+
+    def give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
+        """Return borrowed buffers, except the one handed to the caller (it is sent)."""
+        if not lent:
+            return
+        free = self._free.setdefault(len(lent[0]), [])
+        for b in lent:
+            if b is not keep and (len(free) + 1) * len(b) <= POOL_BYTES:
+                free.append(b)
+
+
+class VotedIO:
+    """Reads-and-votes and writes-to-all over a list of children (see the module doc)."""
+
+    def __init__(self) -> None:
+        #: whether the children's file systems answer RWF_NOWAIT (reads / writes);
+        #: re-probed after reset(), on every membership change
+        self._nowait_reads = True
+        self._nowait_writes = True
+        #: small requests go to the pool until then (monotonic), after a slow inline call
+        self._reads_off_until = 0.0
+        self._writes_off_until = 0.0
+        self.pool = BufferPool()
+
+    def reset(self) -> None:
+        """The children changed: ask their file systems again."""
+        self._nowait_reads = True
+        self._nowait_writes = True
+
+    # -- reads ------------------------------------------------------------------------------
+    def _inline_read(self, fds: list[int], offset: int, length: int, threshold: int,
+                     ) -> PreadVote | None:
+        if self._nowait_reads:
+            done = native.pread_vote_nowait(fds, offset, length, threshold)
+            if not isinstance(done, str):
+                return done
+            self._nowait_reads = False  # the file system cannot tell; stop asking
+        if time.monotonic() < self._reads_off_until:
+            return None
+        t0 = time.monotonic()
+        out = native.pread_vote(fds, offset, length, threshold)
+        if time.monotonic() - t0 > INLINE_STALL:
+            self._reads_off_until = time.monotonic() + 1.0
+        return out
+
+    def read_now(self, nodes: Sequence[BlockNode], offset: int, length: int,
+                 threshold: int) -> Reads | None:
+        """Read and vote on the caller's thread if every child is a descriptor, the
+        request is small and the page cache has it; else None (await ``read``)."""
+        if length > INLINE_MAX or not nodes:
+            return None
+        fds = _fds(_directs(nodes))
+        if fds is None:
+            return None
+        done = self._inline_read(fds, offset, length, threshold)
+        return None if done is None else self._reads(nodes, done)
+
+    @staticmethod
+    def _reads(nodes: Sequence[BlockNode],
+               done: PreadVote) -> Reads:
+        result, raw, codes = done
+        bufs: list[Buffer | None] = [b if c == 0 else None for b, c in zip(raw, codes, strict=True)]
+        errs = [None if c == 0 else oserror(c, n.node_name)
+                for c, n in zip(codes, nodes, strict=True)]
+        return Reads(bufs, errs, result)
+
+    async def read(self, nodes: Sequence[BlockNode], offset: int, length: int, threshold: int,
+                   *, lent: list[bytearray], limit: float | None = None,
+                   fd_limit: float | None = None) -> Reads:
+        """Read every child and vote at ``threshold``.
+
+        ``limit`` (seconds) bounds each awaited (non-descriptor) child; ``fd_limit``
+        bounds the grouped C call (a descriptor child that hangs counts as
+        ETIMEDOUT; its thread finishes in the background and keeps the
+        descriptors pinned and the buffers until then).  Big reads borrow
+        buffers from the pool into ``lent``: give them back with
+        ``give_back(lent, keep)`` once the winner is sent.
+        """
+        directs = _directs(nodes)
+        fds = [d.fd if d is not None and d.fd is not None else -1 for d in directs]
+        grouped = [i for i, fd in enumerate(fds) if fd >= 0]
+        if len(grouped) == len(nodes):
+            done = (self._inline_read(fds, offset, length, threshold)
+                    if length <= INLINE_MAX else None)
+            if done is None:
+                done = await self._pread_pooled(directs, fds, offset, length, threshold, lent,
+                                                fd_limit)
+            if done is None:  # the C call timed out
+                return self._all_failed(nodes, errno.ETIMEDOUT)
+            return self._reads(nodes, done)
+        # mixed: one C call for the descriptors, the others awaited alongside it
+        others = [i for i in range(len(nodes)) if fds[i] < 0]
+
+        async def c_call() -> PreadVote | None:
+            if not grouped:
+                return None
+            return await self._pread_pooled(directs, fds, offset, length, 1, lent, fd_limit)
+
+        async def one(i: int) -> Buffer | OSError:
+            try:
+                return await _timed(nodes[i].pread(offset, length), limit)
+            except OSError as err:
+                return err
+
+        grouped_out, outs = await asyncio.gather(c_call(),
+                                                 asyncio.gather(*(one(i) for i in others)))
+        bufs: list[Buffer | None] = [None] * len(nodes)
+        errs: list[OSError | None] = [None] * len(nodes)
+        for i, out in zip(others, outs, strict=True):
+            if isinstance(out, OSError):
+                errs[i] = out
+            else:
+                bufs[i] = out
+        for i in grouped:
+            if grouped_out is None:
+                errs[i] = oserror(errno.ETIMEDOUT, nodes[i].node_name)
+                continue
+            _, raw, codes = grouped_out
+            if codes[i] == 0:
+                bufs[i] = raw[i]
+            else:
+                errs[i] = oserror(codes[i], nodes[i].node_name)
+        return Reads(bufs, errs, await self.vote(bufs, threshold))
+
+    async def _pread_pooled(
+        self, directs: Sequence[Direct | None], fds: list[int], offset: int, length: int,
+        threshold: int, lent: list[bytearray], limit: float | None,
+    ) -> PreadVote | None:
+        """The grouped C call on the I/O pool; None if it outlived ``limit`` seconds."""
+        pinned = [d for d in directs if d is not None and d.fd is not None]
+        for d in pinned:
+            d.pin()
+        mine: list[bytearray] = []
+        bufs = self.pool.take(len(fds), length, mine)
+        fut = asyncio.get_running_loop().run_in_executor(
+            aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
+
+        def finished(f: asyncio.Future[PreadVote]) -> None:  # the thread is done
+            for d in pinned:
+                d.unpin()
+            if not f.cancelled():
+                f.exception()  # retrieved (it is also awaited unless we timed out)
+
+        fut.add_done_callback(finished)
+        try:
+            if limit is None:
+                out = await asyncio.shield(fut)
+            else:
+                out = await asyncio.wait_for(asyncio.shield(fut), limit)
+        except TimeoutError:
+            return None  # the thread still reads into ``mine``: never lent out again
+        lent.extend(mine)
+        return out
+
+    @staticmethod
+    def _all_failed(nodes: Sequence[BlockNode], code: int) -> Reads:
+        n = len(nodes)
+        return Reads([None] * n, [oserror(code, x.node_name) for x in nodes],
+                     VoteResult(None, (-1,) * n))
+
+    def give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
+        self.pool.give_back(lent, keep)
+
+    async def vote(self, bufs: Sequence[Buffer | None], threshold: int) -> VoteResult:
+        """Vote over buffers already read (big ones on the pool)."""
+        size = max((len(b) for b in bufs if b is not None), default=0)
+        if size >= VOTE_ON_POOL:
+            return await aio.run(native.vote, bufs, threshold)
+        return native.vote(bufs, threshold)
+
+    @staticmethod
+    def vote_now(bufs: Sequence[Buffer | None], threshold: int) -> VoteResult:
+        return native.vote(bufs, threshold)
+
+    @staticmethod
+    def diff_span(a: Buffer, b: Buffer) -> tuple[int, int] | None:
+        """(first differing byte, one past the last), or None if equal."""
+        return native.diff_span(a, b)
+
+    # -- writes -----------------------------------------------------------------------------
+    def _inline_write(self, fds: list[int], offset: int, data: Buffer) -> list[int] | None:
+        """A small write on the event loop: non-blocking where the kernel can
+        tell, else a plain buffered pwrite (microseconds unless write-back
+        pushes back, which turns inline writes off for a second)."""
+        if time.monotonic() < self._writes_off_until:
+            return None
+        if self._nowait_writes:
+            codes = native.pwrite_all_nowait(fds, offset, data)
+            if codes is None:
+                return None
+            if not isinstance(codes, str):
+                return codes
+            self._nowait_writes = False  # the file system cannot tell; stop asking
+        t0 = time.monotonic()
+        codes = native.pwrite_all(fds, offset, data, False)
+        if time.monotonic() - t0 > INLINE_STALL:
+            self._writes_off_until = time.monotonic() + 1.0
+        return codes
+
+    def write_now(self, nodes: Sequence[BlockNode], offset: int,
+                  data: Buffer) -> list[OSError | None] | None:
+        """Write a small request on the caller's thread if every child is a
+        descriptor and the page cache takes it at once; else None."""
+        if len(data) > INLINE_MAX or not nodes:
+            return None
+        fds = _fds(_directs(nodes))
+        if fds is None:
+            return None
+        codes = self._inline_write(fds, offset, data)
+        return None if codes is None else self._errors(nodes, codes)
+
+    @staticmethod
+    def _errors(nodes: Sequence[BlockNode], codes: Sequence[int]) -> list[OSError | None]:
+        return [None if c == 0 else oserror(c, n.node_name)
+                for c, n in zip(codes, nodes, strict=True)]
+
+    async def write(
+        self, nodes: Sequence[BlockNode], offset: int, length: int,
+        call: Callable[[BlockNode], Awaitable[None]], *, data: Buffer | None = None,
+        fua: bool = False, limit: float | None = None,
+    ) -> list[OSError | None]:
+        """Apply a write-like operation to every child; per child, its error or None.
+
+        With ``data`` (a plain write), the descriptor children are written in
+        one C call (inline when small and cheap, unless ``fua``); every other
+        child, and every child of other operations, gets ``call(node)``
+        under ``limit`` seconds.
+        """
+        directs = _directs(nodes)
+        fds = [d.fd if d is not None and d.fd is not None else -1 for d in directs]
+        grouped = [i for i, fd in enumerate(fds) if fd >= 0] if data is not None else []
+        if data is not None and grouped and len(grouped) == len(nodes):
+            codes = None
+            if not fua and length <= INLINE_MAX:
+                codes = self._inline_write(fds, offset, data)
+            if codes is None:
+                codes = await self._pwrite_pooled(directs, fds, offset, data, fua)
+            return self._errors(nodes, codes)
+        in_c = set(grouped)
+        others = [i for i in range(len(nodes)) if i not in in_c]
+
+        async def c_call() -> list[int] | OSError | None:
+            if not grouped or data is None:
+                return None
+            try:
+                return await self._pwrite_pooled(directs, fds, offset, data, fua)
+            except OSError as err:
+                return err
+
+        async def one(i: int) -> OSError | None:
+            try:
+                await _timed(call(nodes[i]), limit)
+            except OSError as err:
+                return err
+            return None
+
+        grouped_out, outs = await asyncio.gather(c_call(),
+                                                 asyncio.gather(*(one(i) for i in others)))
+        errs: list[OSError | None] = [None] * len(nodes)
+        for i, out in zip(others, outs, strict=True):
+            errs[i] = out
+        for i in grouped:
+            if isinstance(grouped_out, OSError):
+                errs[i] = grouped_out
+            elif grouped_out is not None and grouped_out[i] != 0:
+                errs[i] = oserror(grouped_out[i], nodes[i].node_name)
+        return errs
+
+    async def _pwrite_pooled(self, directs: Sequence[Direct | None], fds: list[int],
+                             offset: int, data: Buffer, fua: bool) -> list[int]:
+        pinned = [d for d in directs if d is not None and d.fd is not None]
+        for d in pinned:
+            d.pin()
+        try:
+            return await aio.run(native.pwrite_all, fds, offset, data, fua)
+        finally:
+            for d in pinned:
+                d.unpin()
