@@ -90,11 +90,9 @@ class ResyncJob(Job):
     def finalize(self) -> None:
         slot = self.slot
         if self.error is None or self.cancelled:
-            slot.resync_failures = 0
-            slot.resync_error = None
+            self.quorum.members.resync_outcome(slot, None)
             return
-        slot.resync_failures += 1
-        slot.resync_error = self.error
+        self.quorum.members.resync_outcome(slot, self.error)
         if self.manager is not None and self._still_member():
             # md retries a failed recovery; so do we, backing off up to a minute
             delay = min(60.0, 0.5 * 2 ** (slot.resync_failures - 1))

@@ -236,6 +236,15 @@ class Members:
         if slot.sync is not None:
             slot.sync.clear_bit(bit)
 
+    def resync_outcome(self, slot: ChildSlot, error: str | None) -> None:
+        """A resync attempt ended: ``error`` None clears the failure count."""
+        if error is None:
+            slot.resync_failures = 0
+            slot.resync_error = None
+        else:
+            slot.resync_failures += 1
+            slot.resync_error = error
+
     def resynced(self, slot: ChildSlot) -> None:
         """A resync job copied everything: the child votes again."""
         if slot in self.slots and slot.state is ChildState.RESYNCING:

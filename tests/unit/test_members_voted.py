@@ -1,0 +1,167 @@
+"""Members (the one writer of the membership) and Voted I/O (the one reader-and-voter)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbdquorum.block.errors import GraphError
+from nbdquorum.block.graph import Graph
+from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan
+from nbdquorum.block.quorum.voted import INLINE_MAX, VotedIO
+from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.qmp.events import wired
+from tests.unit.aiohelp import run
+from tests.unit.test_quorum import SIZE, MemNode
+
+
+def mixed(tmp_path: Path) -> tuple[Graph, QuorumNode, MemNode, list[Event]]:
+    """Two file children (descriptors, one C call) and one awaited child."""
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    g = Graph(bus)
+    files = [g.open_raw_file(f"f{i}", str(tmp_path / f"f{i}.raw"), create_size=SIZE)
+             for i in range(2)]
+    mem = MemNode("m0")
+    q = QuorumNode("q0", [*files, mem], vote_threshold=2, bus=bus)
+    g.add(q)
+    return g, q, mem, seen
+
+
+def test_a_quorum_of_files_and_another_kind_of_child_reads_and_writes(tmp_path: Path) -> None:
+    g, q, mem, seen = mixed(tmp_path)
+    run(q.pwrite(4096, b"\x5a" * 8192))
+    assert bytes(mem.buf[4096:4096 + 8192]) == b"\x5a" * 8192
+    for i in range(2):
+        assert (tmp_path / f"f{i}.raw").read_bytes()[4096:4096 + 8192] == b"\x5a" * 8192
+    assert bytes(run(q.pread(4096, 8192))) == b"\x5a" * 8192
+    # a big read (the pool's path) votes over all three
+    run(q.pwrite(0, b"\x11" * (INLINE_MAX * 4)))
+    assert bytes(run(q.pread(0, INLINE_MAX * 4))) == b"\x11" * (INLINE_MAX * 4)
+    assert seen == []
+    g.close()
+
+
+def test_the_awaited_child_is_outvoted_and_reported_like_a_file(tmp_path: Path) -> None:
+    g, q, mem, seen = mixed(tmp_path)
+    run(q.pwrite(0, b"\x22" * 4096))
+    mem.buf[100] = 0
+    assert bytes(run(q.pread(0, 4096))) == b"\x22" * 4096
+    bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+    assert [b["node-name"] for b in bad] == ["m0"]
+    assert q.slots[2].stats.checksum_errors == 1
+    g.close()
+
+
+def test_a_failing_file_in_a_mixed_quorum_is_outvoted(tmp_path: Path) -> None:
+    g, q, mem, seen = mixed(tmp_path)
+    run(q.pwrite(0, b"\x33" * 4096))
+    mem.fail_read = errno.EIO
+    assert bytes(run(q.pread(0, 4096))) == b"\x33" * 4096
+    assert [e.data["node-name"] for e in seen if e.name == "QUORUM_REPORT_BAD"] == ["m0"]
+    assert q.slots[2].stats.read_errors == 1
+    g.close()
+
+
+def test_the_serve_now_path_declines_a_child_without_a_descriptor(tmp_path: Path) -> None:
+    g, q, _mem, _seen = mixed(tmp_path)
+    now = q.direct()
+    assert now.try_pread(0, 4096) is None
+    assert now.try_pwrite(0, b"\x01" * 4096) is False
+    g.close()
+
+
+def test_voted_io_read_now_needs_every_child_a_descriptor(tmp_path: Path) -> None:
+    g, q, mem, _ = mixed(tmp_path)
+    v = VotedIO()
+    files = [s.node for s in q.slots[:2]]
+    assert v.read_now([*files, mem], 0, 4096, 2) is None
+    reads = v.read_now(files, 0, 4096, 2)
+    assert reads is not None and reads.unanimous and bytes(reads.winner or b"") == bytes(4096)
+    g.close()
+
+
+# -- Members -----------------------------------------------------------------------------
+
+
+BIG = 4 * SIZE  # several resync regions
+
+
+def members_quorum(n: int = 3, **kw: Any) -> tuple[QuorumNode, list[Event]]:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    return QuorumNode("q", [MemNode(f"m{i}", BIG) for i in range(n)], vote_threshold=2,
+                      bus=bus, **kw), seen
+
+
+def test_start_resync_is_one_operation_whatever_asks_for_it() -> None:
+    q, seen = members_quorum()
+    needed: list[str] = []
+    q.members.on_resync_needed.append(lambda s: needed.append(s.node.node_name))
+    slot = q.slots[2]
+    q.members.start_resync(slot, [(0, 1)])
+    assert slot.state is ChildState.RESYNCING and slot.sync is not None
+    assert 0 < slot.sync.dirty_bytes() < BIG
+    q.members.start_resync(slot)  # widen to everything
+    assert slot.sync.dirty_bytes() == BIG
+    assert needed == ["m2", "m2"]
+    assert [e.data["state"] for e in seen if e.name == "QUORUM_CHILD_STATE_CHANGE"] == [
+        "resyncing"]
+    q.members.resynced(slot)
+    assert slot.state is ChildState.ACTIVE and slot.sync is None
+
+
+def test_a_faulted_child_is_not_resynced_by_a_missed_write_only_by_the_operator() -> None:
+    q, _ = members_quorum()
+    slot = q.slots[1]
+    q.members.fault(slot, "test")
+    q.members.start_resync(slot, [(0, 4096)])
+    assert slot.state is ChildState.FAULTED
+    q.members.start_resync(slot, revive=True)
+    assert slot.state is ChildState.RESYNCING and slot.error_count == 0
+
+
+def test_count_error_faults_at_max_errors() -> None:
+    q, _ = members_quorum(max_errors=3)
+    slot = q.slots[0]
+    for _ in range(2):
+        q.members.count_error(slot)
+    assert slot.state is ChildState.ACTIVE
+    q.members.count_error(slot)
+    assert slot.state is ChildState.FAULTED
+
+
+def test_reopen_prepare_changes_nothing_and_a_refused_plan_leaves_all_as_it_was() -> None:
+    q, seen = members_quorum()
+    before = (list(q.slots), q.vote_threshold, q.read_pattern)
+    plan = ReopenPlan(3, ReadPattern.QUORUM, False, remove=[q.slots[0]])
+    with pytest.raises(GraphError, match="threshold may not exceed children count"):
+        q.members.prepare(plan)
+    assert (list(q.slots), q.vote_threshold, q.read_pattern) == before and seen == []
+
+
+def test_reopen_commit_applies_the_whole_plan_at_once() -> None:
+    q, _ = members_quorum()
+    changes: list[int] = []
+    q.members.on_change.append(lambda: changes.append(len(q.slots)))
+    new = MemNode("m9", BIG)
+    plan = q.members.prepare(ReopenPlan(1, ReadPattern.FIFO, False, add=[new],
+                                        remove=[q.slots[0], q.slots[1]]))
+    added = q.members.commit(plan)
+    assert [s.node.node_name for s in q.slots] == ["m2", "m9"]
+    assert added[0].name == "children.3"
+    assert (q.vote_threshold, q.read_pattern) == (1, ReadPattern.FIFO)
+    assert changes == [2], "one change notification for the whole plan"
+
+
+def test_reopen_refuses_to_leave_fewer_voters_than_the_threshold() -> None:
+    q, _ = members_quorum()
+    plan = ReopenPlan(2, ReadPattern.QUORUM, False, add=[MemNode("n1", BIG), MemNode("n2", BIG)],
+                      remove=[q.slots[0], q.slots[1]], new_state=ChildState.RESYNCING)
+    with pytest.raises(GraphError, match="1 child would be left in sync"):
+        q.members.prepare(plan)
