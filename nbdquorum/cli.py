@@ -89,6 +89,8 @@ class ServeConfig:
     workers: int = 0
     #: the primary serves no client connection itself while a worker is up
     workers_take_all: bool = False
+    #: HTTP address of the Prometheus metrics endpoint (metrics.py)
+    metrics: tuple[str, int] | None = None
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -292,6 +294,7 @@ async def serve(cfg: ServeConfig) -> int:
                           take_all=cfg.workers_take_all, verbose=cfg.verbose)
     listener: NBDServer | WorkerPool = nbd if pool is None else pool
     qmp = None
+    exporter = None  # the metrics endpoint
     # Signal handlers first: a SIGTERM right after the socket appears must
     # already mean "stop cleanly", not kill the process.
     stop = asyncio.Event()
@@ -314,6 +317,16 @@ async def serve(cfg: ServeConfig) -> int:
                 qmp.jobs = jobs
                 qmp.resync = resync
                 await qmp.listen_unix(cfg.control)
+            if cfg.metrics:
+                from nbdquorum import metrics
+
+                host, port = cfg.metrics
+                try:
+                    exporter = await metrics.start(
+                        host, port, metrics.server_sources(graph, jobs, nbd, pool))
+                except OSError as err:
+                    raise UsageError(f"cannot listen for metrics on {host}:{port}: "
+                                     f"{err.strerror or err}") from err
         except OSError as err:
             raise UsageError(f"cannot listen: {err.strerror or err}") from err
         where = [f"unix:{cfg.socket}"] if cfg.socket else []
@@ -354,6 +367,8 @@ async def serve(cfg: ServeConfig) -> int:
         log.info("stopped cleanly")
         return 0
     finally:
+        if exporter is not None:
+            await exporter.close()
         for t in tasks:
             t.cancel()
         if intent is not None:
@@ -419,6 +434,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--workers-take-all", action="store_true",
                    help="with --workers: place every connection on a worker; the primary "
                         "only makes the forwarded requests")
+    p.add_argument("--metrics", type=parse_listen, metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+                        "(default: none; see docs/monitoring.md)")
     p.add_argument("-v", "--verbose", action="count", default=0)
 
 
@@ -479,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fault_injection=args.fault_injection,
                 workers=args.workers,
                 workers_take_all=args.workers_take_all,
+                metrics=args.metrics,
                 verbose=args.verbose,
                 extra=dict(explicit),
             )
