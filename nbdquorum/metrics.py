@@ -6,7 +6,7 @@ server's request counters (nbd/stats.py: plain integers on the request
 path, folded into cumulative histogram buckets here, off the hot path) and,
 with worker processes, the totals they send to the primary over the control
 channel (kept by the pool, a dead worker's last totals folded into a base).
-The text is made by prometheus_client (generate_latest on a registry of its
+The text is made by prometheus_client (its encoder on a registry of its
 own: no process or platform collectors, whose numbers would describe the
 primary alone) and served by a small asyncio HTTP handler on the server's
 loop, so a scrape never reads the objects from another thread.
@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -249,7 +250,9 @@ class MetricsServer:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
                 TimeoutError):
             return "400 Bad Request", b"expected an HTTP request\n", text, False
-        line = request.split(b"\r\n", 1)[0].decode("latin-1")
+        line, *header_lines = request.decode("latin-1").split("\r\n")
+        headers = dict(h.split(":", 1) for h in header_lines if ":" in h)
+        accept = next((v for k, v in headers.items() if k.strip().lower() == "accept"), "")
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return "400 Bad Request", b"expected an HTTP request\n", text, False
@@ -258,12 +261,14 @@ class MetricsServer:
             return "405 Method Not Allowed", b"only GET and HEAD\n", text, False
         if target.split("?", 1)[0] not in PATHS:
             return "404 Not Found", b"the metrics are at /metrics\n", text, method == "HEAD"
+        # the library picks the format: Prometheus' text format, or OpenMetrics when asked
+        encode, ctype = choose_encoder(accept.strip())
         try:
-            body = generate_latest(self.registry)
+            body = encode(self.registry)
         except Exception:
             log.exception("metrics: collecting failed")
             return "500 Internal Server Error", b"collecting the metrics failed\n", text, False
-        return "200 OK", body, CONTENT_TYPE_LATEST, method == "HEAD"
+        return "200 OK", body, ctype, method == "HEAD"
 
     async def close(self) -> None:
         """Stop listening and end the scrapes in progress."""
