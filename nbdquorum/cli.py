@@ -324,9 +324,10 @@ async def serve(cfg: ServeConfig) -> int:
                 try:
                     exporter = await metrics.start(
                         host, port, metrics.server_sources(graph, jobs, nbd, pool))
-                except OSError as err:
-                    raise UsageError(f"cannot listen for metrics on {host}:{port}: "
-                                     f"{err.strerror or err}") from err
+                except OSError as err:  # asyncio's strerror repeats the address
+                    why = (os.strerror(err.errno) if err.errno and err.errno > 0
+                           else err.strerror or str(err))
+                    raise UsageError(f"cannot listen for metrics on {host}:{port}: {why}") from err
         except OSError as err:
             raise UsageError(f"cannot listen: {err.strerror or err}") from err
         where = [f"unix:{cfg.socket}"] if cfg.socket else []
