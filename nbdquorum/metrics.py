@@ -155,13 +155,15 @@ class ServerCollector(Collector):
         yield members
 
     def _jobs(self) -> Iterator[Metric]:
+        # job_id, not job: Prometheus gives every series a `job` label of its own
+        # (the scrape job) and would rename ours to exported_job
         progress = GaugeMetricFamily(
             PREFIX + "job_progress_bytes", "Bytes a running job (resync, scrub) has done.",
-            labels=["job", "type", "device"])
+            labels=["job_id", "type", "device"])
         total = GaugeMetricFamily(
             PREFIX + "job_total_bytes",
             "Bytes a running job has to do (it may grow while the job runs).",
-            labels=["job", "type", "device"])
+            labels=["job_id", "type", "device"])
         for job in self.sources.jobs():
             labels = [job.id, job.job_type, job.device]
             progress.add_metric(labels, job.current)

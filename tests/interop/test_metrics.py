@@ -199,7 +199,8 @@ def test_a_workers_counts_reach_the_primary_and_survive_its_kill(
     dead = scraper.check()
     assert requests(dead, "read") == len(READS)  # kept, not gone with the worker
     assert requests(dead, "write") == len(WRITES)
-    assert get(dead, "nbdquorum_workers") == 0
+    # 0 until its replacement is ready (a second or more later; a slow test may miss it)
+    assert get(dead, "nbdquorum_workers") == 0 or worker_pids(server.stderr())[1] != pid
     assert get(dead, "nbdquorum_connections") == 0  # its connection was lost with it
     del h  # its server is gone; libnbd closes the handle
 

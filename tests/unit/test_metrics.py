@@ -181,7 +181,7 @@ def test_collector_reports_children_jobs_requests_connections_workers(
         assert value(found, p + "child_unsynced_bytes", **kid) == 0
         assert value(found, p + "vote_threshold", node="q0") == 2
         assert value(found, p + "children", node="q0") == 3
-        jl = {"job": "resync-c2", "type": "resync", "device": "c2"}
+        jl = {"job_id": "resync-c2", "type": "resync", "device": "c2"}
         assert value(found, p + "job_progress_bytes", **jl) == 1 << 20
         assert value(found, p + "job_total_bytes", **jl) == SIZE
         assert value(found, p + "requests_total", cmd="read") == 3
