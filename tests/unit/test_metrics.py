@@ -9,6 +9,7 @@ checked with ``promtool check metrics`` where the Debian package is installed
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
@@ -337,3 +338,18 @@ def test_a_busy_port_is_an_oserror(tmp_path: Path) -> None:
                 await metrics.start("127.0.0.1", port, metrics.Sources(quorums=list))
 
     run(main())
+
+
+def test_monitoring_md_lists_every_metric_the_collector_makes(tmp_path: Path) -> None:
+    g, _q = quorum(tmp_path)
+    try:
+        job = FakeJob("resync-c2", "c2", g.bus)
+        src = metrics.Sources(quorums=g.quorums, jobs=lambda: [job])
+        made = {f.name + ("_total" if f.type == "counter" else "")
+                for f in text_string_to_metric_families(
+                    generate_latest(metrics.make_registry(src)).decode())}
+    finally:
+        g.close()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "monitoring.md").read_text()
+    listed = set(re.findall(r"^\| `(nbdquorum_\w+)` \|", doc, re.MULTILINE))
+    assert listed == made
