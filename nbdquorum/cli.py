@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdquorum import __version__
 from nbdquorum.block.bitmap import RegionBitmap
@@ -23,6 +23,10 @@ from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.ratelimit import Burst
+from nbdquorum.sockets import Listener, bind_tcp, bind_unix
+
+if TYPE_CHECKING:
+    from nbdquorum.state import StateStore
 
 log = logging.getLogger("nbdquorum")
 
@@ -237,13 +241,43 @@ def log_event(ev: Event) -> None:
     sys.stderr.flush()
 
 
+def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
+    """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address."""
+    nbd: list[Listener] = []
+    try:
+        if cfg.socket:
+            nbd.append(bind_unix(cfg.socket, listen=False))
+        if cfg.listen or not cfg.socket:
+            host, port = cfg.listen or ("127.0.0.1", 10809)
+            nbd.extend(bind_tcp(host, port, listen=False))
+        control = bind_unix(cfg.control, mode=0o600, listen=False) if cfg.control else None
+    except OSError as err:
+        close_listeners(nbd, None)
+        raise UsageError(err.strerror or str(err)) from err
+    return nbd, control
+
+
+def bind_metrics(cfg: ServeConfig) -> list[Listener]:
+    """Bind --metrics's address (none without it), or raise UsageError naming it."""
+    if cfg.metrics is None:
+        return []
+    try:
+        return bind_tcp(*cfg.metrics, listen=False)
+    except OSError as err:
+        raise UsageError(f"--metrics: {err.strerror or err}") from err
+
+
+def close_listeners(nbd: list[Listener], control: Listener | None) -> None:
+    """Close listeners and remove the socket files this process created."""
+    for li in nbd:
+        li.close()
+    if control is not None:
+        control.close()
+
+
 async def serve(cfg: ServeConfig) -> int:
     from nbdquorum import native
-    from nbdquorum.jobs.job import JobManager
-    from nbdquorum.jobs.resync import ResyncManager
-    from nbdquorum.nbd.server import Export, NBDServer
-    from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
-    from nbdquorum.worker.pool import WorkerPool
+    from nbdquorum.state import StateError, StateStore
 
     native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
     bus = EventBus()
@@ -260,6 +294,27 @@ async def serve(cfg: ServeConfig) -> int:
             cfg = apply_state(cfg, state, cfg.state_dir)
     if not cfg.children:
         raise UsageError("serve needs at least one --child (or a --state-dir that records them)")
+    # Every address first: a server that cannot listen must not have created
+    # images, recovered a crash or started jobs.
+    nbd_listeners, qmp_listener = bind_listeners(cfg)
+    metrics_listeners: list[Listener] = []
+    try:
+        metrics_listeners = bind_metrics(cfg)
+        return await _serve_on(cfg, bus, store, state, nbd_listeners, qmp_listener,
+                               metrics_listeners)
+    finally:
+        close_listeners([*nbd_listeners, *metrics_listeners], qmp_listener)
+
+
+async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
+                    state: dict[str, Any] | None, nbd_listeners: list[Listener],
+                    qmp_listener: Listener | None, metrics_listeners: list[Listener]) -> int:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+    from nbdquorum.nbd.server import Export, NBDServer
+    from nbdquorum.state import WriteIntentLog, crash_recover, restore
+    from nbdquorum.worker.pool import WorkerPool
+
     graph, quorum = build_graph(cfg, bus)
     intent = None
     tasks: list[asyncio.Task[None]] = []
@@ -302,38 +357,32 @@ async def serve(cfg: ServeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if pool is not None:
+            await pool.start()
         try:
-            if pool is not None:
-                await pool.start()
-            if cfg.socket:
-                await listener.listen_unix(cfg.socket)
-            if cfg.listen or not cfg.socket:
-                host, port = cfg.listen or ("127.0.0.1", 10809)
-                await listener.listen_tcp(host, port)
-            if cfg.control:
-                from nbdquorum.qmp.server import QMPServer
-
-                qmp = QMPServer(graph, bus)
-                qmp.jobs = jobs
-                qmp.resync = resync
-                await qmp.listen_unix(cfg.control)
-            if cfg.metrics:
-                from nbdquorum import metrics
-
-                host, port = cfg.metrics
-                try:
-                    exporter = await metrics.start(
-                        host, port, metrics.server_sources(graph, jobs, nbd, pool))
-                except OSError as err:  # asyncio's strerror repeats the address
-                    why = (os.strerror(err.errno) if err.errno and err.errno > 0
-                           else err.strerror or str(err))
-                    raise UsageError(f"cannot listen for metrics on {host}:{port}: {why}") from err
+            for li in nbd_listeners:
+                await listener.serve_listener(li)
         except OSError as err:
-            raise UsageError(f"cannot listen: {err.strerror or err}") from err
-        where = [f"unix:{cfg.socket}"] if cfg.socket else []
-        if cfg.listen or not cfg.socket:
-            host, port = cfg.listen or ("127.0.0.1", 10809)
-            where.append(f"tcp:{host}:{port}")
+            raise UsageError(err.strerror or str(err)) from err
+        if qmp_listener is not None:
+            from nbdquorum.qmp.server import QMPServer
+
+            qmp = QMPServer(graph, bus)
+            qmp.jobs = jobs
+            qmp.resync = resync
+            await qmp.serve_listener(qmp_listener)
+        if metrics_listeners:
+            from nbdquorum import metrics
+
+            exporter = metrics.MetricsServer(
+                metrics.make_registry(metrics.server_sources(graph, jobs, nbd, pool)))
+            try:
+                for li in metrics_listeners:
+                    await exporter.serve_listener(li)
+            except OSError as err:
+                raise UsageError(f"--metrics: {err.strerror or err}") from err
+        where = [li.address for li in nbd_listeners]
+        where = list(dict.fromkeys(where))
         gc.freeze()  # the graph, tables and modules never become garbage
         log.info(
             "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s%s",
@@ -399,22 +448,40 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="serve a quorum of raw images over NBD")
+    p = sub.add_parser(
+        "serve", help="serve a quorum of raw images over NBD",
+        description="Export one virtual disk over NBD: a voted quorum of raw image files. "
+                    "Every write goes to every child; every read is voted.",
+        epilog="Example: nbdquorum serve --child a=/disk1/a.raw --child b=/disk2/b.raw "
+               "--child c=/disk3/c.raw --socket /run/nbdq.sock --control /run/nbdq.qmp "
+               "--state-dir /var/lib/nbdquorum")
     p.add_argument("--child", action="append", default=[], metavar="[NAME=]PATH",
                    help="a raw image file (repeat; node-names default to child0, child1, ...)")
     p.add_argument("--size", type=parse_size, help="create missing images (sparse) of this size")
-    p.add_argument("--vote-threshold", type=int, help="children that must agree (default: majority)")
-    p.add_argument("--read-pattern", choices=["quorum", "fifo"], default="quorum")
+    p.add_argument("--vote-threshold", type=int, metavar="N",
+                   help="children that must agree for a read to succeed "
+                        "(default: a majority, children // 2 + 1)")
+    p.add_argument("--read-pattern", choices=["quorum", "fifo"], default="quorum",
+                   help="quorum: read every child and vote; fifo: read the first active "
+                        "child, the next one only on an error (default quorum)")
     p.add_argument("--rewrite-corrupted", action="store_true",
                    help="rewrite children that lose a read vote with the winning bytes")
-    p.add_argument("--node-name", default="quorum0", help="the quorum node's name")
-    p.add_argument("--export-name", default="disk", help='export name ("" selects it too)')
+    p.add_argument("--node-name", default="quorum0", metavar="NAME",
+                   help="the quorum node's name in QMP and events (default quorum0)")
+    p.add_argument("--export-name", default="disk", metavar="NAME",
+                   help='the NBD export name; clients asking for "" get it too (default disk)')
     p.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
                    help="TCP address (default 127.0.0.1:10809 when no --socket)")
-    p.add_argument("--socket", metavar="PATH", help="Unix socket for NBD")
-    p.add_argument("--control", metavar="PATH", help="Unix socket for QMP")
-    p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state")
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket for NBD (refused if a running server listens there; "
+                        "removed on exit)")
+    p.add_argument("--control", metavar="PATH",
+                   help="Unix socket for QMP, mode 0600 (default: none)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="persistent membership, resync progress and write-intent bitmap "
+                        "(default: none: a restart forgets QMP changes)")
+    p.add_argument("--read-only", action="store_true",
+                   help="export read-only and open the images read-only")
     p.add_argument("--max-errors", type=int, default=20, metavar="N",
                    help="errors after which a child is marked faulted (0: never; default 20)")
     p.add_argument("--child-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -422,9 +489,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--resync-speed", type=parse_size, default=0, metavar="BYTES",
                    help="default resync rate limit in bytes/second (512M, ...; default unlimited)")
     p.add_argument("--intent-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="how often flushed regions leave the write-intent bitmap")
+                   help="how often flushed regions leave the write-intent bitmap "
+                        "(with --state-dir; default 5)")
     p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
-                   help="how often children are checked for deleted or resized files")
+                   help="how often children are checked for deleted or resized files "
+                        "(default 1)")
     p.add_argument("--reset-state", action="store_true",
                    help="discard the membership recorded in --state-dir")
     p.add_argument("--fault-injection", action="store_true",
@@ -438,7 +507,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--metrics", type=parse_listen, metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
                         "(default: none; see docs/monitoring.md)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: more log lines; -vv: debug, per request")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode
 from nbdquorum.jobs.job import Job
 from nbdquorum.nbd.stats import BOUNDS_NS, CMD_NAMES, RequestStats
+from nbdquorum.sockets import Listener, bind_tcp
 
 if TYPE_CHECKING:
     from nbdquorum.block.graph import Graph
@@ -217,14 +218,22 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.servers: list[asyncio.Server] = []
+        self.listeners: list[Listener] = []
         self._handlers: set[asyncio.Task[None]] = set()
 
-    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
-        """Listen on HOST:PORT; returns the addresses bound (port 0: the port chosen)."""
-        server = await asyncio.start_server(self._client, host=host, port=port,
-                                            reuse_address=True, limit=MAX_HEADER)
+    async def serve_listener(self, li: Listener) -> None:
+        """Serve a TCP socket bound by sockets.bind_tcp (closed by close())."""
+        try:
+            li.listen()
+            server = await asyncio.start_server(self._client, sock=li.sock, limit=MAX_HEADER)
+        except BaseException:
+            li.close()
+            raise
+        self.listeners.append(li)
         self.servers.append(server)
-        return [s.getsockname()[:2] for s in server.sockets]
+        host, port = li.sock.getsockname()[:2]
+        log.info("metrics on http://%s/metrics", f"[{host}]:{port}" if ":" in host
+                 else f"{host}:{port}")
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -277,6 +286,8 @@ class MetricsServer:
         servers, self.servers = self.servers, []
         for s in servers:
             s.close()
+        for li in self.listeners:
+            li.close()
         for t in list(self._handlers):
             t.cancel()
         for s in servers:
@@ -285,12 +296,19 @@ class MetricsServer:
 
 
 async def start(host: str, port: int, sources: Sources) -> MetricsServer:
-    """Serve the metrics of *sources* on HOST:PORT (OSError if it cannot listen)."""
+    """Serve the metrics of *sources* on HOST:PORT (every address it resolves to).
+
+    Raises:
+        OSError: naming the address (sockets.bind_tcp).
+    """
     server = MetricsServer(make_registry(sources))
-    bound = await server.listen(host, port)
-    log.info("metrics on %s", ", ".join(f"http://{_hostport(h, p)}/metrics" for h, p in bound))
+    listeners = bind_tcp(host, port)
+    try:
+        for li in listeners:
+            await server.serve_listener(li)
+    except BaseException:
+        for li in listeners:
+            li.close()
+        await server.close()
+        raise
     return server
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,7 +14,7 @@ Theory of operation
    identical when the stale and children-count rows use them (writes reach
    every child of the quorum under test, but not the extra copies).
 4. Medians over repetitions, ratios nbdquorum / qsd quorum3, verdicts against
-   the targets of issue 5 (bench_report.py), bench-out/results.json, and with
+   the targets (bench_report.py), bench-out/results.json, and with
    --write-docs the chart and table in docs/performance.md.
 """
 

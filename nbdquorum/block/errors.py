@@ -3,7 +3,7 @@
 Exception tree:
     GraphError            a graph change or lookup was refused; ``desc`` is
      |                    the client-facing text, in QEMU's wording where QEMU
-     |                    has one (shared/reference/qemu-quorum.md 2.2)
+     |                    has one (observed on QEMU 7.2)
      +-- NodeNotFound     a node-name or device that does not exist
 """
 

@@ -3,7 +3,7 @@
 Every change (open a node, attach or detach a quorum child, delete a node) is
 checked here first and applied only if every check passes, so a refused
 change leaves nothing half-done.  Error texts follow QEMU 7.2 where QEMU has
-one (shared/reference/qemu-quorum.md 2.2), so scripts written for QEMU keep
+one (as QEMU 7.2 words its refusals), so scripts written for QEMU keep
 working.  The graph mutations run on the event-loop thread; in-flight I/O
 holds its own snapshot of a quorum's children, so a child removed mid-request
 finishes (or fails) without failing the client while the quorum holds.

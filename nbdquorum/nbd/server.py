@@ -14,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from nbdquorum.nbd.events import (
 )
 from nbdquorum.nbd.protocol import Phase, ServerConnection
 from nbdquorum.nbd.stats import RequestStats, clock
+from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -519,6 +519,7 @@ class NBDServer:
         self.default_export = default_export
         self.budget = Budget(budget)
         self.servers: list[asyncio.Server] = []
+        self._owned: list[Listener] = []  # bound by listen_*: closed (files removed) at shutdown
         self.connections: set[Connection] = set()
         self._idle = asyncio.Event()  # set while no connection is open
         self._idle.set()
@@ -556,17 +557,26 @@ class NBDServer:
         if stream.task is not None:
             await stream.task
 
+    async def serve_listener(self, li: Listener) -> None:
+        """Accept connections on a socket bound by sockets.bind_unix/bind_tcp."""
+        loop = asyncio.get_running_loop()
+        li.listen()
+        if li.sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(self._stream, sock=li.sock)
+        else:
+            server = await loop.create_server(self._stream, sock=li.sock)
+        self.servers.append(server)
+
     async def listen_unix(self, path: str) -> None:
-        remove_stale_socket(path)
-        self.servers.append(
-            await asyncio.get_running_loop().create_unix_server(self._stream, path=path)
-        )
+        """Bind ``path`` (never over a live server) and serve it; removed at shutdown."""
+        li = bind_unix(path)
+        self._owned.append(li)
+        await self.serve_listener(li)
 
     async def listen_tcp(self, host: str, port: int) -> None:
-        self.servers.append(
-            await asyncio.get_running_loop().create_server(self._stream, host=host, port=port,
-                                                           reuse_address=True)
-        )
+        for li in bind_tcp(host, port):
+            self._owned.append(li)
+            await self.serve_listener(li)
 
     async def shutdown(self, grace: float = 60.0) -> None:
         """Stop accepting and reading; let in-flight requests finish and reply.
@@ -591,21 +601,7 @@ class NBDServer:
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        for li in self._owned:
+            li.close()
+        self._owned.clear()
 
-
-def remove_stale_socket(path: str) -> None:
-    """Unlink a socket file that nobody listens on (left by a crash)."""
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.exists(path) and not _socket_alive(path):
-            os.unlink(path)
-
-
-def _socket_alive(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

@@ -9,8 +9,8 @@ and keeps its state between ``receive_data`` calls, so a message split anywhere
 span is decoded by :mod:`json` (``json.loads``; a span never needs
 ``raw_decode``'s trailing-data logic because the scanner already cut it).
 
-QEMU's quirks that clients rely on are kept (shared/reference/qemu-quorum.md
-3.1 and 3.4): single-quoted strings, ``\\'`` escapes, an incomplete object that
+QEMU's quirks that clients rely on are kept (as observed on QEMU 7.2's
+monitor): single-quoted strings, ``\\'`` escapes, an incomplete object that
 waits across newlines for more bytes, a parse error reply without ``id``, a
 control byte (or 0xFE/0xFF) that resets a pending message, and the texts of the
 input checks ("QMP input must be a JSON object", ...).  One deliberate

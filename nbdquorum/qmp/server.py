@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
-import os
-import socket
-import stat
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -45,6 +41,7 @@ from nbdquorum.qmp.protocol import (
 )
 from nbdquorum.qmp.schema import EVENTS, check_event
 from nbdquorum.qmp.throttle import DEFAULT_PERIODS, EventThrottle
+from nbdquorum.sockets import Listener, bind_unix
 
 if TYPE_CHECKING:
     from nbdquorum.jobs.job import JobManager
@@ -103,7 +100,7 @@ class QMPServer:
         self._loop_thread: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._inode: tuple[int, int] | None = None
+        self._listener: Listener | None = None
         self._numbers = itertools.count(1)
         major, minor, micro = version_triple()
         self._greeting = greeting(major, minor, micro, f"nbdquorum {__version__}")
@@ -116,17 +113,20 @@ class QMPServer:
         Raises:
             OSError: the path is in use by a live server, or is not a socket.
         """
+        await self.serve_listener(bind_unix(path, mode=0o600))
+
+    async def serve_listener(self, li: Listener) -> None:
+        """Serve a Unix socket bound by sockets.bind_unix; its file goes at shutdown."""
         self._start()
-        sock = _bind_private(path)
         try:
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+            li.listen()
+            self._server = await asyncio.start_unix_server(self._accept, sock=li.sock)
         except BaseException:
-            sock.close()
+            li.close()
             raise
-        self.path = path
-        st = os.stat(path)
-        self._inode = (st.st_dev, st.st_ino)
-        log.info("QMP monitor listening on %s", path)
+        self._listener = li
+        self.path = li.path
+        log.info("QMP monitor listening on %s", li.path)
 
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
@@ -168,13 +168,9 @@ class QMPServer:
         self._remove_socket()
 
     def _remove_socket(self) -> None:
-        if self.path is None or self._inode is None:
-            return
-        with contextlib.suppress(OSError):
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
-        self._inode = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     @property
     def clients(self) -> int:
@@ -292,54 +288,3 @@ class QMPServer:
             if client.conn.negotiated:
                 client.write(data)
 
-
-def _bind_private(path: str) -> socket.socket:
-    """A Unix socket bound at ``path`` that only its owner can connect to.
-
-    The socket is bound under a temporary name, chmod-ed to 0600 and renamed into
-    place, so it never exists at ``path`` with looser permissions.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}~")
-    try:
-        if len(os.fsencode(tmp)) < 108:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            sock.bind(tmp)
-            try:
-                os.chmod(tmp, 0o600)
-                sock.listen(100)  # accept as soon as the name appears
-                os.rename(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        else:  # no room for a temporary name: a restrictive umask instead
-            old = os.umask(0o177)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
-            sock.listen(100)
-    except BaseException:
-        sock.close()
-        raise
-    return sock

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import mmap
@@ -24,8 +23,9 @@ from typing import Any
 
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
-from nbdquorum.nbd.server import Export, NBDServer, remove_stale_socket
+from nbdquorum.nbd.server import Export, NBDServer
 from nbdquorum.nbd.stats import WorkerRequests
+from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 from nbdquorum.worker.control import EPOCH, Channel, Message, channel_pair
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class WorkerPool:
         os.ftruncate(self._epoch_fd, mmap.PAGESIZE)
         self._epoch_map = mmap.mmap(self._epoch_fd, mmap.PAGESIZE)
         self._listeners: list[socket.socket] = []
+        self._owned: list[Listener] = []  # bound by listen_*: closed (files removed) at shutdown
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._all_ready = asyncio.Event()
@@ -193,6 +194,9 @@ class WorkerPool:
         for s in self._listeners:
             s.close()
         self._listeners.clear()
+        for li in self._owned:
+            li.close()
+        self._owned.clear()
         for w in list(self.workers):
             self._send(w, {"op": "shutdown", "grace": grace})
         for w in list(self.workers):
@@ -240,40 +244,22 @@ class WorkerPool:
             self._send(w, msg, fds)
 
     # -- connections ---------------------------------------------------------------------
+    async def serve_listener(self, li: Listener) -> None:
+        """Accept on a socket bound by sockets.bind_unix/bind_tcp and place each connection."""
+        li.listen()
+        self._listen(li.sock)
+
     async def listen_unix(self, path: str) -> None:
-        remove_stale_socket(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(path)
-            s.listen(128)
-        except OSError:
-            s.close()
-            raise
-        self._listen(s)
+        """Bind ``path`` (never over a live server) and serve it; removed at shutdown."""
+        li = bind_unix(path)
+        self._owned.append(li)
+        self._listen(li.sock)
 
     async def listen_tcp(self, host: str, port: int) -> None:
         """Listen on every address the host resolves to (as asyncio.start_server)."""
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        if not infos:
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}")
-        bound: list[socket.socket] = []
-        try:
-            for family, _type, _proto, _name, addr in dict.fromkeys(
-                    (i[0], i[1], i[2], i[3], i[4]) for i in infos):
-                s = socket.socket(family, socket.SOCK_STREAM)
-                bound.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(addr)
-                s.listen(128)
-        except OSError:
-            for s in bound:
-                s.close()
-            raise
-        for s in bound:
-            self._listen(s)
+        for li in bind_tcp(host, port):
+            self._owned.append(li)
+            self._listen(li.sock)
 
     def _listen(self, s: socket.socket) -> None:
         s.setblocking(False)

@@ -1,4 +1,4 @@
-"""Harness of the repair interop tests (issue 4): resync, scrub, faulty children, restarts.
+"""Harness of the repair interop tests: resync, scrub, faulty children, restarts.
 
 The repair scenarios need what the other harnesses do not offer together: a server
 that can be restarted (or killed) on the same state dir with a different command

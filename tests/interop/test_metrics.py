@@ -7,6 +7,7 @@ docs/alerts.yml pass ``promtool check rules`` and fire in ``promtool test rules`
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -227,8 +228,9 @@ def test_a_busy_metrics_address_is_one_line_naming_it(tmp_path: Path) -> None:
     assert proc.returncode == 1, text
     assert "Traceback" not in text
     errors = [line for line in text.splitlines() if "error" in line.lower()]
-    assert errors == [f"nbdquorum: error: cannot listen for metrics on 127.0.0.1:{port}: "
-                      f"{os.strerror(98)}"], text
+    assert errors == [f"nbdquorum: error: --metrics: cannot listen on tcp:127.0.0.1:{port}: "
+                      f"{os.strerror(errno.EADDRINUSE)}"], text
+    assert not image.exists()  # refused before anything was created
 
 
 def test_a_bad_metrics_address_is_refused_by_the_parser(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Deterministic crash recovery (issue 4): kill -9 with a write half-way through the children.
+"""Deterministic crash recovery: kill -9 with a write half-way through the children.
 
 With ``--fault-injection``, child2's writes ``hang`` (and ``--child-timeout`` is long),
 so a client write reaches child0 and child1 and then waits for child2; the server is

@@ -1,4 +1,4 @@
-"""Faulty children (issue 4): failures are counted, outvoted, faulted, and repaired.
+"""Faulty children: failures are counted, outvoted, faulted, and repaired.
 
 ``serve --fault-injection`` puts a ``faulty`` node (nbdquorum's blkdebug) named as each
 child over ``NAME-raw``; x-faulty-set switches its rules live.  While the quorum holds,

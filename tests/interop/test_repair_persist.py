@@ -1,4 +1,4 @@
-"""Persistence (issue 4): ``--state-dir`` keeps the live membership across restarts.
+"""Persistence: ``--state-dir`` keeps the live membership across restarts.
 
 Children added and removed over QMP, their edge names and states, the threshold
 changed live (``ctl threshold``, blockdev-reopen) and an unfinished resync all survive

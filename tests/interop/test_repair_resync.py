@@ -1,4 +1,4 @@
-"""Resync of an added child (issue 4), driven over QMP with qemu.qmp and through NBD.
+"""Resync of an added child, driven over QMP with qemu.qmp and through NBD.
 
 A child added live starts ``resyncing``: it receives every new write but is never
 read and never votes until a background job (QEMU's job vocabulary: query-jobs,

@@ -1,4 +1,4 @@
-"""Scrub (issue 4): md's check and repair, ZFS's scrub, over QMP on a live export.
+"""Scrub: md's check and repair, ZFS's scrub, over QMP on a live export.
 
 x-quorum-scrub reads every region of every active child, votes, and reports per child
 the regions and bytes where it lost (QUORUM_SCRUB_DONE, query-quorum-status's

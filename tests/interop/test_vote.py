@@ -4,7 +4,7 @@ Write 0x32 through the quorum, check the children directly, corrupt a child behi
 server's back with dd, then read through the quorum: one bad child is outvoted (and
 repaired with rewrite-corrupted), two differently bad children break the quorum.
 
-Where QEMU differs by design (qemu-quorum.md), each target's own behaviour is asserted:
+Where QEMU differs by design (README: "What the vote does"), each target's own behaviour is asserted:
 QEMU reports the whole request's span, nbdquorum only the sectors that differ; QEMU
 breaks a tie in favour of the later children, nbdquorum fails the read.
 """
@@ -181,7 +181,7 @@ def test_quorum_failure_is_an_eio_reply_not_a_disconnect(
     xfail_for(
         target,
         "qsd",
-        "qsd 7.2 drops the connection when a read fails (qemu-quorum.md 3.5)",
+        "qsd 7.2 drops the connection when a read fails",
         request,
     )
     nbd = require_libnbd()
@@ -249,7 +249,7 @@ def test_tie_of_two_against_two(start_server: StartServer, target: str) -> None:
     command = f"read -P 0x42 {BAD_OFFSET} {BAD_LENGTH}"
     if target == "qsd":
         # QEMU: the version first seen at the highest child index wins the tie, the
-        # good children are the ones reported bad (qemu-quorum.md 1.4).
+        # good children are the ones reported bad (QEMU 7.2's tie-break).
         qemu_io(server.uri(), command)
         server.wait_event(REPORT_BAD, node_name="child0")
         server.wait_event(REPORT_BAD, node_name="child1")

@@ -1,0 +1,104 @@
+"""sockets.bind_unix / bind_tcp: never over a live server, files removed only when ours."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from nbdquorum.sockets import bind_tcp, bind_unix, socket_alive
+
+
+def test_binds_and_removes_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    li = bind_unix(str(path))
+    assert li.address == f"unix:{path}"
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert socket_alive(str(path))
+    li.close()
+    assert not path.exists()
+
+
+def test_refuses_a_live_socket_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    first = bind_unix(str(path))
+    try:
+        with pytest.raises(OSError) as info:
+            bind_unix(str(path))
+        assert info.value.errno == errno.EADDRINUSE
+        assert str(path) in str(info.value.strerror)
+        assert socket_alive(str(path)), "the first server's socket was taken over"
+    finally:
+        first.close()
+
+
+def test_replaces_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what a crash leaves
+    li = bind_unix(str(path))
+    try:
+        assert socket_alive(str(path))
+    finally:
+        li.close()
+
+
+def test_never_touches_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "precious"
+    path.write_text("data")
+    with pytest.raises(OSError, match="not a socket") as info:
+        bind_unix(str(path))
+    assert str(path) in str(info.value.strerror)
+    assert path.read_text() == "data"
+
+
+def test_keeps_a_successors_file(tmp_path: Path) -> None:
+    """A listener closed late must not unlink the socket a new server bound since."""
+    path = tmp_path / "s.sock"
+    old = bind_unix(str(path))
+    os.unlink(path)  # an operator (or a crash cleanup) removed it; a successor binds
+    new = bind_unix(str(path))
+    old.close()
+    assert socket_alive(str(path))
+    new.close()
+    assert not path.exists()
+
+
+def test_mode_is_applied_before_the_name_appears(tmp_path: Path) -> None:
+    path = tmp_path / "q.sock"
+    li = bind_unix(str(path), mode=0o600)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    finally:
+        li.close()
+
+
+def test_missing_directory_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nodir" / "s.sock"
+    with pytest.raises(OSError) as info:
+        bind_unix(str(path))
+    assert info.value.errno == errno.ENOENT
+    assert str(path) in str(info.value.strerror)
+
+
+def test_tcp_port_in_use_names_the_address() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            bind_tcp("127.0.0.1", port)
+    assert info.value.errno == errno.EADDRINUSE
+    assert f"tcp:127.0.0.1:{port}" in str(info.value.strerror)
+
+
+def test_tcp_unresolvable_host_names_the_address() -> None:
+    with pytest.raises(OSError) as info:
+        bind_tcp("no-such-host.invalid", 10809)
+    assert "tcp:no-such-host.invalid:10809" in str(info.value.strerror)
