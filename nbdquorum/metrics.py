@@ -67,7 +67,7 @@ CHILD_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("child_checksum_errors", "checksum_errors",
      "Reads whose bytes lost the vote (the child returned different data)."),
     ("child_repaired", "repaired_bytes",
-     "Bytes rewritten on the child with the voted data (rewrite-corrupted, scrub --repair)."),
+     "Bytes rewritten on the child with the voted data (rewrite-corrupted, a repairing scrub)."),
 )
 
 
