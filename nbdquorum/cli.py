@@ -389,7 +389,8 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
             quorum.node_name, len(quorum.slots), quorum.vote_threshold, quorum.read_pattern,
             cfg.export_name, ", ".join(where),
             f"; QMP on {cfg.control}" if cfg.control else "",
-            f"; {cfg.workers} worker process(es)" if cfg.workers else "",
+            f"; {pool.running()} of {cfg.workers} worker process(es) running"
+            if pool is not None else "",
         )
         if qmp is not None:
             qmp.on_quit = stop.set

@@ -1083,12 +1083,19 @@ def run(args: argparse.Namespace) -> int:
         fs_size = size // 2 // (64 * KiB) * (64 * KiB)
         if fs_size < MIN_FS_SIZE:
             fs_reason, fs_size = f"--size below {human(2 * MIN_FS_SIZE)}", 0
-    if args.dir:
-        os.makedirs(args.dir, exist_ok=True)
+    if args.dir and not os.path.isdir(args.dir):
+        # the drill makes (and removes) its scratch directory inside DIR, never DIR itself
+        what = "not a directory" if os.path.exists(args.dir) else "no such directory"
+        return _usage(f"--dir {args.dir}: {what} (give an existing directory, or leave "
+                      "--dir out for the system's temporary directory)")
     cfg = Config(Layout(size, fs_size), args.seed, args.timeout, fs_reason, qemu_img)
     progress = Progress()
+    try:
+        base = Path(tempfile.mkdtemp(prefix="nbdquorum-drill-", dir=args.dir))
+    except OSError as err:
+        return _usage(f"cannot make a scratch directory in {args.dir or tempfile.gettempdir()}: "
+                      f"{err.strerror or err}")
     old_term = signal.signal(signal.SIGTERM, _sigterm)
-    base = Path(tempfile.mkdtemp(prefix="nbdquorum-drill-", dir=args.dir))
     results: list[Result] = []
     t0 = time.monotonic()
     try:

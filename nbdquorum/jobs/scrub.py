@@ -79,7 +79,10 @@ class ScrubJob(Job):
 
     def finalize(self) -> None:
         q = self.quorum
+        # each child's checksum-error counter as the scrub ended: a status display can
+        # tell errors a completed repair has dealt with from later ones
+        seen = {s.node.node_name: s.stats.checksum_errors for s in q.slots}
         q.last_scrub = {**self.result(), "cancelled": self.cancelled, "error": self.error,
-                        "finished": time.time()}
+                        "finished": time.time(), "checksum-errors": seen}
         self.bus.emit("QUORUM_SCRUB_DONE", {"node-name": q.node_name, **self.result(),
                                             "cancelled": self.cancelled})

@@ -29,7 +29,7 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode, ReadPattern, check_options
 from nbdquorum.block.raw import RawNode
-from nbdquorum.jobs.job import JobStatus
+from nbdquorum.jobs.job import Job, JobStatus
 from nbdquorum.jobs.scrub import ScrubJob
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.protocol import (
@@ -421,6 +421,35 @@ def _jobs(ctx: Context) -> JobManager:
 @handler("query-jobs")
 def query_jobs(ctx: Context) -> list[dict[str, Any]]:
     return _jobs(ctx).query()
+
+
+@handler("query-block-jobs")
+def query_block_jobs(ctx: Context) -> list[dict[str, Any]]:
+    if ctx.jobs is None:  # a server without background jobs runs none
+        return []
+    return [_block_job_info(job) for job in ctx.jobs.jobs.values()
+            if job.status is not JobStatus.NULL]
+
+
+def _block_job_info(job: Job) -> dict[str, Any]:
+    """QEMU's BlockJobInfo of a job (blockjob.c: block_job_query)."""
+    info: dict[str, Any] = {
+        "type": job.job_type,
+        "device": job.id,
+        "len": max(job.total, job.current),
+        "offset": job.current,
+        "busy": job.status in (JobStatus.CREATED, JobStatus.RUNNING),
+        "paused": job.status is JobStatus.PAUSED,
+        "speed": job.speed,
+        "io-status": "failed" if job.error is not None else "ok",
+        "ready": False,
+        "status": str(job.status),
+        "auto-finalize": True,
+        "auto-dismiss": True,
+    }
+    if job.error is not None:
+        info["error"] = job.error
+    return info
 
 
 @handler("job-pause")

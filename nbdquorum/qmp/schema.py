@@ -239,6 +239,103 @@ struct(
 )
 alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
           "Inline node options, or the node-name of an existing node.")
+_GROWS = ("The shape only grows: new members (and new child states) may appear in later "
+          "versions; no member is renamed or removed, and none changes its type. Clients "
+          "must ignore members they do not know.")
+enum("QuorumChildState", ["active", "resyncing", "faulted"],
+     "A quorum child's state: `active` (in sync; read and counted in votes), `resyncing` "
+     "(gets every write, never read or counted, until its resync job has copied the voted "
+     "contents to it), `faulted` (failed too often, or its image vanished: no I/O at all). "
+     "New states may appear; a client should treat an unknown one as not `active`.")
+struct(
+    "QuorumScrubResult",
+    {"repair": "bool", "mismatched-regions": "any", "mismatched-bytes": "any",
+     "unrecoverable-regions": "int", "scanned": "int", "cancelled": "bool", "*error": "str",
+     "finished": "number", "checksum-errors": "any"},
+    "The result of a quorum's last scrub (x-quorum-scrub), kept until the next one ends. "
+    "Children are named by node-name as they were when the scrub ran: a child removed "
+    "since may still be named. " + _GROWS,
+    docs={"repair": "whether the children that lost were rewritten",
+          "mismatched-regions": "`{node-name: regions}`: regions where that child lost the "
+                                "vote (children that never lost are absent)",
+          "mismatched-bytes": "`{node-name: bytes}`: the bytes that differed there",
+          "unrecoverable-regions": "regions where no version reached the vote threshold",
+          "scanned": "bytes scanned (less than the size if cancelled or failed)",
+          "cancelled": "the scrub was cancelled (job-cancel, or the server stopping)",
+          "error": "why the scrub failed; `null` when it did not",
+          "finished": "when it ended: seconds since the Unix epoch (UTC)",
+          "checksum-errors": "`{node-name: count}`: each child's `checksum-errors` counter "
+                             "as the scrub ended; after a completed repair, errors up to "
+                             "that count have been repaired"},
+)
+struct(
+    "QuorumChildStatus",
+    {"child": "str", "node-name": "str", "filename": "str", "state": "QuorumChildState",
+     "errors": "int", "unsynced-bytes": "int", "resync-failures": "int",
+     "*resync-error": "str", "reads": "int", "writes": "int", "read-errors": "int",
+     "write-errors": "int", "flush-errors": "int", "checksum-errors": "int",
+     "repaired-bytes": "int"},
+    "One child of a quorum in query-quorum-status. Counters count since the server "
+    "started (or the child joined) and never go down. " + _GROWS,
+    docs={"child": "its edge name, `children.N`",
+          "node-name": "the child node's name",
+          "filename": "the image file underneath",
+          "state": "`active`, `resyncing` or `faulted`",
+          "errors": "errors counted toward the fault limit (`serve --max-errors`) since it "
+                    "joined; reaching the limit faults the child",
+          "unsynced-bytes": "bytes its resync still has to copy (0 when in sync)",
+          "resync-failures": "resync attempts that failed in a row (the server retries)",
+          "resync-error": "the last failed resync's error, while there is one",
+          "reads": "read requests sent to it",
+          "writes": "write, zero and trim requests sent to it",
+          "read-errors": "reads that failed",
+          "write-errors": "writes (zero, trim) that failed",
+          "flush-errors": "flushes that failed",
+          "checksum-errors": "reads whose data lost the vote (zpool's CKSUM)",
+          "repaired-bytes": "bytes rewritten on it with the winning version"},
+)
+struct(
+    "QuorumStatus",
+    {"node-name": "str", "vote-threshold": "int", "read-pattern": "QuorumReadPattern",
+     "rewrite-corrupted": "bool", "size": "int", "children": ["QuorumChildStatus"],
+     "last-scrub": "QuorumScrubResult"},
+    "One quorum in query-quorum-status (and `nbdquorum ctl status --json`). " + _GROWS,
+    docs={"node-name": "the quorum's node-name",
+          "vote-threshold": "children that must agree",
+          "read-pattern": "`quorum` or `fifo`",
+          "rewrite-corrupted": "whether children that lose a read vote are rewritten",
+          "size": "the virtual size in bytes",
+          "children": "its children, in edge order",
+          "last-scrub": "the last scrub's result; `null` until a scrub has ended"},
+)
+enum("JobStatus", ["created", "running", "paused", "waiting", "pending", "aborting",
+                   "concluded", "null"],
+     "A job's status, in QEMU's state machine (QEMU also has `ready`, `standby` and "
+     "`undefined`, which nbdquorum's jobs never enter).")
+enum("BlockDeviceIoStatus", ["ok", "failed", "nospace"],
+     "Whether a job's last I/O worked (`nospace`: it failed for lack of space).")
+struct(
+    "BlockJobInfo",
+    {"type": "str", "device": "str", "len": "int", "offset": "int", "busy": "bool",
+     "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
+     "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str"},
+    "A running block job, in the shape of QEMU 7.2's BlockJobInfo. `type` is `resync` or "
+    "`scrub` (QEMU's job types are `mirror`, `commit`, ...), so a client that decodes it "
+    "as QEMU's JobType enum must accept other strings.",
+    docs={"type": "the job type: `resync` or `scrub`",
+          "device": "the job's id (as in the BLOCK_JOB_* events and job-* commands)",
+          "len": "bytes to do, so far (a resync's grows when writes fail on its child)",
+          "offset": "bytes done; `offset / len` is the progress",
+          "busy": "the job is working (not paused, not finished)",
+          "paused": "the job is paused (job-pause)",
+          "speed": "rate limit in bytes per second, 0 = unlimited (block-job-set-speed)",
+          "io-status": "`failed` once the job has failed, else `ok`",
+          "ready": "always false: no nbdquorum job waits for a job-complete",
+          "status": "the job's status",
+          "auto-finalize": "always true: jobs finalize themselves",
+          "auto-dismiss": "always true: jobs dismiss themselves once concluded",
+          "error": "why the job failed, once it has"},
+)
 
 # --------------------------------------------------------------------------- commands
 
@@ -402,6 +499,17 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
                   '"total-progress": 16777216, "type": "resync", "id": "resync-new_node"}]}'],
     ),
     cmd(
+        "query-block-jobs", {}, returns="[BlockJobInfo]",
+        doc="The running block jobs (resync, scrub) in QEMU's BlockJobInfo shape: the "
+            "jobs the BLOCK_JOB_COMPLETED and BLOCK_JOB_CANCELLED events report, while "
+            "they run. `device` is the job's id. An empty list when nothing runs.",
+        examples=['-> {"execute": "query-block-jobs"}',
+                  '<- {"return": [{"auto-finalize": true, "io-status": "ok", '
+                  '"device": "resync-new_node", "auto-dismiss": true, "busy": true, '
+                  '"len": 16777216, "offset": 5242880, "status": "running", '
+                  '"paused": false, "speed": 0, "ready": false, "type": "resync"}]}'],
+    ),
+    cmd(
         "job-pause", {"id": "str"},
         doc="Pause a running job at its next region boundary.",
         docs={"id": "the job's id"},
@@ -475,7 +583,10 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
             "and counters (reads, writes, read/write/flush errors, checksum mismatches, "
             "repaired bytes, and `unsynced-bytes` while it resyncs), plus what the block "
             "layer adds (`last-scrub`). Counters are exact even when events are throttled. "
-            "`nbdquorum ctl status` prints it as a table.",
+            "`nbdquorum ctl status` prints it as a table. Every member is documented in "
+            "`QuorumStatus`, `QuorumChildStatus` and `QuorumScrubResult` (see Types); the "
+            "shape only grows: new members and child states may appear, nothing is renamed "
+            "or removed.",
         docs={"node-name": "only this quorum (default: all)"},
         examples=[
             '-> {"execute": "query-quorum-status"}',
@@ -724,45 +835,80 @@ def _examples(lines: Sequence[str]) -> list[str]:
     return ["Example:", "", "```", *lines, "```", ""]
 
 
-_CTL_DOC = [
+_CTL_DOC_HEAD = [
     "## The operator's CLI",
     "",
-    "`nbdquorum ctl --control PATH COMMAND` (or `NBDQUORUM_CONTROL=PATH`) runs the usual",
-    "sequences of the commands above:",
+    "`nbdquorum ctl COMMAND --control PATH` (or `NBDQUORUM_CONTROL=PATH`; `--control` and",
+    "`--timeout` go before or after the command) runs the usual sequences of the commands",
+    "above. Every change prints one confirmation line on stdout (`--json`: one JSON object",
+    "instead); progress bars go to stderr, on a terminal only.",
     "",
     "| command | what it does |",
     "|---|---|",
-    "| `status [NODE] [--json]` | query-quorum-status as a table: per child its edge, node, "
-    "state and counters |",
+    "| `status [NODE] [--json]` | query-quorum-status: health (what is wrong and what to run), "
+    "options, per child its edge, node, state and counters, the last scrub |",
     "| `add NAME=PATH [--wait] [--parent Q]` | blockdev-add (raw over file), then "
     "x-blockdev-child-add; the node is deleted again if the attach is refused; `--wait` waits "
     "until the child is `active` |",
     "| `remove NAME [--keep-node]` | x-blockdev-child-del, then blockdev-del |",
-    "| `replace OLD NAME=PATH [--no-wait]` | add NAME, wait for its resync, then remove OLD |",
+    "| `replace OLD NAME=PATH [--no-wait]` | add NAME, wait for its resync (a progress bar), "
+    "then remove OLD; ends with a `done` line |",
     "| `threshold N` | blockdev-reopen with a new vote-threshold |",
-    "| `events [--count N] [--name EVENT]` | print events as JSON lines until interrupted |",
-    "| `qmp JSON` | send one raw message, print the reply |",
+    "| `scrub [--repair] [--wait] [--speed B]` | x-quorum-scrub; `--wait`: a progress bar, "
+    "then a summary line (exit 1 if the scrub was cancelled or failed) |",
+    "| `events [--count N] [--name EVENT]` | print events as JSON lines until interrupted; an "
+    "unknown EVENT is refused (exit 2) with the list of events |",
+    "| `qmp COMMAND [ARGS] \\| qmp JSON` | send one command (a name, and its arguments as a "
+    "JSON object) or one raw message; print the reply |",
     "",
     "`--parent` is needed only when the server has several quorums. Exit codes: 0 success,",
     "1 the server refused a command (its `desc` on stderr), 2 usage, 3 cannot connect.",
     "",
-    "```",
-    "$ nbdquorum ctl --control /run/nbdq.qmp status",
-    "quorum0: healthy",
-    "  vote-threshold 2, read-pattern quorum, rewrite-corrupted off, size 16.0 MiB",
-    "  EDGE        NODE    STATE   READS  WRITES  READ-ERR  WRITE-ERR  FLUSH-ERR  CKSUM"
-    "  REPAIRED  UNSYNCED  ERRORS  FILE",
-    "  children.0  child0  active     12      40         0          0          0      0"
-    "         0         0       0  /srv/img/c0.raw",
-    "  children.1  child1  active     12      40         0          0          0      1"
-    "         0         0       0  /srv/img/c1.raw",
-    "  children.2  child2  active     12      40         0          0          0      0"
-    "         0         0       0  /srv/img/c2.raw",
-    "$ nbdquorum ctl --control /run/nbdq.qmp replace child1 child3=/srv/img/c3.raw",
-    "waiting for child3 to resync (resyncing, 16777216 bytes to go)",
-    "```",
+    "`status` heads each quorum with its health, like `zpool status`: `healthy`, `degraded`",
+    "(a child is faulted or resyncing, or has counted errors; I/O works) or `failed` (fewer",
+    "children in sync than the vote threshold: I/O fails), then a `status:` and an `action:`",
+    "line per problem, naming the child and the command to run next. Checksum errors that a",
+    "completed `scrub --repair` has dealt with are reported as repaired. The last scrub is one",
+    "line: kind, outcome, local date, size scanned and what it found on the current children,",
+    "e.g. `last scrub: repair, completed 2026-11-25 18:07:51 CET, 16.0 MiB scanned, child1: 3",
+    "regions (192.0 KiB) repaired`.",
     "",
 ]
+
+_CTL_EXAMPLE_STATUS: Final = {
+    "node-name": "quorum0", "vote-threshold": 2, "read-pattern": "quorum",
+    "rewrite-corrupted": False, "size": 16 << 20, "last-scrub": None,
+    "children": [
+        {"child": f"children.{i}", "node-name": f"child{i}", "filename": f"/srv/img/c{i}.raw",
+         "state": "active", "errors": 0, "unsynced-bytes": 0, "resync-failures": 0,
+         "reads": 12, "writes": 40, "read-errors": 0, "write-errors": 0, "flush-errors": 0,
+         "checksum-errors": 3 if i == 1 else 0, "repaired-bytes": 0}
+        for i in range(3)],
+}
+
+
+def _ctl_doc() -> list[str]:
+    """The CLI section, its status example printed by ctl's own formatter."""
+    from nbdquorum.ctl import format_status
+
+    return [
+        *_CTL_DOC_HEAD,
+        "```",
+        "$ nbdquorum ctl status --control /run/nbdq.qmp",
+        *format_status([_CTL_EXAMPLE_STATUS]).rstrip("\n").split("\n"),
+        "$ nbdquorum ctl scrub --repair --wait",
+        "scrub of quorum0: repair, completed 2026-11-25 18:07:51 CET, 16.0 MiB scanned, "
+        "child1: 3 regions (192.0 KiB) repaired",
+        "$ nbdquorum ctl replace child1 child3=/srv/img/c3.raw",
+        "resync child3 [##############################] 100.0%    212.4 MiB/s",
+        "replaced child1 with child3 in quorum0: done (child3 in sync, child1 removed)",
+        "```",
+        "",
+        "`status --json` prints query-quorum-status's list of `QuorumStatus` (see Types) as",
+        "it is: its shape only grows (new members and child states may appear; nothing is",
+        "renamed or removed), so scripts may rely on every member documented there.",
+        "",
+    ]
 
 
 def markdown() -> str:
@@ -844,7 +990,7 @@ def markdown() -> str:
         "Every other event of the block layer (job events such as `JOB_STATUS_CHANGE` and",
         "`BLOCK_JOB_COMPLETED`, child state changes) is forwarded as emitted, unthrottled.",
         "",
-        *_CTL_DOC,
+        *_ctl_doc(),
         "## Types",
         "",
     ]

@@ -97,6 +97,10 @@ class Channel:
                 data, fds, flags = recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError:
+                # the peer exited with messages of ours unread: it is gone, nothing failed
+                self._eof()
+                return
             except OSError as err:
                 log.warning("control channel: receive failed: %s", err)
                 self._eof()

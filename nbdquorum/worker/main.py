@@ -1,4 +1,5 @@
-"""A worker process: ``python -m nbdquorum.worker`` (started by pool.py, never by hand).
+"""A worker process, started by pool.py (never by hand) through its BOOTSTRAP, which
+imports this package from where the primary loaded it, whatever the current directory.
 
 It inherits three descriptors from the primary: the control channel, its end
 of the forwarding connection (NBD, the worker is the client) and the shared

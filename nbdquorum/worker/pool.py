@@ -21,6 +21,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import nbdquorum
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.nbd.server import Export, NBDServer
@@ -35,6 +36,42 @@ log = logging.getLogger(__name__)
 RESPAWN_DELAY = 1.0
 RESPAWN_QUICK = 5.0
 
+#: the exit status of a worker that could not import the package: it is not started again
+CANNOT_START = 3
+
+#: Where the worker processes import nbdquorum from: the very package this process
+#: loaded (an installed one, or the checkout the server runs from), never whatever the
+#: current directory holds.  ``python -m nbdquorum.worker`` would put the current
+#: directory first on sys.path, where a folder named nbdquorum shadows the package.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(nbdquorum.__file__)))
+
+#: The worker's first lines, run with ``python -P -c`` (-P: the current directory is not
+#: put on sys.path; the environment is kept, so a venv's or user's site-packages still
+#: provide the dependencies).  argv: PACKAGE_PARENT, then the worker's options.  A
+#: worker that cannot import the package tells the primary why in one control
+#: message (the primary logs it as one line) and exits with CANNOT_START.
+BOOTSTRAP = f"""\
+import os, sys
+where = sys.argv.pop(1)
+sys.path.insert(0, where)
+try:
+    import nbdquorum
+    found = os.path.dirname(os.path.realpath(nbdquorum.__file__))
+    if found != os.path.realpath(os.path.join(where, "nbdquorum")):
+        raise ImportError(f"imported nbdquorum from {{found}}, not from {{where}}")
+    from nbdquorum.worker.main import main
+except Exception as err:
+    import json, socket
+    why = f"{{type(err).__name__}}: {{err}} (importing nbdquorum from {{where}})"
+    try:
+        ctl = socket.socket(fileno=int(sys.argv[sys.argv.index("--ctl-fd") + 1]))
+        ctl.send(json.dumps({{"op": "cannot-start", "error": why}}).encode())
+    except Exception:
+        print("nbdquorum worker: cannot start:", why, file=sys.stderr)
+    sys.exit({CANNOT_START})
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 @dataclass(eq=False)
 class Worker:
@@ -46,6 +83,7 @@ class Worker:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
     quick_deaths: int = 0  # deaths in a row soon after start, of this index
+    cannot_start: str = ""  # why it could not import the package, as it said
 
 
 class WorkerPool:
@@ -84,9 +122,13 @@ class WorkerPool:
         # Wait (briefly) for the workers, so the first connections spread out.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_ready.wait(), 10)
-        not_ready = [w.index for w in self.workers if not w.ready]
+        not_ready = [w.index for w in self.workers if not w.ready and not w.channel.closed]
         if not_ready:
             log.warning("workers %s not ready yet; serving without them meanwhile", not_ready)
+
+    def running(self) -> int:
+        """Worker processes that reported in and serve (not the ones still starting)."""
+        return sum(w.ready for w in self.workers)
 
     def _spawn(self, index: int, quick_deaths: int = 0) -> None:
         ctl_here, ctl_there = channel_pair()
@@ -102,7 +144,7 @@ class WorkerPool:
         }
         fds = (ctl_there.fileno(), data_there.fileno(), self._epoch_fd)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nbdquorum.worker", "--index", str(index),
+            [sys.executable, "-P", "-c", BOOTSTRAP, PACKAGE_PARENT, "--index", str(index),
              "--ctl-fd", str(fds[0]), "--data-fd", str(fds[1]), "--epoch-fd", str(fds[2]),
              "--config", json.dumps(cfg)],
             pass_fds=fds,
@@ -137,6 +179,8 @@ class WorkerPool:
                 self._all_ready.set()
         elif op == "closed":
             w.conns = max(0, w.conns - 1)
+        elif op == "cannot-start":
+            w.cannot_start = str(msg.get("error"))
         elif op == "stats":
             reads = msg.get("reads") or {}
             for slot in self.quorum.slots:
@@ -176,6 +220,12 @@ class WorkerPool:
         w.exited.set()
         if self.stopping:
             log.info("worker %d stopped (exit status %d)", w.index, code)
+            return
+        if code == CANNOT_START:
+            # it would fail the same way again: one line, no restarts
+            log.error("worker %d cannot start: %s; not restarting it (%d of %d worker "
+                      "processes running)", w.index, w.cannot_start or f"exit status {code}",
+                      self.running(), self.count)
             return
         log.error("worker %d exited unexpectedly (status %d); its %d connection(s) were lost",
                   w.index, code, w.conns)

@@ -158,3 +158,22 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = drill(tmp_path, "--size", "100000")
     assert proc.returncode == 2 and "multiple of 64 KiB" in proc.stderr
+
+
+def test_a_missing_dir_is_refused_not_created(tmp_path: Path) -> None:
+    """--dir names where the scratch directory goes: a missing one is one clear line and
+    exit 2, and nothing is created (before: the folder was made and left behind)."""
+    require("qemu-img")
+    missing = tmp_path / "nonexistent" / "deeper"
+    proc = run([sys.executable, "-m", "nbdquorum", "drill", "--dir", str(missing)],
+               env=nbdquorum_env())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"nbdquorum drill: error: --dir {missing}: no such directory (give an existing "
+        "directory, or leave --dir out for the system's temporary directory)"], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = run([sys.executable, "-m", "nbdquorum", "drill", "--dir", str(afile)],
+               env=nbdquorum_env())
+    assert proc.returncode == 2 and "not a directory" in proc.stderr, proc.stderr

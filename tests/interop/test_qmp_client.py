@@ -91,6 +91,7 @@ def test_every_command(qmp_target: StartTarget) -> None:
             # jobs: a slow scrub to pause, re-speed, resume and cancel
             await ok("x-quorum-scrub", {"speed": 1 << 20, "job-id": "s1"})
             assert [j["id"] for j in await ok("query-jobs")] == ["s1"]
+            assert [j["device"] for j in await ok("query-block-jobs")] == ["s1"]
             await ok("job-pause", {"id": "s1"})
             await ok("block-job-set-speed", {"device": "s1", "speed": 2 << 20})
             await ok("job-resume", {"id": "s1"})

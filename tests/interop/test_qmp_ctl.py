@@ -11,12 +11,17 @@ from .qmp_fixtures import (
     QUORUM,
     StartTarget,
     Target,
+    arun,
+    both_targets,
     corrupt,
     ctl,
+    execute,
     make_image,
     nbdquorum_env,
     qemu_io,
+    qmp_client,
     qmp_target_fixture,  # noqa: F401  (the qmp_target fixture)
+    shape,
 )
 
 KiB = 1024
@@ -60,18 +65,22 @@ def test_add_remove_replace_threshold(qmp_target: StartTarget) -> None:
     with open(spare, "rb") as f:
         assert f.read(1 << 20) == b"\x32" * (1 << 20)  # resynced before --wait returned
 
-    assert ctl(t.qmp, "threshold", "3").returncode == 0
+    proc = ctl(t.qmp, "threshold", "3")
+    assert (proc.returncode, proc.stdout) == (0, f"{QUORUM}: vote-threshold 3 (was 2)\n")
     assert status(t)["vote-threshold"] == 3
 
     fresh = make_image(t.tmp / "fresh.raw")
     proc = ctl(t.qmp, "replace", "child1", f"fresh={fresh}")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (f"replaced child1 with fresh in {QUORUM}: done "
+                           "(fresh in sync, child1 removed)\n")
     names = [c["node-name"] for c in status(t)["children"]]
     assert names == ["child0", "child2", "spare", "fresh"]
     with open(fresh, "rb") as f:
         assert f.read(1 << 20) == b"\x32" * (1 << 20)  # replace waited for the resync
 
-    assert ctl(t.qmp, "remove", "spare").returncode == 0
+    proc = ctl(t.qmp, "remove", "spare")
+    assert (proc.returncode, proc.stdout) == (0, f"removed spare from {QUORUM} and closed it\n")
     proc = ctl(t.qmp, "remove", "child0")
     assert proc.returncode == 1
     assert "lower than the vote threshold 3" in proc.stderr
@@ -122,3 +131,109 @@ def test_events_follows_a_corruption(qmp_target: StartTarget) -> None:
     (line,) = out.decode().splitlines()
     ev = json.loads(line)
     assert ev["event"] == "QUORUM_REPORT_BAD" and ev["data"]["node-name"] == "child2"
+
+
+#: query-block-jobs' answer for one running job, as qemu-storage-daemon 7.2 gives it
+BLOCK_JOB_SHAPE = {"type": "str", "device": "str", "len": "number", "offset": "number",
+                   "busy": "bool", "paused": "bool", "speed": "number", "io-status": "str",
+                   "ready": "bool", "status": "str", "auto-finalize": "bool",
+                   "auto-dismiss": "bool"}
+
+
+@both_targets
+def test_query_block_jobs_while_a_job_runs(qmp_target: StartTarget, target: str) -> None:
+    """nbdquorum: during the resync of a new child; qsd: during a slow backup job.
+
+    Both through qemu.qmp's client; both answers must have QEMU's BlockJobInfo shape."""
+    t = qmp_target(target, extra=["--resync-speed", str(1 << 20)] if target == "nbdquorum"
+                   else [])
+
+    async def main() -> dict[str, Any]:
+        async with qmp_client(t.qmp) as qmp:
+            assert await execute(qmp, "query-block-jobs") == []
+            image = make_image(t.tmp / "new.raw")
+            await execute(qmp, "blockdev-add", {"driver": "raw", "node-name": "new", "file": {
+                "driver": "file", "filename": str(image)}})
+            if target == "nbdquorum":
+                await execute(qmp, "x-blockdev-child-add", {"parent": QUORUM, "child": "new"})
+                job = "resync-new"
+            else:
+                await execute(qmp, "blockdev-backup", {"job-id": "b0", "device": QUORUM,
+                                                       "target": "new", "sync": "full",
+                                                       "speed": 1})
+                job = "b0"
+            (info,) = await execute(qmp, "query-block-jobs")
+            assert info["device"] == job and info["status"] == "running", info
+            await execute(qmp, "job-pause", {"id": job})
+            (paused,) = await execute(qmp, "query-block-jobs")
+            assert paused["paused"] is True
+            await execute(qmp, "job-cancel", {"id": job})
+            return dict(info)
+
+    info = arun(main())
+    assert shape(info) == BLOCK_JOB_SHAPE
+    assert info["len"] == 16 << 20 and 0 <= info["offset"] <= info["len"]
+    assert info["type"] == ("resync" if target == "nbdquorum" else "backup")
+    assert (info["io-status"], info["ready"], info["auto-finalize"], info["auto-dismiss"]) == (
+        "ok", False, True, True)
+
+
+def test_operator_finds_and_repairs_a_corrupted_child(qmp_target: StartTarget) -> None:
+    """status names the problem and the command; scrub --repair --wait repairs it."""
+    t = qmp_target("nbdquorum")
+    qemu_io(t.uri, "write -P 0x32 0 64k", "flush")
+    corrupt(t.images[2], 0, 64 * KiB, 0x42)
+    qemu_io(t.uri, "read -P 0x32 0 64k")  # child2 loses the vote: a checksum error
+    proc = run_ctl_after(t, "status")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{QUORUM}: degraded"
+    assert lines[1].startswith("  status: child2 has ") and "checksum error" in lines[1]
+    assert lines[2] == ("  action: run `nbdquorum ctl scrub --repair`, or "
+                        "`nbdquorum ctl replace child2 NEW=PATH`")
+
+    proc = ctl(t.qmp, "scrub", "--repair", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"scrub of {QUORUM}: repair, completed ")
+    assert "16.0 MiB scanned" in proc.stdout and "child2: 1 region (64.0 KiB) repaired" in (
+        proc.stdout)
+    with open(t.images[2], "rb") as f:
+        assert f.read(64 * KiB) == b"\x32" * (64 * KiB)
+
+    lines = ctl(t.qmp, "status").stdout.splitlines()
+    assert lines[0] == f"{QUORUM}: healthy"
+    assert lines[1].startswith("  status: child2 had ") and "repaired by the scrub" in lines[1]
+    (scrub,) = [x for x in lines if "last scrub:" in x]
+    assert "{" not in scrub and "child2: 1 region (64.0 KiB) repaired" in scrub
+
+
+def run_ctl_after(t: Target, *args: str) -> Any:
+    """ctl with --control after the subcommand, as an operator may type it."""
+    from .qmp_fixtures import run
+
+    return run([sys.executable, "-m", "nbdquorum", "ctl", *args, "--control", str(t.qmp)],
+               timeout=60, env=nbdquorum_env())
+
+
+def test_ctl_usage_at_3am(qmp_target: StartTarget) -> None:
+    t = qmp_target("nbdquorum")
+    # an unknown event name fails at once, naming the known ones (it used to wait forever)
+    proc = ctl(t.qmp, "events", "--name", "BOGUS", timeout=30)
+    assert proc.returncode == 2
+    assert "unknown event 'BOGUS'" in proc.stderr and "QUORUM_REPORT_BAD" in proc.stderr
+    # a bare command name, and one with arguments
+    proc = ctl(t.qmp, "qmp", "query-version")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["return"]["package"] == "nbdquorum 0.1.0"
+    proc = ctl(t.qmp, "qmp", "query-quorum-status", json.dumps({"node-name": QUORUM}))
+    assert json.loads(proc.stdout)["return"][0]["node-name"] == QUORUM
+    # the removed child is no longer named in the last scrub line
+    assert ctl(t.qmp, "scrub", "--wait").returncode == 0
+    spare = make_image(t.tmp / "spare.raw")
+    assert ctl(t.qmp, "add", f"spare={spare}", "--wait").returncode == 0
+    proc = run_ctl_after(t, "remove", "child0")
+    assert (proc.returncode, proc.stdout) == (0, f"removed child0 from {QUORUM} and closed it\n")
+    out = run_ctl_after(t, "status").stdout
+    assert out.startswith(f"{QUORUM}: healthy\n")
+    (scrub,) = [x for x in out.splitlines() if "last scrub:" in x]
+    assert "no mismatches" in scrub and "child0" not in out

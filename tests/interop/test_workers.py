@@ -12,17 +12,28 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nbdquorum.worker.pool import RESPAWN_DELAY
+from tests.ci import unavailable
 from tests.interop.conftest import (
+    REPO_ROOT,
     MiB,
+    NbdquorumServer,
     StartServer,
     assert_identical,
     assert_pattern,
     corrupt,
+    make_image,
+    nbdquorum_env,
     qemu_io,
     read_at,
     require_libnbd,
@@ -204,3 +215,111 @@ def test_sigterm_stops_workers_after_their_requests(start_server: StartServer) -
     assert not any(pid_alive(p) for p in pids)
     for i in range(0, 64, 7):
         assert_pattern(server.images[1], i * 65536, 65536, i)
+
+
+# ------------------------------------------------------------ where workers import from
+
+
+class _Started(NbdquorumServer):
+    """nbdquorum serve started by ``prefix`` (instead of ``python -m nbdquorum``)."""
+
+    def __init__(self, tmp: Path, prefix: list[str], env: dict[str, str], **kw: Any) -> None:
+        self.prefix = prefix
+        self._env = env
+        images = [make_image(tmp.parent / f"{tmp.name}-c{i}.raw") for i in range(3)]
+        super().__init__(tmp, images, [f"child{i}" for i in range(3)], vote_threshold=None,
+                         read_pattern=None, rewrite_corrupted=False, read_only=False,
+                         listen=None, **kw)
+
+    def argv(self) -> list[str]:
+        return self.prefix + super().argv()[3:]  # past "python -m nbdquorum"
+
+    def env(self) -> dict[str, str]:
+        return self._env
+
+
+@pytest.fixture
+def started() -> Iterator[list[_Started]]:
+    servers: list[_Started] = []
+    yield servers
+    for s in servers:
+        try:
+            s.reap()
+        finally:
+            if s.proc is not None and s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
+def _decoy(cwd: Path) -> None:
+    """A folder named nbdquorum in the server's directory, which must never be imported."""
+    (cwd / "nbdquorum").mkdir(parents=True)
+    (cwd / "nbdquorum" / "__init__.py").write_text(
+        "raise ImportError('the decoy nbdquorum in the current directory was imported')\n")
+    (cwd / "nbdquorum" / "worker").mkdir()
+    (cwd / "nbdquorum" / "worker" / "__init__.py").write_text("")
+
+
+@pytest.mark.parametrize("how", ["python-m", "console-script"])
+def test_workers_import_the_primarys_package_whatever_the_directory(
+    tmp_path: Path, started: list[_Started], how: str,
+) -> None:
+    """Started from a directory holding a folder named nbdquorum, the workers still
+    import the package the primary runs (the checkout, directly or through the editable
+    install's console script) and serve."""
+    cwd = tmp_path / "elsewhere"
+    _decoy(cwd)
+    env = nbdquorum_env()
+    if how == "python-m":
+        # -P: the primary itself must not import the decoy either
+        prefix = [sys.executable, "-P", "-m", "nbdquorum"]
+    else:
+        script = Path(sys.executable).parent / "nbdquorum"
+        if not script.exists():
+            unavailable(f"{script} (the editable install's console script) is missing")
+        prefix = [str(script)]
+        env.pop("PYTHONPATH", None)
+    server = _Started(cwd, prefix, env,
+                      extra=["--workers", "1", "--workers-take-all", "-vv"])
+    started.append(server)
+    server.start()
+    wait_until(lambda: "worker 1 ready" in server.stderr(), 30, "worker 1 to report in")
+    qemu_io(server.uri(), "write -P 0x4e 0 1M", "read -P 0x4e 0 1M")
+    log = server.stderr()
+    assert served_by(log, 1) >= 1, log
+    assert "ImportError" not in log and "decoy" not in log, log
+    assert "1 of 1 worker process(es) running" in log, log
+
+
+def test_a_worker_that_cannot_start_is_one_line_and_not_restarted(
+    tmp_path: Path, started: list[_Started],
+) -> None:
+    """A package whose worker module cannot be imported (here: broken on purpose in a
+    copy of the package): one clear line naming the cause, no traceback, no restarts
+    every few seconds, and the server says that no worker runs while it serves alone."""
+    copy = tmp_path / "site"
+    shutil.copytree(REPO_ROOT / "nbdquorum", copy / "nbdquorum",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "nbdquorum" / "worker" / "main.py").write_text(
+        "raise ImportError('this worker module is broken on purpose')\n")
+    env = nbdquorum_env()
+    env["PYTHONPATH"] = str(copy)
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    server = _Started(cwd, [sys.executable, "-P", "-m", "nbdquorum"], env,
+                      extra=["--workers", "1"])
+    started.append(server)
+    server.start()
+    wait_until(lambda: "cannot start" in server.stderr(), 30, "the worker's failure logged")
+    qemu_io(server.uri(), "write -P 0x17 0 1M", "read -P 0x17 0 1M")  # served by the primary
+    # a restarted worker would have come back after RESPAWN_DELAY * 2 seconds
+    time.sleep(RESPAWN_DELAY * 2 + 1)
+    log = server.stderr()
+    lines = [ln for ln in log.splitlines() if "broken on purpose" in ln]
+    assert len(lines) == 1, log
+    assert "worker 1 cannot start: ImportError: this worker module is broken on purpose" \
+        in lines[0], lines
+    assert [ln for ln in log.splitlines() if " WARNING " in ln or " ERROR " in ln] == lines
+    assert "0 of 1 worker process(es) running" in log, log
+    assert "Traceback" not in log and "exited unexpectedly" not in log, log
+    assert len(worker_pids(log)) == 1 and log.count("worker 1 started") == 1, log
