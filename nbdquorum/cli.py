@@ -30,6 +30,12 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*$")
 _SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
+#: buffers up to this size stay on the heap (reused, not mmap'ed per request);
+#: bigger ones are mmap'ed and unmapped when freed.  glibc then gives freed heap
+#: back by itself beyond 4 x this, and the budget trims when idle (server.py).
+MALLOC_HEAP_MAX = 1 << 20
+
+
 class UsageError(Exception):
     """A problem with the command line or its files: one line, exit 1."""
 
@@ -89,6 +95,12 @@ class ServeConfig:
     workers: int = 0
     #: the primary serves no client connection itself while a worker is up
     workers_take_all: bool = False
+    #: request bytes in flight over the whole server (split between processes)
+    memory_budget: int = 64 << 20
+    #: per client connection: requests, request bytes, unsent reply bytes
+    max_client_requests: int = 16
+    max_client_bytes: int = 16 << 20
+    max_client_backlog: int = 1 << 20
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -239,11 +251,11 @@ async def serve(cfg: ServeConfig) -> int:
     from nbdquorum import native
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
-    from nbdquorum.nbd.server import Export, NBDServer
+    from nbdquorum.nbd.server import ClientLimits, Export, NBDServer
     from nbdquorum.state import StateError, StateStore, WriteIntentLog, crash_recover, restore
     from nbdquorum.worker.pool import WorkerPool
 
-    native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
+    native.tune_malloc(MALLOC_HEAP_MAX)
     bus = EventBus()
     bus.subscribe(log_event)
     store = None
@@ -285,7 +297,12 @@ async def serve(cfg: ServeConfig) -> int:
     export = Export(cfg.export_name, quorum, description="nbdquorum " + quorum.node_name,
                     read_only=cfg.read_only)
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
-    nbd = NBDServer({cfg.export_name: export}, cfg.export_name)
+    # one budget for the server: each process gets its share (the workers get
+    # theirs from the pool, as the primary's)
+    nbd = NBDServer({cfg.export_name: export}, cfg.export_name,
+                    budget=max(1, cfg.memory_budget // (cfg.workers + 1)),
+                    limits=ClientLimits(cfg.max_client_requests, cfg.max_client_bytes,
+                                        cfg.max_client_backlog))
     pool = None
     if cfg.workers:
         pool = WorkerPool(nbd, export, quorum, cfg.workers, child_timeout=cfg.child_timeout,
@@ -419,6 +436,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--workers-take-all", action="store_true",
                    help="with --workers: place every connection on a worker; the primary "
                         "only makes the forwarded requests")
+    p.add_argument("--memory-budget", type=parse_size, default=64 << 20, metavar="BYTES",
+                   help="request bytes in flight over all clients (WRITE payloads from their "
+                        "header on, reads being served), split evenly between the processes "
+                        "and fairly between the clients (default 64M; docs/performance.md "
+                        "gives the memory bound)")
+    p.add_argument("--max-client-requests", type=int, default=16, metavar="N",
+                   help="requests one client may have in flight; more wait in its socket "
+                        "(default 16, as QEMU)")
+    p.add_argument("--max-client-bytes", type=parse_size, default=16 << 20, metavar="BYTES",
+                   help="request bytes one client may hold (one bigger request may run alone; "
+                        "default 16M)")
+    p.add_argument("--max-client-backlog", type=parse_size, default=1 << 20, metavar="BYTES",
+                   help="reply bytes a client has not read yet above which its requests "
+                        "wait: a client that stops reading stops being served (default 1M)")
     p.add_argument("-v", "--verbose", action="count", default=0)
 
 
@@ -479,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fault_injection=args.fault_injection,
                 workers=args.workers,
                 workers_take_all=args.workers_take_all,
+                memory_budget=args.memory_budget,
+                max_client_requests=args.max_client_requests,
+                max_client_bytes=args.max_client_bytes,
+                max_client_backlog=args.max_client_backlog,
                 verbose=args.verbose,
                 extra=dict(explicit),
             )
@@ -486,6 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("serve needs at least one --child")
             if cfg.workers < 0:
                 parser.error("--workers must be 0 or more")
+            if cfg.max_client_requests < 1:
+                parser.error("--max-client-requests must be 1 or more")
+            if cfg.max_client_backlog < 64 << 10:
+                parser.error("--max-client-backlog must be at least 64K")
             return run_loop(serve(cfg))
     except UsageError as err:
         print(f"nbdquorum: error: {err}", file=sys.stderr)

@@ -309,6 +309,25 @@ class ServerConnection:
         """Received bytes not yet parsed (payloads being filled excluded)."""
         return self._available()
 
+    def peek_request(self) -> tuple[int, int, bool] | None:
+        """(command, length, complete) of the request header next_event() would parse
+        now, without consuming it; None when no whole header is next.
+
+        ``complete``: a WRITE's payload is all received too (other commands:
+        always).  A caller that bounds what each client may hold charges the
+        request here, before next_event() allocates a WRITE's payload buffer.
+        Never raises: a bad header is next_event()'s to report.
+        """
+        if (self.phase is not Phase.TRANSMISSION or self._pending is not None
+                or self._failure is not None or self._available() < _REQUEST.size):
+            return None
+        magic, _flags, kind, _cookie, _offset, length = _REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            return None
+        if kind != Cmd.WRITE:
+            return kind, length, True
+        return kind, length, self._available() >= _REQUEST.size + length
+
     def next_event(self) -> Event | type[NEED_DATA]:
         """Parse the next event out of the received bytes.
 

@@ -3,9 +3,14 @@
 Receive bytes straight into the protocol's buffers (a WRITE payload into
 its own buffer: asyncio's BufferedProtocol, no intermediate copies), run
 each request as its own task, write what the protocol returns.  Replies finish out of order, so a reply's header and
-payload go out together under one send lock.  Bytes in flight are bounded by
-a server-wide budget: while it is spent, no connection reads more requests,
-which pushes back on the clients through their sockets.
+payload go out together under one send lock.
+
+Bounds: each connection has at most `ClientLimits` requests, request bytes
+and unsent reply bytes; at its bounds it parses no more requests and its
+socket's reading pauses, so a client that stops reading its replies stops
+being served and nobody else notices.  Request bytes are charged when the
+header arrives (a WRITE's payload before its buffer exists) to the
+connection and to the process's `Budget`, which is shared fairly.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -20,8 +26,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from nbdquorum import native
 from nbdquorum.block.node import BlockNode
-from nbdquorum.nbd.constants import Cmd, CmdFlag, NbdErrno, TransmissionFlag
+from nbdquorum.nbd.constants import (
+    MAX_BLOCK,
+    MAX_WRITE_PAYLOAD,
+    Cmd,
+    CmdFlag,
+    NbdErrno,
+    TransmissionFlag,
+)
 from nbdquorum.nbd.errors import RemoteProtocolError, to_nbd_errno
 from nbdquorum.nbd.events import (
     NEED_DATA,
@@ -41,15 +55,28 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 #: reading pauses while this many received bytes wait to be parsed (back-pressure)
-READ_HIGH = 2 << 20
+READ_HIGH = 256 << 10
 #: replies at least this big are written buffer by buffer rather than joined
 BIG_PAYLOAD = 64 << 10
 #: READ/WRITE requests up to this size may be served without a task (_serve_now)
 SYNC_MAX = 64 << 10
-#: a sender waits for the socket to drain above this many unsent bytes
+#: unsent reply bytes above which a worker's forwarding connection waits (it
+#: has no ClientLimits: the worker bounds its own clients)
 WRITE_HIGH = 4 << 20
-#: default server-wide budget of request bytes in flight (back-pressure)
+#: default budget of request bytes in flight, of the whole server (split
+#: between the processes when workers run)
 DEFAULT_BUDGET = 64 << 20
+#: a connection holding nothing may always start one request of this cost
+#: (a 1 MiB read voted over 3 children), whatever the budget holds
+BUDGET_FLOOR = 4 << 20
+#: ClientLimits' defaults (QEMU's NBD server allows 16 requests per client)
+DEFAULT_CLIENT_REQUESTS = 16
+DEFAULT_CLIENT_BYTES = 16 << 20
+DEFAULT_CLIENT_BACKLOG = 1 << 20
+#: after the budget held this much and went idle, freed memory goes back to the
+#: system (malloc_trim) this many seconds later
+TRIM_AFTER = 8 << 20
+TRIM_DELAY = 1.0
 
 
 @dataclass
@@ -89,45 +116,121 @@ class Export:
         )
 
 
-class Budget:
-    """A byte budget shared by all connections; one oversized request may pass alone.
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client connection may hold (`serve --max-client-*`)."""
 
-    The uncontended path is a comparison and an addition: no lock, no task switch.
+    #: requests parsed and not yet answered
+    requests: int = DEFAULT_CLIENT_REQUESTS
+    #: request bytes held: WRITE payloads from their header on, reads being served
+    bytes: int = DEFAULT_CLIENT_BYTES
+    #: reply bytes not yet taken by the client's socket; above it the
+    #: client's requests wait (a client that stops reading stops being served)
+    backlog: int = DEFAULT_CLIENT_BACKLOG
+
+
+class Budget:
+    """The bytes in flight of one process, shared fairly between its connections.
+
+    A grant never takes a connection beyond its fair share (the limit over the
+    connections holding or waiting) while another connection waits, and waiters
+    that fit are served past one that does not.  A connection holding nothing
+    may always start one request of up to ``floor`` bytes, budget or not: a
+    client that stops reading keeps what it holds until it reads again, and
+    clients that never read could otherwise spend the whole budget and stop
+    everyone.  Hence the bound ``used <= limit + connections * floor``.  A
+    request bigger than the limit passes alone (nothing else held).
+
+    The uncontended path is a few comparisons and additions: no lock, no task switch.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, floor: int = BUDGET_FLOOR) -> None:
         self.limit = limit
+        self.floor = floor
         self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        #: the most ever used at once (tests, the bench's notes)
+        self.peak = 0
+        #: bytes held by each owner holding any
+        self.held: dict[object, int] = {}
+        self._waiters: collections.deque[tuple[object, int, asyncio.Future[None]]] = (
+            collections.deque())
+        self._trim_handle: asyncio.TimerHandle | None = None
 
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
+    def share(self) -> int:
+        """The fair share of one connection now."""
+        owners = len(self.held) + sum(1 for o, _n, _f in self._waiters if o not in self.held)
+        return self.limit // max(1, owners)
 
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self.used += n
+    def _grantable(self, owner: object, n: int) -> bool:
+        held = self.held.get(owner, 0)
+        if held == 0 and (n <= self.floor or self.used == 0):
+            return True
+        if self.used + n > self.limit:
+            return False
+        if held + n <= self.share():
+            return True
+        return not any(o is not owner for o, _n, _f in self._waiters)
+
+    def _grant(self, owner: object, n: int) -> None:
+        self.used += n
+        self.held[owner] = self.held.get(owner, 0) + n
+        if self.used > self.peak:
+            self.peak = self.used
+
+    def try_acquire(self, owner: object, n: int) -> bool:
+        """Take ``n`` bytes for ``owner`` if that is allowed now."""
+        if self._grantable(owner, n):
+            self._grant(owner, n)
+            return True
+        return False
+
+    async def acquire(self, owner: object, n: int) -> None:
+        if self.try_acquire(owner, n):
             return
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
+        entry = (owner, n, fut)
+        self._waiters.append(entry)
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release(n)  # granted, then cancelled: give it back
+                self.release(owner, n)  # granted, then cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._wake()
             raise
 
-    def release(self, n: int) -> None:
+    def release(self, owner: object, n: int) -> None:
+        if n <= 0:
+            return
         self.used -= n
-        while self._waiters:
-            want, fut = self._waiters[0]
+        left = self.held.get(owner, 0) - n
+        if left > 0:
+            self.held[owner] = left
+        else:
+            self.held.pop(owner, None)
+        self._wake()
+        if self.used == 0 and self.peak >= TRIM_AFTER and self._trim_handle is None:
+            # idle after holding much: give freed memory back to the system soon
+            with contextlib.suppress(RuntimeError):  # (no loop: a unit test)
+                self._trim_handle = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
+
+    def _wake(self) -> None:
+        for entry in list(self._waiters):
+            owner, n, fut = entry
             if fut.done():
-                self._waiters.popleft()
-                continue
-            if not self._fits(want):
-                break
-            self._waiters.popleft()
-            self.used += want
-            fut.set_result(None)
+                self._waiters.remove(entry)
+            elif self._grantable(owner, n):
+                self._waiters.remove(entry)
+                self._grant(owner, n)
+                fut.set_result(None)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        if self.used <= self.limit // 8:
+            self.peak = self.used
+            native.trim_malloc()
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -140,8 +243,9 @@ class Stream(asyncio.BufferedProtocol):
     mark, as StreamWriter.drain does.
     """
 
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: NBDServer, internal: bool = False) -> None:
         self.server = server
+        self.internal = internal  # a worker's forwarding connection: no ClientLimits
         self.transport: asyncio.Transport
         self.conn: Connection
         self.task: asyncio.Task[None] | None = None
@@ -164,7 +268,8 @@ class Stream(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = Connection(self.server, self)
+        self.conn = Connection(self.server, self,
+                               None if self.internal else self.server.limits)
         self.task = self._loop.create_task(self.server._run(self.conn))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -260,9 +365,20 @@ class Stream(asyncio.BufferedProtocol):
 
 
 class Connection:
-    def __init__(self, server: NBDServer, stream: Stream) -> None:
+    def __init__(self, server: NBDServer, stream: Stream,
+                 limits: ClientLimits | None = None) -> None:
         self.server = server
         self.stream = stream
+        #: None: unbounded (a worker's forwarding connection)
+        self.limits = limits
+        #: reply bytes not yet sent above which requests wait
+        self.backlog = limits.backlog if limits is not None else WRITE_HIGH
+        self.inflight = 0  # requests admitted and not yet answered
+        self.held = 0  # bytes charged to this connection (and to the budget)
+        #: charged for the request peeked at, until next_event() returns it
+        #: (a WRITE stays here while its payload arrives)
+        self._ahead: int | None = None
+        self._room: asyncio.Future[None] | None = None  # a request finished
         peer = stream.get_extra_info("peername") or "unix"
         self.log = log.getChild(f"conn{server.next_id()}")
         self.log.debug("connected from %s", peer)
@@ -298,6 +414,9 @@ class Connection:
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self._ahead is not None:  # a payload that never arrived in full
+                self._finish(self._ahead)
+                self._ahead = None
             with contextlib.suppress(Exception):
                 self._flush_out()  # replies queued in this loop iteration
                 self._flush_handshake()
@@ -322,9 +441,13 @@ class Connection:
         request in flight this saves a task switch per request.
         """
         if (self.proto.phase is not Phase.TRANSMISSION or self.server.stopping
-                or self.stream.get_write_buffer_size() > WRITE_HIGH):
+                or self._ahead is not None
+                or self.stream.get_write_buffer_size() > self.backlog):
             return False
         while True:
+            peek = self.proto.peek_request()
+            if peek is not None and not _small(*peek):
+                return False  # the read loop admits it first
             try:
                 ev = self.proto.next_event()
                 if ev is NEED_DATA:
@@ -337,17 +460,74 @@ class Connection:
             except Exception as err:  # raised again in the read loop, as it would be there
                 self._held = err
                 return False
-            if self.stream.get_write_buffer_size() > WRITE_HIGH:
+            if self.stream.get_write_buffer_size() > self.backlog:
                 return False  # the loop drains the socket first
 
+    # -- admission: the connection's bounds and the budget ----------------------------------
+    def _cost(self, cmd: int, length: int) -> int:
+        """The bytes a request holds: a read one buffer per child until the vote."""
+        if cmd == Cmd.READ and self.export is not None and length <= MAX_BLOCK:
+            return length * self.export.node.buffers_per_read()  # (longer: EINVAL, unread)
+        return length if cmd == Cmd.WRITE and length <= MAX_WRITE_PAYLOAD else 0
+
+    def _admit_now(self, cost: int) -> bool:
+        lim = self.limits
+        if lim is not None and (self.inflight >= lim.requests
+                                or (self.held and self.held + cost > lim.bytes)):
+            return False
+        if self.stream.get_write_buffer_size() > self.backlog:
+            return False
+        if cost and not self.server.budget.try_acquire(self, cost):
+            return False
+        self.inflight += 1
+        self.held += cost
+        return True
+
+    async def _admit(self, cost: int) -> None:
+        """Wait until the connection's bounds and the budget allow ``cost`` more."""
+        lim = self.limits
+        while not self._admit_now(cost):
+            if self.stream.get_write_buffer_size() > self.backlog:
+                self._flush_out()
+                await self.stream.drain()
+            elif lim is not None and (self.inflight >= lim.requests
+                                      or (self.held and self.held + cost > lim.bytes)):
+                self._room = asyncio.get_running_loop().create_future()
+                try:
+                    await self._room
+                finally:
+                    self._room = None
+            else:
+                await self.server.budget.acquire(self, cost)
+                self.inflight += 1
+                self.held += cost
+                return
+
+    def _finish(self, cost: int, request: bool = True) -> None:
+        """Give back ``cost`` bytes (and with ``request``, the request's place)."""
+        if cost:
+            self.held -= cost
+            self.server.budget.release(self, cost)
+        if request:
+            self.inflight -= 1
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
     async def _read_loop(self) -> None:
-        budget = self.server.budget
         while True:
             if self._held is not None:
                 ev, self._held = self._held, None
                 if isinstance(ev, BaseException):
                     raise ev
             else:
+                if self._ahead is None and self.export is not None:
+                    peek = self.proto.peek_request()
+                    if peek is not None and not _small(*peek):
+                        # charged before next_event() allocates a WRITE's payload
+                        need = self._cost(peek[0], peek[1])
+                        if not self._admit_now(need):
+                            await self._admit(need)
+                        self._ahead = need
                 ev = self.proto.next_event()
             self._flush_handshake()
             if ev is NEED_DATA:
@@ -356,7 +536,7 @@ class Connection:
                 # socket only when it is backed up.
                 if self._out:
                     self._flush_out()
-                if self.stream.get_write_buffer_size() > WRITE_HIGH:
+                if self.stream.get_write_buffer_size() > self.backlog:
                     await self.stream.drain()
                 await self.stream.wait_data()  # the bytes are in the protocol already
                 continue
@@ -364,17 +544,16 @@ class Connection:
                 self.export = self.server.exports[ev.name]
                 self.log.debug("export %r chosen", ev.name)
             elif isinstance(ev, Request):
-                if self._serve_now(ev):
-                    if self.stream.get_write_buffer_size() > WRITE_HIGH:
-                        await self.stream.drain()
-                    continue
-                # A read holds one buffer per child until the vote: charge them all.
-                cost = (ev.length * self.export.node.buffers_per_read()
-                        if ev.cmd == Cmd.READ and self.export is not None
-                        else ev.length if ev.cmd == Cmd.WRITE else 0)
-                if cost:
-                    await budget.acquire(cost)
-                task = asyncio.create_task(self._serve(ev, cost))
+                ahead, self._ahead = self._ahead, None
+                if ahead is None:
+                    if self._serve_now(ev):
+                        if self.stream.get_write_buffer_size() > self.backlog:
+                            await self.stream.drain()
+                        continue
+                    ahead = self._cost(ev.cmd, ev.length)
+                    if not self._admit_now(ahead):
+                        await self._admit(ahead)
+                task = asyncio.create_task(self._serve(ev, ahead))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(ev, Disconnect):
@@ -390,7 +569,7 @@ class Connection:
         Back-pressure: a sender waits while the socket's buffer is full.
         """
         self._queue(reply)
-        if self.stream.get_write_buffer_size() > WRITE_HIGH:
+        if self.stream.get_write_buffer_size() > self.backlog:
             async with self.send_lock:  # one drainer at a time
                 await self.stream.drain()
 
@@ -447,6 +626,12 @@ class Connection:
     async def _serve(self, req: Request, cost: int) -> None:
         try:
             reply = await self._dispatch(req)
+            if cost > req.length and isinstance(reply, ReadReply):
+                # voted: the other children's buffers are free, the reply holds one
+                self._finish(cost - req.length, request=False)
+                cost = req.length
+            # held until the reply is in the socket or the backlog is under its
+            # bound: a client that does not read keeps its charge, not more
             await self._send(reply)
         except (ConnectionError, OSError) as err:
             self.log.debug("reply to %d not sent: %s", req.cookie, err)
@@ -455,8 +640,7 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self._send(ErrorReply(req.cookie, NbdErrno.EIO, "internal server error"))
         finally:
-            if cost:
-                self.server.budget.release(cost)
+            self._finish(cost)
 
     async def _dispatch(self, req: Request) -> object:
         bad = self.proto.validate(req)
@@ -501,11 +685,14 @@ class Connection:
 
 class NBDServer:
     def __init__(
-        self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET
+        self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET,
+        limits: ClientLimits | None = None,
     ) -> None:
         self.exports = dict(exports)
         self.default_export = default_export
+        #: this process's share of the server's memory budget
         self.budget = Budget(budget)
+        self.limits = limits or ClientLimits()
         self.servers: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
         self._idle = asyncio.Event()  # set while no connection is open
@@ -530,10 +717,11 @@ class NBDServer:
             if not self.connections:
                 self._idle.set()
 
-    async def serve_socket(self, sock: socket.socket) -> None:
-        """Serve one already-accepted connection (handed over by the worker pool)."""
+    async def serve_socket(self, sock: socket.socket, *, internal: bool = False) -> None:
+        """Serve one already-accepted connection (handed over by the worker pool);
+        ``internal``: a worker's forwarding connection, not bound by ClientLimits."""
         _transport, stream = await asyncio.get_running_loop().connect_accepted_socket(
-            self._stream, sock)
+            functools.partial(Stream, self, internal), sock)
         if stream.task is not None:
             await stream.task
 
@@ -572,6 +760,11 @@ class NBDServer:
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+
+
+def _small(cmd: int, length: int, complete: bool) -> bool:
+    """A request the synchronous paths may take without charging it first."""
+    return complete and length <= SYNC_MAX and cmd in (Cmd.READ, Cmd.WRITE)
 
 
 def remove_stale_socket(path: str) -> None:
