@@ -16,7 +16,6 @@ connection and to the process's `Budget`, which is shared fairly.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -68,7 +67,7 @@ WRITE_HIGH = 4 << 20
 DEFAULT_BUDGET = 64 << 20
 #: a connection holding nothing may always start one request of this cost
 #: (a 1 MiB read voted over 3 children), whatever the budget holds
-BUDGET_FLOOR = 4 << 20
+BUDGET_FLOOR = 3 << 20
 #: ClientLimits' defaults (QEMU's NBD server allows 16 requests per client)
 DEFAULT_CLIENT_REQUESTS = 16
 DEFAULT_CLIENT_BYTES = 16 << 20
@@ -132,14 +131,20 @@ class ClientLimits:
 class Budget:
     """The bytes in flight of one process, shared fairly between its connections.
 
-    A grant never takes a connection beyond its fair share (the limit over the
-    connections holding or waiting) while another connection waits, and waiters
-    that fit are served past one that does not.  A connection holding nothing
-    may always start one request of up to ``floor`` bytes, budget or not: a
-    client that stops reading keeps what it holds until it reads again, and
-    clients that never read could otherwise spend the whole budget and stop
-    everyone.  Hence the bound ``used <= limit + connections * floor``.  A
-    request bigger than the limit passes alone (nothing else held).
+    Fair: while others wait for room, no connection is granted more than its
+    share (the limit over the connections holding or waiting for room that
+    would serve); when every waiter that fits is over its share, the one
+    holding least goes first.  Waiters that fit are served past one that does not.
+
+    Two holds last as long as a client wants: payloads still arriving, and
+    replies the client does not read.  So payloads still arriving are counted
+    apart (``receiving``), up to half the limit (one bigger payload may arrive
+    alone), and join ``used`` once complete: trickling writers never take room
+    from reads and complete requests.  And a connection holding nothing may
+    always start one request of up to ``floor`` bytes, budget or not: clients
+    that stall cannot lock out a newcomer.  A request bigger than the limit
+    passes alone (nothing else used).  Hence, per process,
+    ``used + receiving <= limit + max(limit / 2, largest payload) + connections * floor``.
 
     The uncontended path is a few comparisons and additions: no lock, no task switch.
     """
@@ -148,88 +153,123 @@ class Budget:
         self.limit = limit
         self.floor = floor
         self.used = 0
+        #: of which payloads still being received (client-paced)
+        self.receiving = 0
         #: the most ever used at once (tests, the bench's notes)
         self.peak = 0
         #: bytes held by each owner holding any
         self.held: dict[object, int] = {}
-        self._waiters: collections.deque[tuple[object, int, asyncio.Future[None]]] = (
-            collections.deque())
+        self._waiters: list[tuple[object, int, bool, asyncio.Future[None]]] = []
         self._trim_handle: asyncio.TimerHandle | None = None
 
     def share(self) -> int:
         """The fair share of one connection now."""
-        owners = len(self.held) + sum(1 for o, _n, _f in self._waiters if o not in self.held)
-        return self.limit // max(1, owners)
+        owners = set(self.held)
+        owners.update(o for o, n, r, _f in self._waiters if self._contends(o, n, r))
+        return self.limit // max(1, len(owners))
 
-    def _grantable(self, owner: object, n: int) -> bool:
-        held = self.held.get(owner, 0)
-        if held == 0 and (n <= self.floor or self.used == 0):
-            return True
-        if self.used + n > self.limit:
+    def _free_pass(self, owner: object, n: int, receiving: bool) -> bool:
+        """The floor, or the lone oversized request."""
+        if self.held.get(owner, 0):
             return False
-        if held + n <= self.share():
-            return True
-        return not any(o is not owner for o, _n, _f in self._waiters)
+        return n <= self.floor or (self.receiving if receiving else self.used) == 0
 
-    def _grant(self, owner: object, n: int) -> None:
-        self.used += n
+    def _fits(self, owner: object, n: int, receiving: bool) -> bool:
+        if self._free_pass(owner, n, receiving):
+            return True
+        if receiving:
+            return self.receiving + n <= self.limit // 2
+        return self.used + n <= self.limit
+
+    def _contends(self, owner: object, n: int, receiving: bool) -> bool:
+        """A waiter that room in the budget would serve (not a payload waiting
+        for the receive half): others keep to their shares meanwhile."""
+        return not receiving
+
+    def _grant(self, owner: object, n: int, receiving: bool) -> None:
+        if receiving:
+            self.receiving += n
+        else:
+            self.used += n
         self.held[owner] = self.held.get(owner, 0) + n
-        if self.used > self.peak:
-            self.peak = self.used
+        self.peak = max(self.peak, self.used + self.receiving)
 
-    def try_acquire(self, owner: object, n: int) -> bool:
-        """Take ``n`` bytes for ``owner`` if that is allowed now."""
-        if self._grantable(owner, n):
-            self._grant(owner, n)
-            return True
-        return False
+    def try_acquire(self, owner: object, n: int, receiving: bool = False) -> bool:
+        """Take ``n`` bytes for ``owner`` if that is allowed now; ``receiving``:
+        for a payload still arriving (see `received`)."""
+        if not self._free_pass(owner, n, receiving):
+            if not self._fits(owner, n, receiving):
+                return False
+            if (not receiving and self.held.get(owner, 0) + n > self.share()
+                    and any(o is not owner and self._contends(o, m, r)
+                            for o, m, r, _f in self._waiters)):
+                return False  # over its share while another waits for room
+        self._grant(owner, n, receiving)
+        return True
 
-    async def acquire(self, owner: object, n: int) -> None:
-        if self.try_acquire(owner, n):
+    async def acquire(self, owner: object, n: int, receiving: bool = False) -> None:
+        if self.try_acquire(owner, n, receiving):
             return
         fut = asyncio.get_running_loop().create_future()
-        entry = (owner, n, fut)
+        entry = (owner, n, receiving, fut)
         self._waiters.append(entry)
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release(owner, n)  # granted, then cancelled: give it back
+                self.release(owner, n, receiving)  # granted, then cancelled: give it back
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(entry)
                 self._wake()
             raise
 
-    def release(self, owner: object, n: int) -> None:
+    def received(self, n: int) -> None:
+        """A payload charged as receiving arrived in full: it holds like any request now
+        (even beyond the limit: the memory is there; others wait until it is back)."""
+        self.receiving -= n
+        self.used += n
+        self._wake()
+
+    def release(self, owner: object, n: int, receiving: bool = False) -> None:
         if n <= 0:
             return
-        self.used -= n
+        if receiving:
+            self.receiving -= n
+        else:
+            self.used -= n
         left = self.held.get(owner, 0) - n
         if left > 0:
             self.held[owner] = left
         else:
             self.held.pop(owner, None)
         self._wake()
-        if self.used == 0 and self.peak >= TRIM_AFTER and self._trim_handle is None:
+        if (self.used == 0 and self.receiving == 0 and self.peak >= TRIM_AFTER
+                and self._trim_handle is None):
             # idle after holding much: give freed memory back to the system soon
             with contextlib.suppress(RuntimeError):  # (no loop: a unit test)
                 self._trim_handle = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
 
     def _wake(self) -> None:
-        for entry in list(self._waiters):
-            owner, n, fut = entry
-            if fut.done():
-                self._waiters.remove(entry)
-            elif self._grantable(owner, n):
-                self._waiters.remove(entry)
-                self._grant(owner, n)
-                fut.set_result(None)
+        while self._waiters:
+            self._waiters = [e for e in self._waiters if not e[3].done()]
+            fitting = [e for e in self._waiters if self._fits(e[0], e[1], e[2])]
+            if not fitting:
+                return
+            share = self.share()
+            entry = next((e for e in fitting
+                          if e[2] or self._free_pass(e[0], e[1], e[2])
+                          or self.held.get(e[0], 0) + e[1] <= share), None)
+            if entry is None:  # all over their shares: who holds least goes first
+                entry = min(fitting, key=lambda e: self.held.get(e[0], 0))
+            self._waiters.remove(entry)
+            self._grant(entry[0], entry[1], entry[2])
+            entry[3].set_result(None)
 
     def _trim(self) -> None:
         self._trim_handle = None
-        if self.used <= self.limit // 8:
-            self.peak = self.used
+        if self.used + self.receiving <= self.limit // 8:
+            self.peak = self.used + self.receiving
             native.trim_malloc()
 
 
@@ -378,6 +418,7 @@ class Connection:
         #: charged for the request peeked at, until next_event() returns it
         #: (a WRITE stays here while its payload arrives)
         self._ahead: int | None = None
+        self._receiving = False  # ... charged as a payload still arriving
         self._room: asyncio.Future[None] | None = None  # a request finished
         peer = stream.get_extra_info("peername") or "unix"
         self.log = log.getChild(f"conn{server.next_id()}")
@@ -415,7 +456,7 @@ class Connection:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             if self._ahead is not None:  # a payload that never arrived in full
-                self._finish(self._ahead)
+                self._finish(self._ahead, receiving=self._receiving)
                 self._ahead = None
             with contextlib.suppress(Exception):
                 self._flush_out()  # replies queued in this loop iteration
@@ -470,23 +511,23 @@ class Connection:
             return length * self.export.node.buffers_per_read()  # (longer: EINVAL, unread)
         return length if cmd == Cmd.WRITE and length <= MAX_WRITE_PAYLOAD else 0
 
-    def _admit_now(self, cost: int) -> bool:
+    def _admit_now(self, cost: int, receiving: bool = False) -> bool:
         lim = self.limits
         if lim is not None and (self.inflight >= lim.requests
                                 or (self.held and self.held + cost > lim.bytes)):
             return False
         if self.stream.get_write_buffer_size() > self.backlog:
             return False
-        if cost and not self.server.budget.try_acquire(self, cost):
+        if cost and not self.server.budget.try_acquire(self, cost, receiving):
             return False
         self.inflight += 1
         self.held += cost
         return True
 
-    async def _admit(self, cost: int) -> None:
+    async def _admit(self, cost: int, receiving: bool = False) -> None:
         """Wait until the connection's bounds and the budget allow ``cost`` more."""
         lim = self.limits
-        while not self._admit_now(cost):
+        while not self._admit_now(cost, receiving):
             if self.stream.get_write_buffer_size() > self.backlog:
                 self._flush_out()
                 await self.stream.drain()
@@ -498,16 +539,16 @@ class Connection:
                 finally:
                     self._room = None
             else:
-                await self.server.budget.acquire(self, cost)
+                await self.server.budget.acquire(self, cost, receiving)
                 self.inflight += 1
                 self.held += cost
                 return
 
-    def _finish(self, cost: int, request: bool = True) -> None:
+    def _finish(self, cost: int, request: bool = True, receiving: bool = False) -> None:
         """Give back ``cost`` bytes (and with ``request``, the request's place)."""
         if cost:
             self.held -= cost
-            self.server.budget.release(self, cost)
+            self.server.budget.release(self, cost, receiving)
         if request:
             self.inflight -= 1
         if self._room is not None and not self._room.done():
@@ -525,9 +566,10 @@ class Connection:
                     if peek is not None and not _small(*peek):
                         # charged before next_event() allocates a WRITE's payload
                         need = self._cost(peek[0], peek[1])
-                        if not self._admit_now(need):
-                            await self._admit(need)
-                        self._ahead = need
+                        receiving = not peek[2]  # a payload to come: client-paced
+                        if not self._admit_now(need, receiving):
+                            await self._admit(need, receiving)
+                        self._ahead, self._receiving = need, receiving
                 ev = self.proto.next_event()
             self._flush_handshake()
             if ev is NEED_DATA:
@@ -545,6 +587,9 @@ class Connection:
                 self.log.debug("export %r chosen", ev.name)
             elif isinstance(ev, Request):
                 ahead, self._ahead = self._ahead, None
+                if ahead is not None and self._receiving:
+                    self._receiving = False
+                    self.server.budget.received(ahead)
                 if ahead is None:
                     if self._serve_now(ev):
                         if self.stream.get_write_buffer_size() > self.backlog:

@@ -86,6 +86,57 @@ def test_waiters_that_fit_pass_one_that_does_not() -> None:
     run(go())
 
 
+def test_payloads_still_arriving_hold_at_most_half_and_block_no_one() -> None:
+    """Trickling writers share the receive half; reads and complete requests keep the limit."""
+    async def go() -> None:
+        b = Budget(64 * MiB, floor=MiB)
+        tricklers = [object() for _ in range(8)]
+        assert b.try_acquire(tricklers[0], 48 * MiB, receiving=True)  # alone: may pass
+        waiting = [asyncio.create_task(b.acquire(t, 32 * MiB, receiving=True))
+                   for t in tricklers[1:]]
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in waiting)
+        # the waiting tricklers cannot use the room: they do not shrink a reader's share
+        reader = object()
+        assert b.try_acquire(reader, 32 * MiB)
+        assert b.try_acquire(reader, 32 * MiB)
+        assert b.used == 64 * MiB and b.receiving == 48 * MiB
+        small = object()
+        assert b.try_acquire(small, MiB, receiving=True)  # the floor, as ever
+        b.release(small, MiB, receiving=True)
+        # a payload that arrived in full holds like any request and frees the receive half
+        b.received(48 * MiB)
+        await asyncio.sleep(0)
+        assert sum(t.done() for t in waiting) == 1
+        assert b.used == 112 * MiB  # over the limit until given back: reads wait meanwhile
+        assert not b.try_acquire(reader, MiB)
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    run(go())
+
+
+def test_when_every_waiter_is_over_its_share_the_one_holding_least_goes() -> None:
+    async def go() -> None:
+        b = Budget(12 * MiB, floor=MiB)
+        a, c, d = object(), object(), object()
+        assert b.try_acquire(a, 8 * MiB)
+        assert b.try_acquire(c, 2 * MiB)
+        assert b.try_acquire(d, 2 * MiB)
+        t_a = asyncio.create_task(b.acquire(a, 4 * MiB))
+        t_c = asyncio.create_task(b.acquire(c, 5 * MiB))
+        await asyncio.sleep(0)
+        b.release(d, 2 * MiB)
+        b.release(a, 4 * MiB)  # room for either; both over their share (6 MiB)
+        await asyncio.sleep(0)
+        assert t_c.done() and not t_a.done()  # c holds less
+        b.release(c, 7 * MiB)
+        await asyncio.wait_for(t_a, 5)
+
+    run(go())
+
+
 def test_a_cancelled_waiter_leaves_no_trace() -> None:
     async def go() -> None:
         b = Budget(4 * MiB, floor=MiB)
