@@ -110,7 +110,7 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, min, preferred
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 #: size of the buffer receive_buffer() hands out between WRITE payloads
-RECEIVE_SCRATCH = 256 * 1024
+RECEIVE_SCRATCH = 64 * 1024
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 _OFFSET = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")  # offset, hole size

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 #: reading pauses while this many received bytes wait to be parsed (back-pressure)
-READ_HIGH = 256 << 10
+READ_HIGH = 128 << 10
 #: replies at least this big are written buffer by buffer rather than joined
 BIG_PAYLOAD = 64 << 10
 #: READ/WRITE requests up to this size may be served without a task (_serve_now)
