@@ -34,6 +34,12 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*$")
 _SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
+#: buffers up to this size stay on the heap (reused, not mmap'ed per request);
+#: bigger ones are mmap'ed and unmapped when freed.  glibc then gives freed heap
+#: back by itself beyond 4 x this, and the budget trims when idle (server.py).
+MALLOC_HEAP_MAX = 1 << 20
+
+
 class UsageError(Exception):
     """A problem with the command line or its files: one line, exit 1."""
 
@@ -95,6 +101,12 @@ class ServeConfig:
     workers_take_all: bool = False
     #: HTTP address of the Prometheus metrics endpoint (metrics.py)
     metrics: tuple[str, int] | None = None
+    #: request bytes in flight over the whole server (split between processes)
+    memory_budget: int = 64 << 20
+    #: per client connection: requests, request bytes, unsent reply bytes
+    max_client_requests: int = 16
+    max_client_bytes: int = 16 << 20
+    max_client_backlog: int = 1 << 20
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -240,6 +252,11 @@ def log_event(ev: Event) -> None:
     sys.stderr.flush()
 
 
+def read_buffers(quorum: QuorumNode) -> int:
+    """Buffers a quorum read holds until its vote: one per voting child."""
+    return 1 if quorum.read_pattern is ReadPattern.FIFO else max(1, len(quorum.active()))
+
+
 def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
     """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address."""
     nbd: list[Listener] = []
@@ -278,7 +295,7 @@ async def serve(cfg: ServeConfig) -> int:
     from nbdquorum import native
     from nbdquorum.state import StateError, StateStore
 
-    native.tune_malloc(64 << 20)  # request buffers are reused, not mmap'ed per request
+    native.tune_malloc(MALLOC_HEAP_MAX)
     bus = EventBus()
     bus.subscribe(wired(log_event))
     store = None
@@ -311,7 +328,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     from nbdquorum.block.quorum.recovery import crash_recover
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
-    from nbdquorum.nbd.server import Export, NBDServer
+    from nbdquorum.nbd.server import ClientLimits, Export, NBDServer
     from nbdquorum.state import WriteIntentLog, restore
     from nbdquorum.worker.pool import WorkerPool
 
@@ -340,9 +357,14 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     )
     resync.resume_all()
     export = Export(cfg.export_name, quorum, description="nbdquorum " + quorum.node_name,
-                    read_only=cfg.read_only)
+                    read_only=cfg.read_only, read_buffers=lambda: read_buffers(quorum))
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
-    nbd = NBDServer({cfg.export_name: export}, cfg.export_name)
+    # one budget for the server: each process gets its share (the workers get
+    # theirs from the pool, as the primary's)
+    nbd = NBDServer({cfg.export_name: export}, cfg.export_name,
+                    budget=max(1, cfg.memory_budget // (cfg.workers + 1)),
+                    limits=ClientLimits(cfg.max_client_requests, cfg.max_client_bytes,
+                                        cfg.max_client_backlog))
     pool = None
     if cfg.workers:
         pool = WorkerPool(nbd, export, quorum, cfg.workers, child_timeout=cfg.child_timeout,
@@ -508,6 +530,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--metrics", type=parse_listen, metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
                         "(default: none; see docs/monitoring.md)")
+    p.add_argument("--memory-budget", type=parse_size, default=64 << 20, metavar="BYTES",
+                   help="request bytes in flight over all clients (WRITE payloads from their "
+                        "header on, reads being served), split evenly between the processes "
+                        "and fairly between the clients (default 64M; docs/performance.md "
+                        "gives the memory bound)")
+    p.add_argument("--max-client-requests", type=int, default=16, metavar="N",
+                   help="requests one client may have in flight; more wait in its socket "
+                        "(default 16, as QEMU)")
+    p.add_argument("--max-client-bytes", type=parse_size, default=16 << 20, metavar="BYTES",
+                   help="request bytes one client may hold (one bigger request may run alone; "
+                        "default 16M)")
+    p.add_argument("--max-client-backlog", type=parse_size, default=1 << 20, metavar="BYTES",
+                   help="reply bytes a client has not read yet above which its requests "
+                        "wait: a client that stops reading stops being served (default 1M)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: more log lines; -vv: debug, per request")
 
@@ -570,6 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
                 workers_take_all=args.workers_take_all,
                 metrics=args.metrics,
+                memory_budget=args.memory_budget,
+                max_client_requests=args.max_client_requests,
+                max_client_bytes=args.max_client_bytes,
+                max_client_backlog=args.max_client_backlog,
                 verbose=args.verbose,
                 extra=dict(explicit),
             )
@@ -577,6 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("serve needs at least one --child")
             if cfg.workers < 0:
                 parser.error("--workers must be 0 or more")
+            if cfg.max_client_requests < 1:
+                parser.error("--max-client-requests must be 1 or more")
+            if cfg.max_client_backlog < 64 << 10:
+                parser.error("--max-client-backlog must be at least 64K")
             return run_loop(serve(cfg))
     except UsageError as err:
         print(f"nbdquorum: error: {err}", file=sys.stderr)

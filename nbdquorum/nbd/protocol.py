@@ -110,7 +110,7 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, min, preferred
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 #: size of the buffer receive_buffer() hands out between WRITE payloads
-RECEIVE_SCRATCH = 256 * 1024
+RECEIVE_SCRATCH = 64 * 1024
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 _OFFSET = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")  # offset, hole size
@@ -308,6 +308,25 @@ class ServerConnection:
     def buffered(self) -> int:
         """Received bytes not yet parsed (payloads being filled excluded)."""
         return self._available()
+
+    def peek_request(self) -> tuple[int, int, bool] | None:
+        """(command, length, complete) of the request header next_event() would parse
+        now, without consuming it; None when no whole header is next.
+
+        ``complete``: a WRITE's payload is all received too (other commands:
+        always).  A caller that bounds what each client may hold charges the
+        request here, before next_event() allocates a WRITE's payload buffer.
+        Never raises: a bad header is next_event()'s to report.
+        """
+        if (self.phase is not Phase.TRANSMISSION or self._pending is not None
+                or self._failure is not None or self._available() < _REQUEST.size):
+            return None
+        magic, _flags, kind, _cookie, _offset, length = _REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            return None
+        if kind != Cmd.WRITE:
+            return kind, length, True
+        return kind, length, self._available() >= _REQUEST.size + length
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """Parse the next event out of the received bytes.

@@ -33,18 +33,21 @@ STATS_INTERVAL = 1.0
 
 async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[str, Any]) -> int:
     from nbdquorum import native
+    from nbdquorum.cli import MALLOC_HEAP_MAX
     from nbdquorum.nbd.client import NBDClient
-    from nbdquorum.nbd.server import READ_CHUNK, Export, NBDServer
+    from nbdquorum.nbd.server import READ_CHUNK, ClientLimits, Export, NBDServer
 
-    native.tune_malloc(64 << 20)
+    native.tune_malloc(MALLOC_HEAP_MAX)
     epoch = mmap.mmap(epoch_fd, mmap.PAGESIZE, prot=mmap.PROT_READ)
     data = socket.socket(fileno=data_fd)
     reader, writer = await asyncio.open_connection(sock=data, limit=READ_CHUNK)
     primary = await NBDClient.connect(reader, writer, cfg["export"])
     node = WorkerNode(cfg["node"], primary.info.size, primary, epoch, cfg["child_timeout"])
     export = Export(cfg["export"], node, description=cfg["description"],
-                    read_only=cfg["read_only"])
-    nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"])
+                    read_only=cfg["read_only"],
+                    read_buffers=lambda: max(1, len(node.view.voters()[0])))
+    nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"],
+                    limits=ClientLimits(**cfg.get("limits", {})))
     stop = asyncio.Event()
     grace = [float(cfg["child_timeout"]) * 2 + 5]
     tasks: set[asyncio.Task[None]] = set()
