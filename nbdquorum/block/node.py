@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from nbdquorum.coretypes import Buffer as Buffer
+from nbdquorum.coretypes import Extent as Extent
+
 #: base:allocation flags (proto.md "base:allocation metadata context")
 STATE_HOLE = 1
 STATE_ZERO = 2
-
-Buffer = bytes | bytearray | memoryview
-Extent = tuple[int, int]  # (length, STATE_* flags)
 
 
 def oserror(code: int, what: str = "") -> OSError:

@@ -16,7 +16,7 @@ import errno
 import struct
 from dataclasses import dataclass, field
 
-from nbdquorum.block.node import Buffer, Extent
+from nbdquorum.coretypes import Buffer, Extent
 from nbdquorum.nbd.constants import (
     IHAVEOPT,
     META_BASE_ALLOCATION,
