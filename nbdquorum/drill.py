@@ -1027,7 +1027,7 @@ def format_report(results: Sequence[Result], cfg: Config) -> str:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``drill`` on the main parser's subcommands."""
-    from nbdquorum.cli import parse_size
+    from nbdquorum.runtime import parse_size
 
     names = ", ".join(f"{s.name} ({s.what})" for s in SCENARIOS.values())
     p = sub.add_parser(

@@ -18,10 +18,10 @@ import mmap
 import os
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from nbdquorum.runtime import run_loop, setup_logging
 from nbdquorum.worker.control import Channel, Message
 from nbdquorum.worker.node import View, WorkerNode
 
@@ -138,13 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="JSON from the primary")
     args = p.parse_args(argv)
     cfg = json.loads(args.config)
-    logging.basicConfig(
-        level=logging.DEBUG if cfg.get("verbose", 0) > 1 else logging.INFO,
-        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
-        stream=sys.stderr,
-    )
-    from nbdquorum.cli import run_loop
-
+    setup_logging(cfg.get("verbose", 0), f"[w{args.index}]")
     return run_loop(run(args.index, args.ctl_fd, args.data_fd, args.epoch_fd, cfg))
 
 
