@@ -79,6 +79,8 @@ class ServeConfig:
     workers: int = 0
     #: the primary serves no client connection itself while a worker is up
     workers_take_all: bool = False
+    #: HTTP address of the Prometheus metrics endpoint (metrics.py)
+    metrics: tuple[str, int] | None = None
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -241,6 +243,16 @@ def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
     return nbd, control
 
 
+def bind_metrics(cfg: ServeConfig) -> list[Listener]:
+    """Bind --metrics's address (none without it), or raise UsageError naming it."""
+    if cfg.metrics is None:
+        return []
+    try:
+        return bind_tcp(*cfg.metrics, listen=False)
+    except OSError as err:
+        raise UsageError(f"--metrics: {err.strerror or err}") from err
+
+
 def close_listeners(nbd: list[Listener], control: Listener | None) -> None:
     """Close listeners and remove the socket files this process created."""
     for li in nbd:
@@ -271,15 +283,18 @@ async def serve(cfg: ServeConfig) -> int:
     # Every address first: a server that cannot listen must not have created
     # images, recovered a crash or started jobs.
     nbd_listeners, qmp_listener = bind_listeners(cfg)
+    metrics_listeners: list[Listener] = []
     try:
-        return await _serve_on(cfg, bus, store, state, nbd_listeners, qmp_listener)
+        metrics_listeners = bind_metrics(cfg)
+        return await _serve_on(cfg, bus, store, state, nbd_listeners, qmp_listener,
+                               metrics_listeners)
     finally:
-        close_listeners(nbd_listeners, qmp_listener)
+        close_listeners([*nbd_listeners, *metrics_listeners], qmp_listener)
 
 
 async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
                     state: dict[str, Any] | None, nbd_listeners: list[Listener],
-                    qmp_listener: Listener | None) -> int:
+                    qmp_listener: Listener | None, metrics_listeners: list[Listener]) -> int:
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
     from nbdquorum.nbd.server import Export, NBDServer
@@ -320,6 +335,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
                           take_all=cfg.workers_take_all, verbose=cfg.verbose)
     listener: NBDServer | WorkerPool = nbd if pool is None else pool
     qmp = None
+    exporter = None  # the metrics endpoint
     # Signal handlers first: a SIGTERM right after the socket appears must
     # already mean "stop cleanly", not kill the process.
     stop = asyncio.Event()
@@ -341,6 +357,16 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
             qmp.jobs = jobs
             qmp.resync = resync
             await qmp.serve_listener(qmp_listener)
+        if metrics_listeners:
+            from nbdquorum import metrics
+
+            exporter = metrics.MetricsServer(
+                metrics.make_registry(metrics.server_sources(graph, jobs, nbd, pool)))
+            try:
+                for li in metrics_listeners:
+                    await exporter.serve_listener(li)
+            except OSError as err:
+                raise UsageError(f"--metrics: {err.strerror or err}") from err
         where = [li.address for li in nbd_listeners]
         where = list(dict.fromkeys(where))
         gc.freeze()  # the graph, tables and modules never become garbage
@@ -378,6 +404,8 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
         log.info("stopped cleanly")
         return 0
     finally:
+        if exporter is not None:
+            await exporter.close()
         for t in tasks:
             t.cancel()
         if intent is not None:
@@ -446,6 +474,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--workers-take-all", action="store_true",
                    help="with --workers: place every connection on a worker; the primary "
                         "only makes the forwarded requests")
+    p.add_argument("--metrics", type=parse_listen, metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+                        "(default: none; see docs/monitoring.md)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: more log lines; -vv: debug, per request")
 
@@ -481,6 +512,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             fault_injection=args.fault_injection,
             workers=args.workers,
             workers_take_all=args.workers_take_all,
+            metrics=args.metrics,
             verbose=args.verbose,
             extra=dict(explicit),
         )

@@ -35,6 +35,7 @@ from nbdquorum.nbd.events import (
     SimpleReply,
 )
 from nbdquorum.nbd.protocol import Phase, ServerConnection
+from nbdquorum.nbd.stats import RequestStats, clock
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,9 @@ class Stream(asyncio.BufferedProtocol):
     mark, as StreamWriter.drain does.
     """
 
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: NBDServer, *, counted: bool = True) -> None:
         self.server = server
+        self.counted = counted  # False: a worker's forwarding connection (not a client)
         self.transport: asyncio.Transport
         self.conn: Connection
         self.task: asyncio.Task[None] | None = None
@@ -278,6 +280,8 @@ class Connection:
         self.read_task: asyncio.Task[Any] | None = None
         #: an event (or error) serve_inline() took but left to the read loop
         self._held: object = None
+        #: where served requests are counted (None: not a client's connection)
+        self.stats: RequestStats | None = server.stats if stream.counted else None
 
     async def run(self) -> None:
         # The read loop is its own task so that shutdown can stop reading
@@ -422,6 +426,7 @@ class Connection:
     def _serve_now(self, req: Request) -> bool:
         """Serve a small READ or WRITE synchronously if the node can (no task,
         no await); False sends it down the full path."""
+        t0 = clock()
         if req.cmd == Cmd.READ:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
                 return False
@@ -429,6 +434,8 @@ class Connection:
             if data is None:
                 return False
             self._queue(ReadReply(req.cookie, [DataChunk(req.offset, data)]))
+            if self.stats is not None:
+                self.stats.record(req.cmd, t0)
             return True
         if req.cmd == Cmd.WRITE and not req.flags:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
@@ -439,12 +446,15 @@ class Connection:
             except OSError as err:
                 self._queue(ErrorReply(req.cookie, to_nbd_errno(err, req.flags),
                                        str(err.strerror or err)))
-                return True
-            self._queue(SimpleReply(req.cookie))
+            else:
+                self._queue(SimpleReply(req.cookie))
+            if self.stats is not None:
+                self.stats.record(req.cmd, t0)
             return True
         return False
 
     async def _serve(self, req: Request, cost: int) -> None:
+        t0 = clock()
         try:
             reply = await self._dispatch(req)
             await self._send(reply)
@@ -457,6 +467,8 @@ class Connection:
         finally:
             if cost:
                 self.server.budget.release(cost)
+            if self.stats is not None:
+                self.stats.record(req.cmd, t0)
 
     async def _dispatch(self, req: Request) -> object:
         bad = self.proto.validate(req)
@@ -513,6 +525,8 @@ class NBDServer:
         self._idle.set()
         self.stopping = False
         self._ids = 0
+        #: requests served on client connections (nbd/stats.py)
+        self.stats = RequestStats()
 
     def next_id(self) -> int:
         self._ids += 1
@@ -531,10 +545,15 @@ class NBDServer:
             if not self.connections:
                 self._idle.set()
 
-    async def serve_socket(self, sock: socket.socket) -> None:
-        """Serve one already-accepted connection (handed over by the worker pool)."""
+    def clients(self) -> int:
+        """Client connections open (a worker's forwarding connection is none)."""
+        return sum(1 for c in self.connections if c.stats is not None)
+
+    async def serve_socket(self, sock: socket.socket, *, counted: bool = True) -> None:
+        """Serve one already-accepted connection (handed over by the worker pool);
+        counted=False: a worker's forwarding connection, left out of the request counts."""
         _transport, stream = await asyncio.get_running_loop().connect_accepted_socket(
-            self._stream, sock)
+            (lambda: Stream(self, counted=False)) if not counted else self._stream, sock)
         if stream.task is not None:
             await stream.task
 

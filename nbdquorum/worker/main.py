@@ -104,10 +104,16 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
 
+    requests_sent = [0]  # the request total the primary last got
+
     def send_stats() -> None:
         reads = node.take_reads()
-        if reads:
-            channel.send({"op": "stats", "reads": reads})
+        msg: Message = {"op": "stats", "reads": reads}
+        requests = nbd.stats.total()
+        if requests != requests_sent[0]:
+            msg["requests"] = nbd.stats.snapshot()  # running totals (nbd/stats.py)
+        if (reads or "requests" in msg) and channel.send(msg):
+            requests_sent[0] = requests
 
     async def stats_loop() -> None:
         while True:

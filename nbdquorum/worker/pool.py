@@ -25,6 +25,7 @@ import nbdquorum
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.nbd.server import Export, NBDServer
+from nbdquorum.nbd.stats import WorkerRequests
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 from nbdquorum.worker.control import EPOCH, Channel, Message, channel_pair
 
@@ -107,6 +108,8 @@ class WorkerPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._all_ready = asyncio.Event()
+        #: the workers' request counts (their stats messages), for the metrics
+        self.requests = WorkerRequests()
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,7 +159,7 @@ class WorkerPool:
         w = Worker(index, proc, channel, quick_deaths=quick_deaths)
         self.workers.append(w)
         channel.start()
-        self._task(self.nbd.serve_socket(data_here))  # the worker's forwarding connection
+        self._task(self.nbd.serve_socket(data_here, counted=False))  # its forwarding connection
         self._send_view(w)
         log.info("worker %d started (pid %d)", index, proc.pid)
 
@@ -186,11 +189,14 @@ class WorkerPool:
                     slot.stats.reads += int(n)
             if reads:
                 self.quorum.last_client_io = time.monotonic()
+            if "requests" in msg:
+                self.requests.update(w, msg["requests"])
         else:
             log.error("worker %d: unexpected message %r", w.index, msg)
 
     def _on_exit(self, w: Worker) -> None:
         w.ready = False
+        self.requests.retire(w)  # its counts stay in the sums
         if all(x.ready for x in self.workers if x is not w):
             self._all_ready.set()  # start() need not wait for a dead worker
         self._task(self._reap(w))

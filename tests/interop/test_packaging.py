@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.interop.conftest import (
     CLIENT_TIMEOUT,
     START_TIMEOUT,
     STOP_TIMEOUT,
+    free_tcp_port,
     make_image,
     nbd_uri,
     output,
@@ -93,8 +95,10 @@ def test_an_installed_wheel_serves_from_any_directory(tmp_path: Path) -> None:
     images = [make_image(tmp_path / f"{n}.raw") for n in "abc"]
     sock, qmp = cwd / "nbd.sock", cwd / "qmp.sock"
     log = tmp_path / "serve.log"
+    metrics = f"http://127.0.0.1:{free_tcp_port()}/metrics"  # prometheus_client is installed too
     argv = [str(exe), "serve", "--workers", "1", "--workers-take-all", "-vv",
-            "--socket", str(sock), "--control", str(qmp), "--state-dir", str(cwd / "state")]
+            "--socket", str(sock), "--control", str(qmp), "--state-dir", str(cwd / "state"),
+            "--metrics", metrics.split("/")[2]]
     for n, image in zip("abc", images, strict=True):
         argv += ["--child", f"{n}={image}"]
     with open(log, "wb") as f:
@@ -109,6 +113,10 @@ def test_an_installed_wheel_serves_from_any_directory(tmp_path: Path) -> None:
         status = cli("ctl", "--control", str(qmp), "status")
         assert status.returncode == 0, status.stdout + status.stderr
         assert all(n in status.stdout for n in "abc"), status.stdout
+        with urllib.request.urlopen(metrics, timeout=CLIENT_TIMEOUT) as r:
+            scraped = r.read().decode()
+        assert "nbdquorum_workers 1.0" in scraped, scraped
+        assert 'nbdquorum_child_state{child="a",node="quorum0",state="active"} 1.0' in scraped
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=STOP_TIMEOUT)
     finally:
