@@ -2,10 +2,10 @@
 
 Fixed newstyle, structured replies and base:allocation, OPT_GO; requests
 multiplexed by cookie over one connection.  The wire format lives in pure
-functions (encode_* / parse_*) with the same constants table as the server
-(constants.py); NBDClient is the asyncio driver around them.  It is not a
-general-purpose client: it speaks to nbdquorum and raises ``NBDClientError``
-on anything else.
+functions (encode_* / parse_*) with the same constants and layout tables as
+the server (constants.py, wire.py); NBDClient is the asyncio driver around
+them.  It is not a general-purpose client: it speaks to nbdquorum and raises
+``NBDClientError`` on anything else.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ examples.  Dispatch (commands.py), argument checking (check.py),
 --markdown``) are all driven by it; unit tests check that the handlers match
 the table and that docs/qmp.md is up to date.
 
-This module declares and nothing else: it imports no checker, no client and
-no formatter (the layer test holds it to that), so anything may import it.
+This module declares and nothing else: it imports no client and no formatter,
+so anything may import it (tests/unit/test_layers.py holds it to that).  The
+one exception left is :func:`__getattr__` at the end, which forwards the
+checker's two functions for callers that still import them from here.
 
 Wire names use dashes (``node-name``); handlers get Python names
 (``node_name``).  The conversion happens only here, in :func:`py_name`.
