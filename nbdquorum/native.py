@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdquorum._native_lib import ffi, lib
-from nbdquorum.block.vote import Buffer, VoteResult
+from nbdquorum.coretypes import Buffer, VoteResult
 
 if TYPE_CHECKING:
     from nbdquorum._native_lib import _CData
