@@ -225,6 +225,12 @@ class WorkerPool:
             log.info("worker %d stopped (exit status %d)", w.index, code)
             return
         if code == CANNOT_START:
+            # the reason was sent before the exit, but the exit may be seen first:
+            # give the control channel a moment to deliver it
+            for _ in range(100):
+                if w.cannot_start:
+                    break
+                await asyncio.sleep(0.01)
             # it would fail the same way again: one line, no restarts
             log.error("worker %d cannot start: %s; not restarting it (%d of %d worker "
                       "processes running)", w.index, w.cannot_start or f"exit status {code}",
