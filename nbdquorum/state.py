@@ -132,7 +132,7 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
         rec = by_name[slot.node.node_name]
         st = ChildState(rec["state"])
         sync = None
-        if st is ChildState.RESYNCING:
+        if st in (ChildState.RESYNCING, ChildState.UNREACHABLE):
             sync = (RegionBitmap.from_hex(q.size(), region, rec["sync"]) if rec.get("sync")
                     else RegionBitmap(q.size(), region, fill=True))
         records.append((slot, str(rec["child"]), st, sync))

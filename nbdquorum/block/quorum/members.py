@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
-from nbdquorum.block.node import BlockNode
+from nbdquorum.block.node import BlockNode, Unreachable
 from nbdquorum.block.quorum.events import ChildStateChanged, QuorumEvent
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,10 @@ class ReadPattern(enum.StrEnum):
 class ChildState(enum.StrEnum):
     ACTIVE = "active"  #: in sync; votes and is read
     RESYNCING = "resyncing"  #: gets writes, never read or counted until resynced
-    FAULTED = "faulted"  #: failed too often; gets no I/O at all
+    FAULTED = "faulted"  #: failed too often; gets no I/O at all until the operator acts
+    #: its link is down (a child on another host): no I/O; the regions written
+    #: meanwhile are recorded, and it catches up (resyncing) when it returns
+    UNREACHABLE = "unreachable"
 
 
 @dataclass
@@ -138,7 +141,12 @@ class Members:
         return [s for s in self.slots if s.state is ChildState.ACTIVE]
 
     def writable(self) -> list[ChildSlot]:
-        return [s for s in self.slots if s.state is not ChildState.FAULTED]
+        return [s for s in self.slots
+                if s.state is not ChildState.FAULTED and s.state is not ChildState.UNREACHABLE]
+
+    def absent(self) -> list[ChildSlot]:
+        """Children that miss writes while away: their missed regions are recorded."""
+        return [s for s in self.slots if s.state is ChildState.UNREACHABLE]
 
     def slot(self, edge_name: str) -> ChildSlot | None:
         return next((s for s in self.slots if s.name == edge_name), None)
@@ -220,6 +228,10 @@ class Members:
         """
         if slot not in self.slots or (slot.state is ChildState.FAULTED and not revive):
             return
+        if slot.state is ChildState.UNREACHABLE and not revive:
+            for off, n in regions if regions is not None else [(0, self.size)]:
+                self.missed(slot, off, n)  # it catches up on them when it returns
+            return
         if regions is None:
             slot.sync = RegionBitmap(self.size, fill=True)
         else:
@@ -256,15 +268,50 @@ class Members:
             log.error("child %s: %s: faulted", slot.node.node_name, why)
             self._set_state(slot, ChildState.FAULTED)
 
-    def count_error(self, slot: ChildSlot) -> None:
+    def count_error(self, slot: ChildSlot, *, counts: bool = True) -> None:
         """One more I/O error of this child: faulted at max-errors, or at once
-        when the node itself reports a problem (a deleted or truncated image)."""
-        slot.error_count += 1
-        problem = slot.node.health() if slot.state is not ChildState.FAULTED else None
-        if problem:
+        when the node itself reports a problem with its image (deleted,
+        truncated); unreachable when the problem is its link (the child may
+        come back).  ``counts`` False: the error says nothing of the child
+        (its link was already known to be down), only its health is looked at.
+        """
+        if counts:
+            slot.error_count += 1
+        if slot.state is ChildState.FAULTED:
+            return
+        problem = slot.node.health()
+        if isinstance(problem, Unreachable):
+            self.unreachable(slot, problem)
+        elif problem:
             self.fault(slot, problem)
-        elif self.max_errors and slot.error_count >= self.max_errors:
+        if self.max_errors and slot.error_count >= self.max_errors:
             self.fault(slot, f"reached {slot.error_count} errors")
+
+    def unreachable(self, slot: ChildSlot, why: str) -> None:
+        """The child's link is down: out of reads and writes, its missed regions
+        recorded from now on (and whatever it had not caught up yet kept)."""
+        if slot not in self.slots or slot.state in (ChildState.FAULTED,
+                                                     ChildState.UNREACHABLE):
+            return
+        log.error("child %s: %s: unreachable", slot.node.node_name, why)
+        if slot.sync is None:
+            slot.sync = RegionBitmap(self.size)
+        self._set_state(slot, ChildState.UNREACHABLE)
+
+    def missed(self, slot: ChildSlot, offset: int, length: int) -> None:
+        """An absent child missed this write: record it for its catch-up."""
+        if slot.sync is None:
+            slot.sync = RegionBitmap(self.size)
+        slot.sync.set_range(offset, length)
+
+    def returned(self, slot: ChildSlot) -> None:
+        """An unreachable child's link is back: it catches up (resyncing) on
+        what it missed, then votes again."""
+        if slot in self.slots and slot.state is ChildState.UNREACHABLE:
+            if slot.sync is None:
+                slot.sync = RegionBitmap(self.size)
+            self._set_state(slot, ChildState.RESYNCING)
+            self._need_resync(slot)
 
     def restore(self, records: Sequence[tuple[ChildSlot, str, ChildState, RegionBitmap | None]],
                 next_child_index: int) -> None:
@@ -276,7 +323,7 @@ class Members:
         for slot, edge, state, sync in records:
             slot.name = edge
             slot.state = state
-            if state is ChildState.RESYNCING:
+            if state in (ChildState.RESYNCING, ChildState.UNREACHABLE):
                 slot.sync = sync if sync is not None else RegionBitmap(self.size, fill=True)
             else:
                 slot.sync = None
