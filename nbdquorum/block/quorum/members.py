@@ -31,6 +31,9 @@ from nbdquorum.block.quorum.events import ChildStateChanged, QuorumEvent
 
 log = logging.getLogger(__name__)
 
+#: departed images whose missed regions are kept (the oldest go first)
+DEPARTED_MAX = 8
+
 
 class ReadPattern(enum.StrEnum):
     QUORUM = "quorum"  #: read every active child and vote
@@ -77,6 +80,9 @@ class ChildSlot:
     #: resync attempts that failed in a row, and the last one's error (the job's)
     resync_failures: int = 0
     resync_error: str | None = None
+    #: the resync is a catch-up of a returning image (only what it missed): the
+    #: job checks first that it is the same image (else it copies everything)
+    catch_up: bool = False
 
 
 @dataclass
@@ -135,6 +141,11 @@ class Members:
         self.on_change: list[Callable[[], None]] = []
         #: called with a slot that now needs a resync job (the resync manager hooks in)
         self.on_resync_needed: list[Callable[[ChildSlot], None]] = []
+        #: images that left while not in sync, by file name (a URI for a child on
+        #: another host): the regions written since they left keep being recorded,
+        #: so the same image can come back with a catch-up (md's write-intent
+        #: bitmap for an absent member); the oldest go first beyond DEPARTED_MAX
+        self.departed: dict[str, RegionBitmap] = {}
 
     # -- reading ------------------------------------------------------------------------
     def active(self) -> list[ChildSlot]:
@@ -161,10 +172,18 @@ class Members:
         return slot in self.slots
 
     # -- membership -----------------------------------------------------------------------
-    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE) -> ChildSlot:
-        """A new child; a resyncing one starts with everything to copy."""
+    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE, *,
+               missed_only: bool = False) -> ChildSlot:
+        """A new child; a resyncing one starts with everything to copy, unless
+        ``missed_only`` and this image left earlier: then only what it missed."""
         self._check_size(node)
         slot = self._attach(node, state)
+        departed = self.departed.pop(node.filename(), None)
+        if missed_only and departed is not None and state is ChildState.RESYNCING:
+            slot.sync = departed
+            slot.catch_up = True
+            log.warning("child %s: the image %s left %d region(s) ago: catching up on them",
+                        node.node_name, node.filename(), departed.count())
         self._changed()
         if state is ChildState.RESYNCING:
             self._need_resync(slot)
@@ -191,6 +210,23 @@ class Members:
         self._detach(slot)
         self._changed()
 
+    def _remember(self, slot: ChildSlot) -> None:
+        """A child that leaves out of sync: keep recording what its image misses."""
+        if slot.state is ChildState.ACTIVE or slot.sync is None:
+            return
+        self.departed.pop(slot.node.filename(), None)
+        self.departed[slot.node.filename()] = slot.sync
+        while len(self.departed) > DEPARTED_MAX:
+            self.departed.pop(next(iter(self.departed)))
+
+    def written(self, offset: int, length: int) -> None:
+        """A write reached the quorum: absent children and departed images missed it."""
+        for slot in self.slots:
+            if slot.state is ChildState.UNREACHABLE:
+                self.missed(slot, offset, length)
+        for bitmap in self.departed.values():
+            bitmap.set_range(offset, length)
+
     def _check_detach(self, slot: ChildSlot, threshold: int) -> None:
         if len(self.slots) <= threshold:
             raise GraphError(
@@ -202,6 +238,7 @@ class Members:
         self.check_can_leave_vote(slot)
 
     def _detach(self, slot: ChildSlot) -> None:
+        self._remember(slot)
         self.slots.remove(slot)
         # QEMU 5.2+ "stable children names": only the top index is reused
         if slot.name == f"children.{self.next_child_index - 1}":
@@ -234,6 +271,7 @@ class Members:
             return
         if regions is None:
             slot.sync = RegionBitmap(self.size, fill=True)
+            slot.catch_up = False  # everything is copied: nothing to check first
         else:
             if slot.sync is None:
                 slot.sync = RegionBitmap(self.size)
@@ -260,6 +298,7 @@ class Members:
     def resynced(self, slot: ChildSlot) -> None:
         """A resync job copied everything: the child votes again."""
         if slot in self.slots and slot.state is ChildState.RESYNCING:
+            slot.catch_up = False
             self._set_state(slot, ChildState.ACTIVE)
 
     def fault(self, slot: ChildSlot, why: str) -> None:
@@ -310,6 +349,7 @@ class Members:
         if slot in self.slots and slot.state is ChildState.UNREACHABLE:
             if slot.sync is None:
                 slot.sync = RegionBitmap(self.size)
+            slot.catch_up = True
             self._set_state(slot, ChildState.RESYNCING)
             self._need_resync(slot)
 

@@ -399,8 +399,7 @@ class QuorumNode(BlockNode):
             if err is not None:
                 self.members.count_error(slot)  # first: a lost link makes it unreachable
                 self._missed_write(slot, offset, length)
-        for slot in self.members.absent():
-            self.members.missed(slot, offset, length)  # caught up when it returns
+        self.members.written(offset, length)  # absent children catch up on it later
 
     # -- serve now (the Direct capability the NBD server tries first) ----------------
     def _try_pread_now(self, offset: int, length: int) -> Buffer | None:
