@@ -18,10 +18,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdquorum._native_lib import ffi, lib
-from nbdquorum.block.vote import Buffer, VoteResult
+from nbdquorum.coretypes import Buffer, VoteResult
 
 if TYPE_CHECKING:
     from nbdquorum._native_lib import _CData
@@ -36,6 +36,7 @@ __all__ = [
     "punch_hole",
     "pwrite_all",
     "pwrite_all_nowait",
+    "trim_malloc",
     "tune_malloc",
     "vote",
     "zero_range",
@@ -216,8 +217,31 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
 
 
 def tune_malloc(max_buffer: int) -> bool:
-    """Keep buffers up to ``max_buffer`` bytes on the heap (no mmap per request)."""
+    """Keep buffers up to ``max_buffer`` bytes on the heap (no mmap per request);
+    glibc keeps up to 4 x that of freed heap before giving it back by itself."""
     return lib.quorum_tune_malloc(max_buffer) == 1
+
+
+def trim_malloc() -> bool:
+    """Give the heap's free memory back to the system (glibc malloc_trim).
+
+    False where there is no glibc.  Takes milliseconds for a large heap: call
+    it when idle, not per request.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    return bool(_malloc_trim(0))
+
+
+_malloc_trim: Any = None
 
 
 #: pread_vote_nowait / pwrite_all_nowait: the file system cannot say whether

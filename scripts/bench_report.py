@@ -20,6 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 A, B = "nbdq", "qsd"  # the pair every ratio compares: nbdquorum / qsd quorum of 3
 RSS_BUDGET_MIB = 256
+#: docs/performance.md "Bounds": summed VmRSS whatever clients do
+RSS_HOSTILE_MIB = 512
 
 # The targets, as (row, what, bound).  what: a metric of the medians;
 # "p50" compares latency (lower is better, bound is the max ratio).
@@ -139,7 +141,31 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
     else:
         add("4 connections: total throughput grows", "SKIP", "needs --full")
 
-    mem = [(row, med(doc, row, A)) for row in doc["results"] if row.startswith("memory-")]
+    fair, idle = med(doc, "fair-randread-4k-qd1-stall16", A), med(doc, "randread-4k-qd1", A)
+    label = "randread 4k QD1 p50 with 16 clients stalled <= 2x idle"
+    if fair and idle and idle.get("p50_us"):
+        r = fair["p50_us"] / idle["p50_us"]
+        qf, qi = med(doc, "fair-randread-4k-qd1-stall16", B), med(doc, "randread-4k-qd1", B)
+        qs = (f"; qsd {qf['p50_us'] / qi['p50_us']:.2f}x" if qf and qi and qi.get("p50_us")
+              else "")
+        add(label, "PASS" if r <= 2.0 else "FAIL",
+            f"{r:.2f}x ({fmt_us(fair['p50_us'])} vs {fmt_us(idle['p50_us'])}){qs}")
+    else:
+        add(label, "SKIP", "rows not run")
+    for row, bound in (("memory-friendly-randrw-mixed", RSS_BUDGET_MIB),
+                       ("memory-hostile-stall64", RSS_HOSTILE_MIB),
+                       ("memory-hostile-trickle64", RSS_HOSTILE_MIB)):
+        m = med(doc, row, A)
+        label = f"summed VmHWM < {bound} MiB: {label_of(doc, row) if m else row}"
+        if not m:
+            add(label, "SKIP", "row not run")
+            continue
+        q = med(doc, row, B)
+        add(label, "PASS" if m["vmhwm_mib"] < bound else "FAIL",
+            f"{m['vmhwm_mib']:.0f} MiB" + (f" (qsd {q['vmhwm_mib']:.0f} MiB)" if q else ""))
+
+    mem = [(row, med(doc, row, A)) for row in doc["results"] if row.startswith("memory-")
+           and row.endswith("x4")]
     mem = [(row, m) for row, m in mem if m]
     if mem:
         row, m = max(mem, key=lambda x: x[1]["vmhwm_mib"])

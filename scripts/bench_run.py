@@ -65,6 +65,9 @@ class Row:
     writes: bool = False  # modifies the images
     group: str = "main"  # main (every target), special (nbdq vs qsd only)
     full_only: bool = False
+    bssplit: str | None = None  # fio --bssplit (mixed request sizes), instead of bs
+    #: hostile clients during the row (scripts/nbd_hostile.py): MODE:CLIENTS[:LENGTH]
+    hostile: str = ""
 
 
 ROWS: list[Row] = [
@@ -87,6 +90,16 @@ ROWS: list[Row] = [
         numjobs=4, unit="mbps", group="special"),
     Row("memory-write-1m-qd128x4", "memory: randwrite 1M QD128 x 4 conns", "randwrite", "1m",
         128, numjobs=4, unit="mbps", writes=True, group="special"),
+    # one client must never stop the others (docs/performance.md, "Bounds")
+    Row("fair-randread-4k-qd1-stall16", "randread 4k QD1, 16 clients stalled", "randread",
+        "4k", 1, group="special", hostile="stall:16"),
+    Row("memory-friendly-randrw-mixed", "memory: randrw 4k/64k/1M QD32 x 4 conns", "randrw",
+        "4k", 32, numjobs=4, rwmixread=50, unit="mbps", writes=True, group="special",
+        bssplit="4k/34:64k/33:1m/33"),
+    Row("memory-hostile-stall64", "memory: 64 clients pipeline 1 GiB of reads, read nothing",
+        "randread", "4k", 1, group="special", hostile="stall:64"),
+    Row("memory-hostile-trickle64", "memory: 64 clients trickle 32 MiB writes", "randread",
+        "4k", 1, group="special", hostile="trickle:64:32M"),
 ]
 
 
@@ -373,11 +386,37 @@ def running(argv: list[str], sock: Path, log: Path, timeout: float = 30) -> Iter
             sock.unlink()
 
 
+@contextlib.contextmanager
+def hostile_clients(row: Row, sock: Path, log: Path) -> Iterator[None]:
+    """scripts/nbd_hostile.py for the row's hostile clients, ready before fio starts."""
+    if not row.hostile:
+        yield
+        return
+    mode, clients, *rest = row.hostile.split(":")
+    argv = [str(VENV_PY), str(ROOT / "scripts" / "nbd_hostile.py"), "--socket", str(sock),
+            "--mode", mode, "--clients", clients]
+    if rest:
+        argv += ["--length", rest[0]]
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise ServerError(f"hostile clients did not start ({row.hostile}); see {log}")
+        time.sleep(1)  # let the server take what it takes of them
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 # -- fio -------------------------------------------------------------------------
 def fio_argv(row: Row, sock: Path, runtime: float, out: Path) -> list[str]:
+    size = f"--bssplit={row.bssplit}" if row.bssplit else f"--bs={row.bs}"
     argv = [
         "fio", f"--name={row.id}", "--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
-        f"--rw={row.rw}", f"--bs={row.bs}", f"--iodepth={row.iodepth}",
+        f"--rw={row.rw}", size, f"--iodepth={row.iodepth}",
         f"--numjobs={row.numjobs}", "--group_reporting", "--time_based",
         f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
         "--output-format=json", f"--output={out}",
@@ -436,12 +475,13 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
         prof = start_profilers(args, row, target, pid, out)
         c0, t0 = cpu_seconds(pid), time.monotonic()
         b0, f0 = system_busy_seconds(), children_cpu_seconds()
-        fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             timeout=args.runtime + 60, check=False)
+        with hostile_clients(row, sock, out / "logs" / "hostile.log"):
+            fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=args.runtime + 60, check=False)
+            st1 = proc_status(pid)
         c1, t1 = cpu_seconds(pid), time.monotonic()
         b1, f1 = system_busy_seconds(), children_cpu_seconds()
-        st1 = proc_status(pid)
         stop_profilers(prof)
     if fio.returncode != 0:
         raise ServerError(f"fio failed ({fio.returncode}) on {row.id}/{target.id}: "
@@ -615,7 +655,16 @@ def run_matrix(plan: Plan, args: argparse.Namespace, imgdir: Path, out: Path,
         per_target: dict[str, list[dict[str, Any]]] = {}
         for rep in range(args.repeat):
             for t in targets_for(row, plan.targets):
-                res = run_one(row, t, args, imgdir, out, rep)
+                try:
+                    res = run_one(row, t, args, imgdir, out, rep)
+                except ServerError as err:
+                    if t.kind == "nbdq":
+                        raise
+                    # a reference server failing a row (qsd drops fio's connections
+                    # under the mixed-size load) leaves that cell empty, not the run
+                    done += 1
+                    print(f"  [{done}/{total}] {row.id:30} {t.id:9} FAILED: {err}", flush=True)
+                    continue
                 per_target.setdefault(t.id, []).append(res)
                 done += 1
                 print(f"  [{done}/{total}] {row.id:30} {t.id:9} "

@@ -13,6 +13,9 @@ import errno
 import os
 from collections.abc import Callable
 
+from nbdquorum.coretypes import Buffer as Buffer
+from nbdquorum.coretypes import Extent as Extent
+
 #: base:allocation flags (proto.md "base:allocation metadata context")
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -54,8 +57,6 @@ class Direct:
     def unpin(self) -> None:
         pass
 
-Buffer = bytes | bytearray | memoryview
-Extent = tuple[int, int]  # (length, STATE_* flags)
 
 
 class Unreachable(str):

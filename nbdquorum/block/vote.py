@@ -1,4 +1,4 @@
-"""Quorum voting: the shared result type and the pure-Python reference.
+"""Quorum voting: the pure-Python reference (the result type is in coretypes.py).
 
 The hot path votes in C (``nbdquorum.native.vote``); this module holds the
 slow, obviously-correct version of the same rules, which the unit tests hold
@@ -18,51 +18,9 @@ import errno
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeAlias
 
-#: Anything the voting functions read as raw bytes (contiguous buffers).
-Buffer: TypeAlias = bytes | bytearray | memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class VoteResult:
-    """The outcome of one vote over a quorum's children."""
-
-    #: Representative child index of the winning version; None: no quorum (EIO).
-    winner: int | None
-    #: Per child: index of the first child with the same bytes (the version's
-    #: representative), or -1 if the child did not vote.
-    groups: tuple[int, ...]
-
-    @property
-    def voters(self) -> tuple[int, ...]:
-        """Indices of the children that voted."""
-        return tuple(i for i, g in enumerate(self.groups) if g >= 0)
-
-    @property
-    def winners(self) -> tuple[int, ...]:
-        """Indices in the winning version; empty when there is no quorum."""
-        if self.winner is None:
-            return ()
-        return tuple(i for i, g in enumerate(self.groups) if g == self.winner)
-
-    @property
-    def losers(self) -> tuple[int, ...]:
-        """Indices that voted but disagree with the winner.
-
-        These are the children to report bad and, with rewrite-corrupted, to
-        repair.  Empty when there is no quorum: without a winner nobody is
-        known to be wrong.
-        """
-        if self.winner is None:
-            return ()
-        return tuple(i for i, g in enumerate(self.groups) if g >= 0 and g != self.winner)
-
-    @property
-    def counts(self) -> dict[int, int]:
-        """Members per version, keyed by representative index, in index order."""
-        return dict(sorted(Counter(g for g in self.groups if g >= 0).items()))
+from nbdquorum.coretypes import Buffer as Buffer
+from nbdquorum.coretypes import VoteResult as VoteResult
 
 
 def _as_bytes(buf: Buffer) -> bytes:

@@ -16,10 +16,9 @@ import asyncio
 import contextlib
 import errno
 import os
-import struct
 from dataclasses import dataclass, field
 
-from nbdquorum.block.node import Buffer, Extent
+from nbdquorum.coretypes import Buffer, Extent
 from nbdquorum.nbd.constants import (
     IHAVEOPT,
     META_BASE_ALLOCATION,
@@ -37,15 +36,25 @@ from nbdquorum.nbd.constants import (
     ReplyFlag,
     ReplyType,
 )
-
-_GREETING = struct.Struct(">QQH")
-_OPTION = struct.Struct(">QII")
-_OPTION_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_CHUNK = struct.Struct(">IHHQI")
-_SIMPLE = struct.Struct(">IIQ")
-_OFFSET = struct.Struct(">Q")
-_ERROR = struct.Struct(">IH")
+from nbdquorum.nbd.wire import (
+    CHUNK,
+    CLIENT_FLAGS,
+    ERROR,
+    GREETING,
+    HOLE,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    INFO_TYPE,
+    OFFSET,
+    OPTION,
+    OPTION_REPLY,
+    REQUEST,
+    SIMPLE_REPLY,
+    STRING_LENGTH,
+    U16,
+    U32,
+    unpack_block_status,
+)
 
 
 class NBDClientError(ConnectionError):
@@ -55,7 +64,7 @@ class NBDClientError(ConnectionError):
 # -- the wire format, without I/O ----------------------------------------------
 def parse_greeting(data: bytes) -> int:
     """The server's 18-byte newstyle greeting -> its handshake flags."""
-    magic, opt, flags = _GREETING.unpack(data)
+    magic, opt, flags = GREETING.unpack(data)
     if magic != NBDMAGIC or opt != IHAVEOPT:
         raise NBDClientError("not an NBD newstyle server")
     if not flags & GlobalFlag.FIXED_NEWSTYLE:
@@ -67,26 +76,26 @@ def encode_client_flags(server_flags: int) -> bytes:
     flags = ClientFlag.FIXED_NEWSTYLE
     if server_flags & GlobalFlag.NO_ZEROES:
         flags |= ClientFlag.NO_ZEROES
-    return struct.pack(">I", flags)
+    return CLIENT_FLAGS.pack(flags)
 
 
 def encode_option(opt: Opt, payload: bytes = b"") -> bytes:
-    return _OPTION.pack(IHAVEOPT, opt, len(payload)) + payload
+    return OPTION.pack(IHAVEOPT, opt, len(payload)) + payload
 
 
 def _string(s: str) -> bytes:
     b = s.encode()
-    return struct.pack(">I", len(b)) + b
+    return STRING_LENGTH.pack(len(b)) + b
 
 
 def encode_set_meta_context(export: str, queries: list[str]) -> bytes:
-    body = _string(export) + struct.pack(">I", len(queries)) + b"".join(map(_string, queries))
+    body = _string(export) + U32.pack(len(queries)) + b"".join(map(_string, queries))
     return encode_option(Opt.SET_META_CONTEXT, body)
 
 
 def encode_go(export: str, infos: tuple[int, ...] = ()) -> bytes:
-    body = _string(export) + struct.pack(">H", len(infos))
-    return encode_option(Opt.GO, body + b"".join(struct.pack(">H", i) for i in infos))
+    body = _string(export) + U16.pack(len(infos))
+    return encode_option(Opt.GO, body + b"".join(U16.pack(i) for i in infos))
 
 
 def describe_refusal(rep: int, payload: bytes) -> str:
@@ -101,14 +110,14 @@ def describe_refusal(rep: int, payload: bytes) -> str:
 
 def parse_option_reply(header: bytes, expect: Opt) -> tuple[int, int]:
     """A 20-byte option reply header -> (reply type, payload length)."""
-    magic, opt, rep, length = _OPTION_REPLY.unpack(header)
+    magic, opt, rep, length = OPTION_REPLY.unpack(header)
     if magic != REPLY_MAGIC or opt != expect:
         raise NBDClientError(f"bad option reply (magic {magic:#x}, option {opt})")
     return rep, length
 
 
 def encode_request(cmd: Cmd, flags: int, cookie: int, offset: int, length: int) -> bytes:
-    return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    return REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
 def parse_reply_start(head: bytes) -> tuple[int, int, int] | None:
@@ -117,7 +126,7 @@ def parse_reply_start(head: bytes) -> tuple[int, int, int] | None:
     A simple reply is whole: returns (errno, cookie, 0).  A structured chunk
     needs 4 more bytes (its length, see parse_chunk_header): returns None.
     """
-    magic, error, cookie = _SIMPLE.unpack(head)
+    magic, error, cookie = SIMPLE_REPLY.unpack(head)
     if magic == SIMPLE_REPLY_MAGIC:
         return error, cookie, 0
     if magic != STRUCTURED_REPLY_MAGIC:
@@ -127,20 +136,19 @@ def parse_reply_start(head: bytes) -> tuple[int, int, int] | None:
 
 def parse_chunk_header(header: bytes) -> tuple[int, int, int, int]:
     """A 20-byte structured reply chunk header -> (flags, type, cookie, length)."""
-    magic, flags, rtype, cookie, length = _CHUNK.unpack(header)
+    magic, flags, rtype, cookie, length = CHUNK.unpack(header)
     if magic != STRUCTURED_REPLY_MAGIC:
         raise NBDClientError(f"expected a structured reply chunk, got magic {magic:#x}")
     return flags, rtype, cookie, length
 
 
 def parse_error(payload: bytes) -> tuple[int, str]:
-    code, n = _ERROR.unpack_from(payload)
-    return code, payload[6:6 + n].decode(errors="replace")
+    code, n = ERROR.unpack_from(payload)
+    return code, payload[ERROR.size:ERROR.size + n].decode(errors="replace")
 
 
 def parse_extents(payload: bytes) -> list[Extent]:
-    words = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
-    return list(zip(words[0::2], words[1::2], strict=True))
+    return unpack_block_status(payload)[1]
 
 
 # -- the asyncio driver -----------------------------------------------------------
@@ -191,10 +199,10 @@ class NBDClient:
         Raises:
             NBDClientError: the server refused the export or broke the protocol.
         """
-        flags = parse_greeting(await reader.readexactly(_GREETING.size))
+        flags = parse_greeting(await reader.readexactly(GREETING.size))
         writer.write(encode_client_flags(flags))
         writer.write(encode_option(Opt.STRUCTURED_REPLY))
-        rep, n = parse_option_reply(await reader.readexactly(20), Opt.STRUCTURED_REPLY)
+        rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.STRUCTURED_REPLY)
         payload = await reader.readexactly(n)
         structured = rep == Rep.ACK
         if not structured and not general:
@@ -203,7 +211,7 @@ class NBDClient:
         if structured:
             writer.write(encode_set_meta_context(export, [META_BASE_ALLOCATION]))
             while True:
-                rep, n = parse_option_reply(await reader.readexactly(20), Opt.SET_META_CONTEXT)
+                rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.SET_META_CONTEXT)
                 payload = await reader.readexactly(n)
                 if rep == Rep.ACK:
                     break
@@ -220,19 +228,20 @@ class NBDClient:
         info: ExportInfo | None = None
         max_block = 0
         while True:
-            rep, n = parse_option_reply(await reader.readexactly(20), Opt.GO)
+            header = await reader.readexactly(OPTION_REPLY.size)
+            rep, n = parse_option_reply(header, Opt.GO)
             payload = await reader.readexactly(n)
             if rep == Rep.ACK:
                 break
             if rep != Rep.INFO:
                 raise NBDClientError(f"server refused export {export!r} "
                                      f"({describe_refusal(rep, payload)})")
-            kind = struct.unpack_from(">H", payload)[0]
+            kind = INFO_TYPE.unpack_from(payload)[0]
             if kind == Info.EXPORT:
-                size, tflags = struct.unpack_from(">QH", payload, 2)
+                _, size, tflags = INFO_EXPORT.unpack_from(payload)
                 info = ExportInfo(size, tflags)
-            elif kind == Info.BLOCK_SIZE and len(payload) >= 14:
-                max_block = struct.unpack_from(">III", payload, 2)[2]
+            elif kind == Info.BLOCK_SIZE and len(payload) >= INFO_BLOCK_SIZE.size:
+                max_block = INFO_BLOCK_SIZE.unpack_from(payload)[3]
         if info is None:
             raise NBDClientError("server sent no export information")
         info = ExportInfo(info.size, info.flags, max_block, base_allocation, structured)
@@ -264,7 +273,7 @@ class NBDClient:
         try:
             read = self.reader.readexactly
             while True:
-                head = await read(_SIMPLE.size)
+                head = await read(SIMPLE_REPLY.size)
                 simple = parse_reply_start(head)
                 if simple is not None:  # structured: for everything but READ and BLOCK_STATUS
                     code, cookie, _ = simple
@@ -278,7 +287,7 @@ class NBDClient:
                         p.covered = p.length
                     self._finish(p)
                     continue
-                flags, rtype, cookie, length = parse_chunk_header(head + await read(4))
+                flags, rtype, cookie, length = parse_chunk_header(head + await read(CHUNK.size - SIMPLE_REPLY.size))
                 payload = await read(length) if length else b""
                 p = self._pending.get(cookie)
                 if p is None:
@@ -311,15 +320,15 @@ class NBDClient:
     @classmethod
     def _chunk(cls, p: _Pending, rtype: int, payload: bytes) -> None:
         if rtype == ReplyType.OFFSET_DATA:
-            (off,) = _OFFSET.unpack_from(payload)
-            body = memoryview(payload)[8:]
+            (off,) = OFFSET.unpack_from(payload)
+            body = memoryview(payload)[OFFSET.size:]
             start = cls._place(p, off, len(body))
             if isinstance(p.data, bytearray):
                 p.data[start:start + len(body)] = body
             else:
                 p.data = body
         elif rtype == ReplyType.OFFSET_HOLE:
-            off, n = struct.unpack_from(">QI", payload)
+            off, n = HOLE.unpack_from(payload)
             start = cls._place(p, off, n)
             if not isinstance(p.data, bytearray):  # a hole over the whole request
                 p.data = bytearray(p.length)

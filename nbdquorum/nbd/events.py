@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from nbdquorum.coretypes import Buffer
+
 from .constants import (
     DEFAULT_MIN_BLOCK,
     DEFAULT_PREFERRED_BLOCK,
@@ -38,9 +40,6 @@ __all__ = [
     "Request",
     "SimpleReply",
 ]
-
-#: Anything that exposes bytes without a copy (``collections.abc.Buffer`` is 3.12+).
-Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 def _is_power_of_2(n: int) -> bool:

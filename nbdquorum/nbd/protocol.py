@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import ClassVar, Final
 
+from . import wire
 from .constants import (
     IHAVEOPT,
     MAX_OPTION_LENGTH,
@@ -99,22 +100,22 @@ _TRANSITIONS: Final[dict[tuple[Phase, type[Event]], Phase]] = {
     (Phase.TRANSMISSION, Disconnect): Phase.CLOSED,
 }
 
-# Wire layouts, network byte order.
-_GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-_CLIENT_FLAGS = struct.Struct(">I")
-_OPTION = struct.Struct(">QII")  # IHAVEOPT, option, data length
-_OPTION_REPLY = struct.Struct(">QIII")  # REPLY_MAGIC, option, reply type, length
-_EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
-_INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, min, preferred, max
-_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
-_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+# Wire layouts, network byte order: the one table, shared with the client (wire.py).
+_GREETING = wire.GREETING
+_CLIENT_FLAGS = wire.CLIENT_FLAGS
+_OPTION = wire.OPTION
+_OPTION_REPLY = wire.OPTION_REPLY
+_EXPORT_NAME_REPLY = wire.EXPORT_NAME_REPLY
+_INFO_EXPORT = wire.INFO_EXPORT
+_INFO_BLOCK_SIZE = wire.INFO_BLOCK_SIZE
+_REQUEST = wire.REQUEST
+_SIMPLE_REPLY = wire.SIMPLE_REPLY
 #: size of the buffer receive_buffer() hands out between WRITE payloads
-RECEIVE_SCRATCH = 256 * 1024
-_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
-_OFFSET = struct.Struct(">Q")
-_HOLE = struct.Struct(">QI")  # offset, hole size
-_ERROR = struct.Struct(">IH")  # error, message length
+RECEIVE_SCRATCH = 64 * 1024
+_CHUNK = wire.CHUNK
+_OFFSET = wire.OFFSET
+_HOLE = wire.HOLE
+_ERROR = wire.ERROR
 
 _SERVER_FLAGS: Final = GlobalFlag.FIXED_NEWSTYLE | GlobalFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
@@ -308,6 +309,25 @@ class ServerConnection:
     def buffered(self) -> int:
         """Received bytes not yet parsed (payloads being filled excluded)."""
         return self._available()
+
+    def peek_request(self) -> tuple[int, int, bool] | None:
+        """(command, length, complete) of the request header next_event() would parse
+        now, without consuming it; None when no whole header is next.
+
+        ``complete``: a WRITE's payload is all received too (other commands:
+        always).  A caller that bounds what each client may hold charges the
+        request here, before next_event() allocates a WRITE's payload buffer.
+        Never raises: a bad header is next_event()'s to report.
+        """
+        if (self.phase is not Phase.TRANSMISSION or self._pending is not None
+                or self._failure is not None or self._available() < _REQUEST.size):
+            return None
+        magic, _flags, kind, _cookie, _offset, length = _REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            return None
+        if kind != Cmd.WRITE:
+            return kind, length, True
+        return kind, length, self._available() >= _REQUEST.size + length
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """Parse the next event out of the received bytes.
@@ -774,9 +794,5 @@ class ServerConnection:
         extents: Sequence[tuple[int, int]] = event.extents
         if not extents or any(length <= 0 for length, _ in extents):
             raise LocalProtocolError("block status needs extents of nonzero length")
-        body = struct.pack(
-            f">I{2 * len(extents)}I",
-            event.context_id,
-            *(value for extent in extents for value in extent),
-        )
+        body = wire.pack_block_status(event.context_id, extents)
         return [self._chunk(ReplyFlag.DONE, ReplyType.BLOCK_STATUS, event.cookie, len(body)) + body]

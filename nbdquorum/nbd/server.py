@@ -3,24 +3,37 @@
 Receive bytes straight into the protocol's buffers (a WRITE payload into
 its own buffer: asyncio's BufferedProtocol, no intermediate copies), run
 each request as its own task, write what the protocol returns.  Replies finish out of order, so a reply's header and
-payload go out together under one send lock.  Bytes in flight are bounded by
-a server-wide budget: while it is spent, no connection reads more requests,
-which pushes back on the clients through their sockets.
+payload go out together under one send lock.
+
+Bounds: each connection has at most `ClientLimits` requests, request bytes
+and unsent reply bytes; at its bounds it parses no more requests and its
+socket's reading pauses, so a client that stops reading its replies stops
+being served and nobody else notices.  Request bytes are charged when the
+header arrives (a WRITE's payload before its buffer exists) to the
+connection and to the process's `Budget`, which is shared fairly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from nbdquorum import native
 from nbdquorum.block.node import BlockNode
-from nbdquorum.nbd.constants import Cmd, CmdFlag, NbdErrno, TransmissionFlag
+from nbdquorum.nbd.constants import (
+    MAX_BLOCK,
+    MAX_WRITE_PAYLOAD,
+    Cmd,
+    CmdFlag,
+    NbdErrno,
+    TransmissionFlag,
+)
 from nbdquorum.nbd.errors import RemoteProtocolError, to_nbd_errno
 from nbdquorum.nbd.events import (
     NEED_DATA,
@@ -42,15 +55,32 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 #: reading pauses while this many received bytes wait to be parsed (back-pressure)
-READ_HIGH = 2 << 20
+READ_HIGH = 128 << 10
 #: replies at least this big are written buffer by buffer rather than joined
 BIG_PAYLOAD = 64 << 10
 #: READ/WRITE requests up to this size may be served without a task (_serve_now)
 SYNC_MAX = 64 << 10
-#: a sender waits for the socket to drain above this many unsent bytes
+#: unsent reply bytes above which a worker's forwarding connection waits (it
+#: has no ClientLimits: the worker bounds its own clients)
 WRITE_HIGH = 4 << 20
-#: default server-wide budget of request bytes in flight (back-pressure)
+#: default budget of request bytes in flight, of the whole server (split
+#: between the processes when workers run)
 DEFAULT_BUDGET = 64 << 20
+#: a connection holding nothing may always start one request of this cost
+#: (a 1 MiB read voted over 3 children), whatever the budget holds
+BUDGET_FLOOR = 3 << 20
+#: ClientLimits' defaults (QEMU's NBD server allows 16 requests per client)
+DEFAULT_CLIENT_REQUESTS = 16
+DEFAULT_CLIENT_BYTES = 16 << 20
+DEFAULT_CLIENT_BACKLOG = 1 << 20
+#: after the budget held this much and went idle, freed memory goes back to the
+#: system (malloc_trim) this many seconds later
+TRIM_AFTER = 8 << 20
+TRIM_DELAY = 1.0
+
+
+def _one_buffer() -> int:
+    return 1
 
 
 @dataclass
@@ -59,6 +89,10 @@ class Export:
     node: BlockNode  # the node served
     description: str = ""
     read_only: bool = False
+    #: how many request-sized buffers a read holds until it is answered, for
+    #: the memory budget: set by whoever builds the export (for a quorum, one
+    #: per voting child); the server asks the node nothing about its buffers
+    read_buffers: Callable[[], int] = _one_buffer
 
     def info(self) -> ExportInfo:
         flags = (
@@ -90,45 +124,162 @@ class Export:
         )
 
 
-class Budget:
-    """A byte budget shared by all connections; one oversized request may pass alone.
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client connection may hold (`serve --max-client-*`)."""
 
-    The uncontended path is a comparison and an addition: no lock, no task switch.
+    #: requests parsed and not yet answered
+    requests: int = DEFAULT_CLIENT_REQUESTS
+    #: request bytes held: WRITE payloads from their header on, reads being served
+    bytes: int = DEFAULT_CLIENT_BYTES
+    #: reply bytes not yet taken by the client's socket; above it the
+    #: client's requests wait (a client that stops reading stops being served)
+    backlog: int = DEFAULT_CLIENT_BACKLOG
+
+
+class Budget:
+    """The bytes in flight of one process, shared fairly between its connections.
+
+    Fair: while others wait for room, no connection is granted more than its
+    share (the limit over the connections holding or waiting for room that
+    would serve); when every waiter that fits is over its share, the one
+    holding least goes first.  Waiters that fit are served past one that does not.
+
+    Two holds last as long as a client wants: payloads still arriving, and
+    replies the client does not read.  So payloads still arriving are counted
+    apart (``receiving``), up to half the limit (one bigger payload may arrive
+    alone), and join ``used`` once complete: trickling writers never take room
+    from reads and complete requests.  And a connection holding nothing may
+    always start one request of up to ``floor`` bytes, budget or not: clients
+    that stall cannot lock out a newcomer.  A request bigger than the limit
+    passes alone (nothing else used).  Hence, per process,
+    ``used + receiving <= limit + max(limit / 2, largest payload) + connections * floor``.
+
+    The uncontended path is a few comparisons and additions: no lock, no task switch.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, floor: int = BUDGET_FLOOR) -> None:
         self.limit = limit
+        self.floor = floor
         self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        #: of which payloads still being received (client-paced)
+        self.receiving = 0
+        #: the most ever used at once (tests, the bench's notes)
+        self.peak = 0
+        #: bytes held by each owner holding any
+        self.held: dict[object, int] = {}
+        self._waiters: list[tuple[object, int, bool, asyncio.Future[None]]] = []
+        self._trim_handle: asyncio.TimerHandle | None = None
 
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
+    def share(self) -> int:
+        """The fair share of one connection now."""
+        owners = set(self.held)
+        owners.update(o for o, n, r, _f in self._waiters if self._contends(o, n, r))
+        return self.limit // max(1, len(owners))
 
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
+    def _free_pass(self, owner: object, n: int, receiving: bool) -> bool:
+        """The floor, or the lone oversized request."""
+        if self.held.get(owner, 0):
+            return False
+        return n <= self.floor or (self.receiving if receiving else self.used) == 0
+
+    def _fits(self, owner: object, n: int, receiving: bool) -> bool:
+        if self._free_pass(owner, n, receiving):
+            return True
+        if receiving:
+            return self.receiving + n <= self.limit // 2
+        return self.used + n <= self.limit
+
+    def _contends(self, owner: object, n: int, receiving: bool) -> bool:
+        """A waiter that room in the budget would serve (not a payload waiting
+        for the receive half): others keep to their shares meanwhile."""
+        return not receiving
+
+    def _grant(self, owner: object, n: int, receiving: bool) -> None:
+        if receiving:
+            self.receiving += n
+        else:
             self.used += n
+        self.held[owner] = self.held.get(owner, 0) + n
+        self.peak = max(self.peak, self.used + self.receiving)
+
+    def try_acquire(self, owner: object, n: int, receiving: bool = False) -> bool:
+        """Take ``n`` bytes for ``owner`` if that is allowed now; ``receiving``:
+        for a payload still arriving (see `received`)."""
+        if not self._free_pass(owner, n, receiving):
+            if not self._fits(owner, n, receiving):
+                return False
+            if (not receiving and self.held.get(owner, 0) + n > self.share()
+                    and any(o is not owner and self._contends(o, m, r)
+                            for o, m, r, _f in self._waiters)):
+                return False  # over its share while another waits for room
+        self._grant(owner, n, receiving)
+        return True
+
+    async def acquire(self, owner: object, n: int, receiving: bool = False) -> None:
+        if self.try_acquire(owner, n, receiving):
             return
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
+        entry = (owner, n, receiving, fut)
+        self._waiters.append(entry)
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release(n)  # granted, then cancelled: give it back
+                self.release(owner, n, receiving)  # granted, then cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._wake()
             raise
 
-    def release(self, n: int) -> None:
-        self.used -= n
+    def received(self, n: int) -> None:
+        """A payload charged as receiving arrived in full: it holds like any request now
+        (even beyond the limit: the memory is there; others wait until it is back)."""
+        self.receiving -= n
+        self.used += n
+        self._wake()
+
+    def release(self, owner: object, n: int, receiving: bool = False) -> None:
+        if n <= 0:
+            return
+        if receiving:
+            self.receiving -= n
+        else:
+            self.used -= n
+        left = self.held.get(owner, 0) - n
+        if left > 0:
+            self.held[owner] = left
+        else:
+            self.held.pop(owner, None)
+        self._wake()
+        if (self.used == 0 and self.receiving == 0 and self.peak >= TRIM_AFTER
+                and self._trim_handle is None):
+            # idle after holding much: give freed memory back to the system soon
+            with contextlib.suppress(RuntimeError):  # (no loop: a unit test)
+                self._trim_handle = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
+
+    def _wake(self) -> None:
         while self._waiters:
-            want, fut = self._waiters[0]
-            if fut.done():
-                self._waiters.popleft()
-                continue
-            if not self._fits(want):
-                break
-            self._waiters.popleft()
-            self.used += want
-            fut.set_result(None)
+            self._waiters = [e for e in self._waiters if not e[3].done()]
+            fitting = [e for e in self._waiters if self._fits(e[0], e[1], e[2])]
+            if not fitting:
+                return
+            share = self.share()
+            entry = next((e for e in fitting
+                          if e[2] or self._free_pass(e[0], e[1], e[2])
+                          or self.held.get(e[0], 0) + e[1] <= share), None)
+            if entry is None:  # all over their shares: who holds least goes first
+                entry = min(fitting, key=lambda e: self.held.get(e[0], 0))
+            self._waiters.remove(entry)
+            self._grant(entry[0], entry[1], entry[2])
+            entry[3].set_result(None)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        if self.used + self.receiving <= self.limit // 8:
+            self.peak = self.used + self.receiving
+            native.trim_malloc()
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -141,9 +292,10 @@ class Stream(asyncio.BufferedProtocol):
     mark, as StreamWriter.drain does.
     """
 
-    def __init__(self, server: NBDServer, *, counted: bool = True) -> None:
+    def __init__(self, server: NBDServer, internal: bool = False) -> None:
         self.server = server
-        self.counted = counted  # False: a worker's forwarding connection (not a client)
+        #: a worker's forwarding connection, not a client: no ClientLimits, not counted
+        self.internal = internal
         self.transport: asyncio.Transport
         self.conn: Connection
         self.task: asyncio.Task[None] | None = None
@@ -166,7 +318,8 @@ class Stream(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = Connection(self.server, self)
+        self.conn = Connection(self.server, self,
+                               None if self.internal else self.server.limits)
         self.task = self._loop.create_task(self.server._run(self.conn))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -262,9 +415,21 @@ class Stream(asyncio.BufferedProtocol):
 
 
 class Connection:
-    def __init__(self, server: NBDServer, stream: Stream) -> None:
+    def __init__(self, server: NBDServer, stream: Stream,
+                 limits: ClientLimits | None = None) -> None:
         self.server = server
         self.stream = stream
+        #: None: unbounded (a worker's forwarding connection)
+        self.limits = limits
+        #: reply bytes not yet sent above which requests wait
+        self.backlog = limits.backlog if limits is not None else WRITE_HIGH
+        self.inflight = 0  # requests admitted and not yet answered
+        self.held = 0  # bytes charged to this connection (and to the budget)
+        #: charged for the request peeked at, until next_event() returns it
+        #: (a WRITE stays here while its payload arrives)
+        self._ahead: int | None = None
+        self._receiving = False  # ... charged as a payload still arriving
+        self._room: asyncio.Future[None] | None = None  # a request finished
         peer = stream.get_extra_info("peername") or "unix"
         self.log = log.getChild(f"conn{server.next_id()}")
         self.log.debug("connected from %s", peer)
@@ -281,7 +446,7 @@ class Connection:
         #: an event (or error) serve_inline() took but left to the read loop
         self._held: object = None
         #: where served requests are counted (None: not a client's connection)
-        self.stats: RequestStats | None = server.stats if stream.counted else None
+        self.stats: RequestStats | None = None if stream.internal else server.stats
 
     async def run(self) -> None:
         # The read loop is its own task so that shutdown can stop reading
@@ -302,6 +467,9 @@ class Connection:
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self._ahead is not None:  # a payload that never arrived in full
+                self._finish(self._ahead, receiving=self._receiving)
+                self._ahead = None
             with contextlib.suppress(Exception):
                 self._flush_out()  # replies queued in this loop iteration
                 self._flush_handshake()
@@ -326,9 +494,13 @@ class Connection:
         request in flight this saves a task switch per request.
         """
         if (self.proto.phase is not Phase.TRANSMISSION or self.server.stopping
-                or self.stream.get_write_buffer_size() > WRITE_HIGH):
+                or self._ahead is not None
+                or self.stream.get_write_buffer_size() > self.backlog):
             return False
         while True:
+            peek = self.proto.peek_request()
+            if peek is not None and not _small(*peek):
+                return False  # the read loop admits it first
             try:
                 ev = self.proto.next_event()
                 if ev is NEED_DATA:
@@ -341,17 +513,75 @@ class Connection:
             except Exception as err:  # raised again in the read loop, as it would be there
                 self._held = err
                 return False
-            if self.stream.get_write_buffer_size() > WRITE_HIGH:
+            if self.stream.get_write_buffer_size() > self.backlog:
                 return False  # the loop drains the socket first
 
+    # -- admission: the connection's bounds and the budget ----------------------------------
+    def _cost(self, cmd: int, length: int) -> int:
+        """The bytes a request holds: a read one buffer per child until the vote."""
+        if cmd == Cmd.READ and self.export is not None and length <= MAX_BLOCK:
+            return length * self.export.read_buffers()  # (longer: EINVAL, unread)
+        return length if cmd == Cmd.WRITE and length <= MAX_WRITE_PAYLOAD else 0
+
+    def _admit_now(self, cost: int, receiving: bool = False) -> bool:
+        lim = self.limits
+        if lim is not None and (self.inflight >= lim.requests
+                                or (self.held and self.held + cost > lim.bytes)):
+            return False
+        if self.stream.get_write_buffer_size() > self.backlog:
+            return False
+        if cost and not self.server.budget.try_acquire(self, cost, receiving):
+            return False
+        self.inflight += 1
+        self.held += cost
+        return True
+
+    async def _admit(self, cost: int, receiving: bool = False) -> None:
+        """Wait until the connection's bounds and the budget allow ``cost`` more."""
+        lim = self.limits
+        while not self._admit_now(cost, receiving):
+            if self.stream.get_write_buffer_size() > self.backlog:
+                self._flush_out()
+                await self.stream.drain()
+            elif lim is not None and (self.inflight >= lim.requests
+                                      or (self.held and self.held + cost > lim.bytes)):
+                self._room = asyncio.get_running_loop().create_future()
+                try:
+                    await self._room
+                finally:
+                    self._room = None
+            else:
+                await self.server.budget.acquire(self, cost, receiving)
+                self.inflight += 1
+                self.held += cost
+                return
+
+    def _finish(self, cost: int, request: bool = True, receiving: bool = False) -> None:
+        """Give back ``cost`` bytes (and with ``request``, the request's place)."""
+        if cost:
+            self.held -= cost
+            self.server.budget.release(self, cost, receiving)
+        if request:
+            self.inflight -= 1
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
     async def _read_loop(self) -> None:
-        budget = self.server.budget
         while True:
             if self._held is not None:
                 ev, self._held = self._held, None
                 if isinstance(ev, BaseException):
                     raise ev
             else:
+                if self._ahead is None and self.export is not None:
+                    peek = self.proto.peek_request()
+                    if peek is not None and not _small(*peek):
+                        # charged before next_event() allocates a WRITE's payload
+                        need = self._cost(peek[0], peek[1])
+                        receiving = not peek[2]  # a payload to come: client-paced
+                        if not self._admit_now(need, receiving):
+                            await self._admit(need, receiving)
+                        self._ahead, self._receiving = need, receiving
                 ev = self.proto.next_event()
             self._flush_handshake()
             if ev is NEED_DATA:
@@ -360,7 +590,7 @@ class Connection:
                 # socket only when it is backed up.
                 if self._out:
                     self._flush_out()
-                if self.stream.get_write_buffer_size() > WRITE_HIGH:
+                if self.stream.get_write_buffer_size() > self.backlog:
                     await self.stream.drain()
                 await self.stream.wait_data()  # the bytes are in the protocol already
                 continue
@@ -368,14 +598,19 @@ class Connection:
                 self.export = self.server.exports[ev.name]
                 self.log.debug("export %r chosen", ev.name)
             elif isinstance(ev, Request):
-                if self._serve_now(ev):
-                    if self.stream.get_write_buffer_size() > WRITE_HIGH:
-                        await self.stream.drain()
-                    continue
-                cost = ev.length if ev.cmd in (Cmd.READ, Cmd.WRITE) else 0
-                if cost:
-                    await budget.acquire(cost)
-                task = asyncio.create_task(self._serve(ev, cost))
+                ahead, self._ahead = self._ahead, None
+                if ahead is not None and self._receiving:
+                    self._receiving = False
+                    self.server.budget.received(ahead)
+                if ahead is None:
+                    if self._serve_now(ev):
+                        if self.stream.get_write_buffer_size() > self.backlog:
+                            await self.stream.drain()
+                        continue
+                    ahead = self._cost(ev.cmd, ev.length)
+                    if not self._admit_now(ahead):
+                        await self._admit(ahead)
+                task = asyncio.create_task(self._serve(ev, ahead))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(ev, Disconnect):
@@ -391,7 +626,7 @@ class Connection:
         Back-pressure: a sender waits while the socket's buffer is full.
         """
         self._queue(reply)
-        if self.stream.get_write_buffer_size() > WRITE_HIGH:
+        if self.stream.get_write_buffer_size() > self.backlog:
             async with self.send_lock:  # one drainer at a time
                 await self.stream.drain()
 
@@ -456,6 +691,12 @@ class Connection:
         t0 = clock()
         try:
             reply = await self._dispatch(req)
+            if cost > req.length and isinstance(reply, ReadReply):
+                # voted: the other children's buffers are free, the reply holds one
+                self._finish(cost - req.length, request=False)
+                cost = req.length
+            # held until the reply is in the socket or the backlog is under its
+            # bound: a client that does not read keeps its charge, not more
             await self._send(reply)
         except (ConnectionError, OSError) as err:
             self.log.debug("reply to %d not sent: %s", req.cookie, err)
@@ -464,8 +705,7 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self._send(ErrorReply(req.cookie, NbdErrno.EIO, "internal server error"))
         finally:
-            if cost:
-                self.server.budget.release(cost)
+            self._finish(cost)
             if self.stats is not None:
                 self.stats.record(req.cmd, t0)
 
@@ -512,11 +752,14 @@ class Connection:
 
 class NBDServer:
     def __init__(
-        self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET
+        self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET,
+        limits: ClientLimits | None = None,
     ) -> None:
         self.exports = dict(exports)
         self.default_export = default_export
+        #: this process's share of the server's memory budget
         self.budget = Budget(budget)
+        self.limits = limits or ClientLimits()
         self.servers: list[asyncio.Server] = []
         self._owned: list[Listener] = []  # bound by listen_*: closed (files removed) at shutdown
         self.connections: set[Connection] = set()
@@ -548,11 +791,12 @@ class NBDServer:
         """Client connections open (a worker's forwarding connection is none)."""
         return sum(1 for c in self.connections if c.stats is not None)
 
-    async def serve_socket(self, sock: socket.socket, *, counted: bool = True) -> None:
+    async def serve_socket(self, sock: socket.socket, *, internal: bool = False) -> None:
         """Serve one already-accepted connection (handed over by the worker pool);
-        counted=False: a worker's forwarding connection, left out of the request counts."""
+        ``internal``: a worker's forwarding connection: not a client (no
+        ClientLimits, left out of the request counts)."""
         _transport, stream = await asyncio.get_running_loop().connect_accepted_socket(
-            (lambda: Stream(self, counted=False)) if not counted else self._stream, sock)
+            functools.partial(Stream, self, internal), sock)
         if stream.task is not None:
             await stream.task
 
@@ -604,3 +848,7 @@ class NBDServer:
             li.close()
         self._owned.clear()
 
+
+def _small(cmd: int, length: int, complete: bool) -> bool:
+    """A request the synchronous paths may take without charging it first."""
+    return complete and length <= SYNC_MAX and cmd in (Cmd.READ, Cmd.WRITE)

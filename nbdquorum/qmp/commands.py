@@ -30,6 +30,7 @@ from nbdquorum.block.quorum import ChildSlot, QuorumNode, ReadPattern, ReopenPla
 from nbdquorum.block.raw import RawNode
 from nbdquorum.jobs.job import Job, JobStatus
 from nbdquorum.jobs.scrub import ScrubJob
+from nbdquorum.qmp.check import check_arguments
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.format import block_device_info, quorum_status
 from nbdquorum.qmp.protocol import (
@@ -40,7 +41,7 @@ from nbdquorum.qmp.protocol import (
     error_message,
     return_message,
 )
-from nbdquorum.qmp.schema import COMMANDS, check_arguments
+from nbdquorum.qmp.schema import COMMANDS
 from nbdquorum.remote.child import NBDChild
 from nbdquorum.remote.uri import AddressError, from_qapi
 

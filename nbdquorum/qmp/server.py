@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 from nbdquorum import __version__
 from nbdquorum.block.graph import Graph
 from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.qmp.check import check_event
 from nbdquorum.qmp.commands import Context, dispatch, version_triple
 from nbdquorum.qmp.errors import ErrorClass, LocalProtocolError, QMPError
 from nbdquorum.qmp.events import wired
@@ -40,7 +41,7 @@ from nbdquorum.qmp.protocol import (
     event_message,
     greeting,
 )
-from nbdquorum.qmp.schema import EVENTS, check_event
+from nbdquorum.qmp.schema import EVENTS
 from nbdquorum.qmp.throttle import DEFAULT_PERIODS, EventThrottle
 from nbdquorum.sockets import Listener, bind_unix
 

@@ -18,10 +18,10 @@ import mmap
 import os
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from nbdquorum.runtime import run_loop, setup_logging
 from nbdquorum.worker.control import Channel, Message
 from nbdquorum.worker.node import LOCAL_KINDS, View, WorkerNode
 
@@ -34,17 +34,20 @@ STATS_INTERVAL = 1.0
 async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[str, Any]) -> int:
     from nbdquorum import native
     from nbdquorum.nbd.client import NBDClient
-    from nbdquorum.nbd.server import READ_CHUNK, Export, NBDServer
+    from nbdquorum.nbd.server import READ_CHUNK, ClientLimits, Export, NBDServer
+    from nbdquorum.runtime import MALLOC_HEAP_MAX
 
-    native.tune_malloc(64 << 20)
+    native.tune_malloc(MALLOC_HEAP_MAX)
     epoch = mmap.mmap(epoch_fd, mmap.PAGESIZE, prot=mmap.PROT_READ)
     data = socket.socket(fileno=data_fd)
     reader, writer = await asyncio.open_connection(sock=data, limit=READ_CHUNK)
     primary = await NBDClient.connect(reader, writer, cfg["export"])
     node = WorkerNode(cfg["node"], primary.info.size, primary, epoch, cfg["child_timeout"])
     export = Export(cfg["export"], node, description=cfg["description"],
-                    read_only=cfg["read_only"])
-    nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"])
+                    read_only=cfg["read_only"],
+                    read_buffers=lambda: max(1, len(node.view.voters()[0])))
+    nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"],
+                    limits=ClientLimits(**cfg.get("limits", {})))
     stop = asyncio.Event()
     grace = [float(cfg["child_timeout"]) * 2 + 5]
     tasks: set[asyncio.Task[None]] = set()
@@ -147,13 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="JSON from the primary")
     args = p.parse_args(argv)
     cfg = json.loads(args.config)
-    logging.basicConfig(
-        level=logging.DEBUG if cfg.get("verbose", 0) > 1 else logging.INFO,
-        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
-        stream=sys.stderr,
-    )
-    from nbdquorum.cli import run_loop
-
+    setup_logging(cfg.get("verbose", 0), f"[w{args.index}]")
     return run_loop(run(args.index, args.ctl_fd, args.data_fd, args.epoch_fd, cfg))
 
 

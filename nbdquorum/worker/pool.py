@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import mmap
@@ -139,6 +140,7 @@ class WorkerPool:
             "description": self.export.description,
             "read_only": self.export.read_only,
             "budget": self.nbd.budget.limit,
+            "limits": dataclasses.asdict(self.nbd.limits),
             "child_timeout": self.child_timeout,
             "verbose": self.verbose,
         }
@@ -159,7 +161,8 @@ class WorkerPool:
         w = Worker(index, proc, channel, quick_deaths=quick_deaths)
         self.workers.append(w)
         channel.start()
-        self._task(self.nbd.serve_socket(data_here, counted=False))  # its forwarding connection
+        # the worker's forwarding connection (its clients are bounded and counted there)
+        self._task(self.nbd.serve_socket(data_here, internal=True))
         self._send_view(w)
         log.info("worker %d started (pid %d)", index, proc.pid)
 

@@ -233,7 +233,7 @@ def test_the_server_counts_client_requests_and_not_a_forwarding_connection(
 
     async def client_on(nbd: NBDServer, counted: bool) -> tuple[NBDClient, asyncio.Task[None]]:
         here, there = socket.socketpair()
-        serving = asyncio.create_task(nbd.serve_socket(here, counted=counted))
+        serving = asyncio.create_task(nbd.serve_socket(here, internal=not counted))
         reader, writer = await asyncio.open_connection(sock=there, limit=READ_CHUNK)
         return await NBDClient.connect(reader, writer, "disk"), serving
 

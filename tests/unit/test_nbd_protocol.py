@@ -1389,16 +1389,16 @@ def _receive_into(conn: ServerConnection, data: bytes, step: int) -> list[memory
     used = []
     for i in range(0, len(data), step):
         piece = data[i:i + step]
-        buf = conn.receive_buffer()
-        n = min(len(piece), len(buf))
-        buf[:n] = piece[:n]
-        used.append(buf)
-        conn.buffer_filled(n)
-        if n < len(piece):  # the rest goes to the next buffer
-            rest = piece[n:]
-            buf2 = conn.receive_buffer()
-            buf2[:len(rest)] = rest
-            conn.buffer_filled(len(rest))
+        first = True
+        while piece:  # what does not fit goes to the next buffers
+            buf = conn.receive_buffer()
+            n = min(len(piece), len(buf))
+            buf[:n] = piece[:n]
+            if first:
+                used.append(buf)
+                first = False
+            conn.buffer_filled(n)
+            piece = piece[n:]
     return used
 
 

@@ -518,14 +518,14 @@ def qmp_json(srv: ThreadedServer, capsys: Any, *argv: str) -> Any:
 
 
 def test_query_block_jobs_during_a_resync(jobsrv: ThreadedServer, capsys: Any) -> None:
-    from nbdquorum.qmp.schema import _visit
+    from nbdquorum.qmp.check import visit
 
     assert qmp_json(jobsrv, capsys, "query-block-jobs") == []
     code, _, err = ctl_run(jobsrv, capsys, "add", f"n3={jobsrv.image('n3.raw')}")
     assert code == 0, err
     qmp_json(jobsrv, capsys, "job-pause", '{"id": "resync-n3"}')  # holds it still
     (info,) = qmp_json(jobsrv, capsys, "query-block-jobs")
-    _visit("BlockJobInfo", info, "")  # every member and type as declared
+    visit("BlockJobInfo", info, "")  # every member and type as declared
     assert {k: info[k] for k in ("type", "device", "len", "busy", "paused", "speed",
                                  "io-status", "ready", "status", "auto-finalize",
                                  "auto-dismiss")} == {

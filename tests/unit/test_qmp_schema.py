@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from nbdquorum.block.graph import Graph
-from nbdquorum.qmp import schema
+from nbdquorum.qmp import docgen, schema
+from nbdquorum.qmp.check import check_arguments, check_event
 from nbdquorum.qmp.commands import HANDLERS, Context, execute
 from nbdquorum.qmp.errors import QMPError
 from nbdquorum.qmp.protocol import Execute, ServerConnection, greeting
-from nbdquorum.qmp.schema import COMMANDS, EVENTS, check_arguments, check_event, py_name
+from nbdquorum.qmp.schema import COMMANDS, EVENTS, py_name
 from tests.unit.aiohelp import run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,17 +219,17 @@ def test_quorum_events_as_the_block_layer_emits_them_match_the_table() -> None:
 
 def test_docs_qmp_md_is_up_to_date() -> None:
     doc = REPO / "docs" / "qmp.md"
-    assert doc.read_text() == schema.markdown(), (
-        "docs/qmp.md is stale: run python -m nbdquorum.qmp.schema --markdown > docs/qmp.md")
+    assert doc.read_text() == docgen.markdown(), (
+        "docs/qmp.md is stale: run python -m nbdquorum.qmp.docgen --markdown > docs/qmp.md")
 
 
 def test_docs_mention_every_command_and_event() -> None:
-    text = schema.markdown()
+    text = docgen.markdown()
     for name in [*COMMANDS, *EVENTS]:
         assert f"### {name}\n" in text
 
 
-def test_schema_module_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "nbdquorum.qmp.schema", "--json"],
+def test_docgen_module_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "nbdquorum.qmp.docgen", "--json"],
                           capture_output=True, text=True, cwd=REPO, check=True)
     assert json.loads(proc.stdout) == sorted(COMMANDS)

@@ -48,8 +48,9 @@ INLINE_MAX = 64 << 10
 INLINE_STALL = 0.02
 #: reads at least this big borrow their buffers from a pool
 POOL_MIN = 128 << 10
-#: at most this many bytes of spare buffers are kept per request size
-POOL_BYTES = 32 << 20
+#: at most this many bytes of spare buffers are kept, all sizes together (per
+#: process; in docs/performance.md's memory bound)
+POOL_BYTES = 16 << 20
 #: votes over at least this many bytes run on the pool, not the event loop
 VOTE_ON_POOL = 65536
 
@@ -94,17 +95,26 @@ async def _timed(aw: Awaitable[T], limit: float | None) -> T:
 
 
 class BufferPool:
-    """Spare read buffers by size, so big reads do not zero-fill fresh ones."""
+    """Spare read buffers by size, so big reads do not zero-fill fresh ones; capped
+    over all sizes together (the memory bound in docs/performance.md counts it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self.kept = 0  # bytes in the free lists
         self._free: dict[int, list[bytearray]] = {}
 
     def take(self, n: int, length: int, lent: list[bytearray]) -> list[bytearray] | None:
         """n buffers of ``length`` bytes (recorded in ``lent``), or None below POOL_MIN."""
         if length < POOL_MIN:
             return None
-        free = self._free.setdefault(length, [])
-        bufs = [free.pop() if free else bytearray(length) for _ in range(n)]
+        free = self._free.get(length)
+        bufs = []
+        for _ in range(n):
+            if free:
+                bufs.append(free.pop())
+                self.kept -= length
+            else:
+                bufs.append(bytearray(length))
         lent.extend(bufs)
         return bufs
 
@@ -112,10 +122,30 @@ class BufferPool:
         """Return borrowed buffers, except the one handed to the caller (it is sent)."""
         if not lent:
             return
-        free = self._free.setdefault(len(lent[0]), [])
+        length = len(lent[0])
         for b in lent:
-            if b is not keep and (len(free) + 1) * len(b) <= POOL_BYTES:
-                free.append(b)
+            if b is keep:
+                continue
+            if self.kept + length > self.limit:
+                self._evict(length)
+                if self.kept + length > self.limit:
+                    return  # dropped: freed
+            self._free.setdefault(length, []).append(b)
+            self.kept += length
+
+    def _evict(self, length: int) -> None:
+        """Drop spare buffers of other sizes to make room for one of ``length``."""
+        for size in list(self._free):
+            if size == length:
+                continue
+            free = self._free[size]
+            while free and self.kept + length > self.limit:
+                free.pop()
+                self.kept -= size
+            if not free:
+                del self._free[size]
+            if self.kept + length <= self.limit:
+                return
 
 
 class VotedIO:
