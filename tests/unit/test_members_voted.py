@@ -227,3 +227,62 @@ def test_an_unreachable_child_that_comes_back_with_a_broken_image_is_faulted() -
     far.health = lambda: "export is read-only"  # type: ignore[method-assign]
     q.check_health()
     assert q.slots[2].state is ChildState.FAULTED
+
+
+def _catch_up_rig() -> tuple[Graph, QuorumNode, LinkNode]:
+    bus = EventBus()
+    g = Graph(bus)
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=bus, max_errors=100)
+    g.add(q)
+    return g, q, far
+
+
+def test_a_returning_child_catches_up_on_what_it_missed_only() -> None:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+    g, q, far = _catch_up_rig()
+
+    async def main() -> int:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        await q.pwrite(0, b"\x07" * (2 * SIZE))  # data everywhere the child will be checked
+        far.down = True
+        q.check_health()
+        await q.pwrite(3 * SIZE, b"\x09" * 4096)  # missed
+        far.down = False
+        q.check_health()
+        await jobs.jobs["resync-far"].wait()
+        return int(jobs.history[-1]["total-progress"])
+
+    copied = run(main())
+    assert q.slots[2].state is ChildState.ACTIVE
+    assert copied == SIZE, "only the region written while it was away"
+    assert bytes(far.buf) == bytes(q.slots[0].node.buf)  # type: ignore[attr-defined]
+
+
+def test_a_different_image_behind_the_same_address_is_copied_in_full() -> None:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+    g, q, far = _catch_up_rig()
+
+    async def main() -> int:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        await q.pwrite(0, b"\x07" * (2 * SIZE))
+        far.down = True
+        q.check_health()
+        await q.pwrite(3 * SIZE, b"\x09" * 4096)
+        far.buf[:] = bytes(len(far.buf))  # the host came back with a blank disk
+        far.down = False
+        q.check_health()
+        await jobs.jobs["resync-far"].wait()
+        return int(jobs.history[-1]["total-progress"])
+
+    copied = run(main())
+    assert q.slots[2].state is ChildState.ACTIVE
+    assert copied == BIG, "everything"
+    assert bytes(far.buf) == bytes(q.slots[0].node.buf)  # type: ignore[attr-defined]
