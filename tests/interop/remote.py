@@ -85,6 +85,7 @@ verify for a bounded time and returns a ``FioResult`` (``returncode``, ``timed_o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -415,11 +416,20 @@ class RemoteHost(Host):
             if self._guarded and not _root_sockets_to(self.addr):
                 _drop_guard(self.network)
                 self._guarded = False
-            if self._claim is not None and not self._guarded:
-                with contextlib.suppress(FileNotFoundError):
-                    self._claim.unlink()
-            # else: the claim names this pid; the next run's sweep drops guard and claim
+            if self._guarded:  # dropped when this process exits (its sockets are gone)
+                atexit.register(self._release)
+            else:
+                self._release()
             self.closed = True
+
+    def _release(self) -> None:
+        if self._guarded:
+            _drop_guard(self.network)
+            self._guarded = False
+        if self._claim is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._claim.unlink()
+            self._claim = None
 
 
 def require_netns() -> None:
@@ -434,8 +444,11 @@ def require_netns() -> None:
         unavailable(f"cannot create a network namespace: {output(proc).strip()}")
 
 
+MakeRemoteHost = Callable[[], RemoteHost]
+
+
 @pytest.fixture(name="remote_host")
-def remote_host_fixture() -> Iterator[Callable[[], RemoteHost]]:
+def remote_host_fixture() -> Iterator[MakeRemoteHost]:
     """Factory: ``remote_host()`` → a new ``RemoteHost``; every one closed in teardown."""
     require_netns()
     sweep_leftovers()

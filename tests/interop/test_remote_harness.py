@@ -37,8 +37,10 @@ from .remote import (
     REGISTRY,
     Host,
     LocalHost,
+    MakeRemoteHost,
     NbdServer,
     RemoteHost,
+    StartRemoteQuorum,
     fio_verify,
     fio_verify_start,
     local_host_fixture,  # noqa: F401  (the local_host fixture)
@@ -55,6 +57,8 @@ SIZE = 16 * MiB
 HUNG = 124  # timeout(1)'s exit status when the command had to be killed
 #: servers with a quorum over remote children, for the scenarios both must pass
 REMOTE_TARGETS = ("qsd",)
+#: how long a request may take while a child is silent (above any --child-timeout used)
+SILENT_BOUND = 6.0
 
 
 def bounded_qemu_io(uri: str, *commands: str, seconds: float = 3.0
@@ -99,7 +103,7 @@ def host(request: pytest.FixtureRequest) -> Host:
 # --------------------------------------------------------------------------- hosts
 
 
-def test_remote_host_is_a_separate_host_and_close_leaves_nothing(remote_host) -> None:  # type: ignore[no-untyped-def]
+def test_remote_host_is_a_separate_host_and_close_leaves_nothing(remote_host: MakeRemoteHost) -> None:
     host: RemoteHost = remote_host()
     other: RemoteHost = remote_host()
     assert host.network != other.network and host.name != other.name
@@ -131,7 +135,7 @@ def test_remote_host_is_a_separate_host_and_close_leaves_nothing(remote_host) ->
     assert other.name in netns_names()  # untouched
 
 
-def test_sweep_removes_what_a_crashed_run_left(remote_host) -> None:  # type: ignore[no-untyped-def]
+def test_sweep_removes_what_a_crashed_run_left(remote_host: MakeRemoteHost) -> None:
     """A run killed before its finalizers leaves a namespace, a veth, a route and a claim;
     the next run's fixture removes them (the dead run is recognised by its PID)."""
     dead = subprocess.Popen(["true"])
@@ -195,7 +199,7 @@ def test_nbdkit_serves_a_file_with_filters(host: Host, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_cut_link_holds_requests_until_restored(remote_host, tmp_path: Path  # type: ignore[no-untyped-def]
+def test_cut_link_holds_requests_until_restored(remote_host: MakeRemoteHost, tmp_path: Path
                                                 ) -> None:
     """A cut link is silent: a connected client's request and a new connection both wait
     (no error: nothing comes back, not even a reset); after restore() the pending request
@@ -244,7 +248,7 @@ def test_killed_server_refuses_and_restart_serves_the_same_image(host: Host, tmp
     assert_pattern(img, 2 * MiB, 4096, 0x78)
 
 
-def test_nbdkit_delay_filter_slows_reads(remote_host, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_nbdkit_delay_filter_slows_reads(remote_host: MakeRemoteHost, tmp_path: Path) -> None:
     """rdelay holds each read at least that long (a lower bound: load only adds to it)."""
     img = make_image(tmp_path / "remote.raw", SIZE)
     srv = nbdkit(remote_host(), ["file", img, "rdelay=800ms"], filters=["delay"])
@@ -253,7 +257,7 @@ def test_nbdkit_delay_filter_slows_reads(remote_host, tmp_path: Path) -> None:  
     assert time.monotonic() - start >= 1.6
 
 
-def test_nbdkit_error_filter_fails_requests(remote_host, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_nbdkit_error_filter_fails_requests(remote_host: MakeRemoteHost, tmp_path: Path) -> None:
     """Reads fail with EIO while the trigger file exists; writes are unaffected; the
     restarted server has the same filters."""
     img = make_image(tmp_path / "remote.raw", SIZE)
@@ -277,7 +281,7 @@ def test_nbdkit_error_filter_fails_requests(remote_host, tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(240)
-def test_fio_verify_counts_io_and_verify_errors(remote_host, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fio_verify_counts_io_and_verify_errors(remote_host: MakeRemoteHost, tmp_path: Path) -> None:
     """The helper passes a good export, and reports a flaky one and a lying one."""
     host: RemoteHost = remote_host()
     good = qemu_nbd(host, make_image(tmp_path / "good.raw", SIZE))
@@ -298,7 +302,7 @@ def test_fio_verify_counts_io_and_verify_errors(remote_host, tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(240)
-def test_fio_verify_across_a_cut_and_a_restart(remote_host, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fio_verify_across_a_cut_and_a_restart(remote_host: MakeRemoteHost, tmp_path: Path) -> None:
     """fio against a server whose link is cut and restored finishes clean (TCP
     retransmits); against one that is killed, it reports errors instead of hanging."""
     host: RemoteHost = remote_host()
@@ -327,7 +331,7 @@ def remote_target(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def remote_quorum(remote_host, start_remote_quorum, tmp_path: Path, target: str,  # type: ignore[no-untyped-def]
+def remote_quorum(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum, tmp_path: Path, target: str,
                   **kwargs: object) -> tuple[RemoteHost, NbdServer, Path, Server]:
     """child0, child1: local files; child2: qemu-nbd in a namespace."""
     host: RemoteHost = remote_host()
@@ -337,7 +341,7 @@ def remote_quorum(remote_host, start_remote_quorum, tmp_path: Path, target: str,
     return host, srv, img, quorum
 
 
-def test_quorum_with_an_nbd_child_reads_and_writes(remote_host, start_remote_quorum,  # type: ignore[no-untyped-def]
+def test_quorum_with_an_nbd_child_reads_and_writes(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum,
                                                    tmp_path: Path, remote_target: str) -> None:
     _, _, img, q = remote_quorum(remote_host, start_remote_quorum, tmp_path, remote_target)
     qemu_io(q.uri(), "write -P 0x5a 1M 256k", "read -P 0x5a 1M 256k")
@@ -347,7 +351,7 @@ def test_quorum_with_an_nbd_child_reads_and_writes(remote_host, start_remote_quo
     assert q.events() == []
 
 
-def test_qsd_nbd_child_killed_and_restarted(remote_host, start_remote_quorum,  # type: ignore[no-untyped-def]
+def test_qsd_nbd_child_killed_and_restarted(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum,
                                             tmp_path: Path) -> None:
     """Observed with QEMU 7.2, reconnect-delay 0 (QEMU's default):
 
@@ -380,7 +384,7 @@ def test_qsd_nbd_child_killed_and_restarted(remote_host, start_remote_quorum,  #
     assert all(e["data"]["node-name"] == "child2" for e in q.events())
 
 
-def test_returning_child_catches_up(remote_host, start_remote_quorum, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_returning_child_catches_up(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum, tmp_path: Path,
                                     remote_target: str, request: pytest.FixtureRequest
                                     ) -> None:
     """The product's promise: a child whose server comes back gets the writes it missed."""
@@ -392,13 +396,13 @@ def test_returning_child_catches_up(remote_host, start_remote_quorum, tmp_path: 
     qemu_io(q.uri(), "write -P 0x33 0 64k")
     srv.restart()
     qemu_io(q.uri(), "write -P 0x44 2M 64k")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 15
     while bytes(img.read_bytes()[:65536]) != b"\x33" * 65536:
         assert time.monotonic() < deadline, "child2 never received the write it missed"
         time.sleep(0.2)
 
 
-def test_silent_remote_holds_no_request_forever(remote_host, start_remote_quorum,  # type: ignore[no-untyped-def]
+def test_silent_remote_holds_no_request_forever(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum,
                                                 tmp_path: Path, remote_target: str,
                                                 request: pytest.FixtureRequest) -> None:
     """Observed with QEMU 7.2: with child2's link cut, reads and writes through qsd's
@@ -413,8 +417,8 @@ def test_silent_remote_holds_no_request_forever(remote_host, start_remote_quorum
     qemu_io(q.uri(), "write -P 0x5a 0 64k")
     host.cut()
     try:
-        read = bounded_qemu_io(q.uri(), "read -P 0x5a 0 64k", seconds=15)
-        write = bounded_qemu_io(q.uri(), "write -P 0x46 0 64k", seconds=15)
+        read = bounded_qemu_io(q.uri(), "read -P 0x5a 0 64k", seconds=SILENT_BOUND)
+        write = bounded_qemu_io(q.uri(), "write -P 0x46 0 64k", seconds=SILENT_BOUND)
     finally:
         host.restore()
         # the held requests drain before teardown stops the server
@@ -423,7 +427,7 @@ def test_silent_remote_holds_no_request_forever(remote_host, start_remote_quorum
     assert not hung(write), "a write was held by a silent child"
 
 
-def test_qsd_reconnect_delay_waits_for_a_returning_server(remote_host, start_remote_quorum,  # type: ignore[no-untyped-def]
+def test_qsd_reconnect_delay_waits_for_a_returning_server(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum,
                                                           tmp_path: Path) -> None:
     """Observed with QEMU 7.2, reconnect-delay 10: a write while the server is down waits
     for it; the server is back after ~1 s, the write completes on all three children and
@@ -443,7 +447,7 @@ def test_qsd_reconnect_delay_waits_for_a_returning_server(remote_host, start_rem
 
 
 @pytest.mark.timeout(240)
-def test_fio_through_qsd_while_the_remote_dies_and_returns(remote_host, start_remote_quorum,  # type: ignore[no-untyped-def]
+def test_fio_through_qsd_while_the_remote_dies_and_returns(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQuorum,
                                                            tmp_path: Path) -> None:
     """fio with verify through the quorum during a fault: the client sees nothing."""
     _, srv, _, q = remote_quorum(remote_host, start_remote_quorum, tmp_path, "qsd")
