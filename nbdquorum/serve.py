@@ -416,11 +416,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     try:
         if pool is not None:
             await pool.start()
-        try:
-            for li in nbd_listeners:
-                await listener.serve_listener(li)
-        except OSError as err:
-            raise UsageError(err.strerror or str(err)) from err
+        # QMP first: once the NBD socket accepts, the monitor does too
         if qmp_listener is not None:
             from nbdquorum.qmp.server import QMPServer
 
@@ -428,6 +424,11 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
             qmp.jobs = jobs
             qmp.resync = resync
             await qmp.serve_listener(qmp_listener)
+        try:
+            for li in nbd_listeners:
+                await listener.serve_listener(li)
+        except OSError as err:
+            raise UsageError(err.strerror or str(err)) from err
         if metrics_listeners:
             from nbdquorum import metrics
 
