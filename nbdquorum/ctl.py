@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, Final
 
+from nbdquorum.remote.uri import AddressError, is_uri, parse_uri
+
 EXIT_OK: Final = 0
 EXIT_QMP_ERROR: Final = 1
 EXIT_USAGE: Final = 2
@@ -184,9 +186,16 @@ class QMPClient:
 
 
 def parse_named_path(text: str) -> tuple[str, str]:
+    """NAME=PATH (an image file, made absolute) or NAME=URI (an NBD export)."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise UsageProblem(f"expected NAME=PATH, got {text!r}")
+        raise UsageProblem(f"expected NAME=PATH or NAME=nbd://HOST[:PORT]/EXPORT, got {text!r}")
+    if is_uri(path):
+        try:
+            parse_uri(path)
+        except AddressError as err:
+            raise UsageProblem(str(err)) from err
+        return name, path
     return name, os.path.abspath(path)
 
 
@@ -214,11 +223,24 @@ def child_of(status: dict[str, Any], node: str) -> dict[str, Any] | None:
     return next((c for c in status["children"] if c.get("node-name") == node), None)
 
 
-def add_child(client: QMPClient, parent: str, name: str, path: str) -> None:
-    client.execute("blockdev-add", {"driver": "raw", "node-name": name,
-                                    "file": {"driver": "file", "filename": path}})
+def blockdev_options(name: str, path: str) -> dict[str, Any]:
+    """blockdev-add's arguments for an image file, or QEMU's nbd node for a URI."""
+    if is_uri(path):
+        addr = parse_uri(path)
+        opts: dict[str, Any] = {"driver": "nbd", "node-name": name, "server": addr.server(),
+                                "export": addr.export}
+        return opts
+    return {"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": path}}
+
+
+def add_child(client: QMPClient, parent: str, name: str, path: str,
+              resync: str | None = None) -> None:
+    client.execute("blockdev-add", blockdev_options(name, path))
+    args: dict[str, Any] = {"parent": parent, "child": name}
+    if resync is not None:
+        args["x-resync"] = resync
     try:
-        client.execute("x-blockdev-child-add", {"parent": parent, "child": name})
+        client.execute("x-blockdev-child-add", args)
     except QMPReplyError:
         try:  # leave nothing behind
             client.execute("blockdev-del", {"node-name": name})
@@ -467,6 +489,13 @@ def diagnose(st: dict[str, Any], *, several: bool = False
                 problems.append((f"{name} is resyncing: {progress}",
                                  "none needed; it votes once in sync "
                                  f"(`nbdquorum ctl status {node}` shows the progress)"))
+        elif state == "unreachable":
+            left = _n(c, "unsynced-bytes")
+            problems.append((
+                f"{name} is unreachable (its host or link is down; "
+                f"{_human(left)} written since will be copied when it returns)",
+                f"none needed if it comes back: it catches up by itself; to give it up, "
+                f"{ctl(f'replace {name} NEW=PATH|URI')}"))
         elif state != "active":
             problems.append((f"{name} is {state}", f"{replace}"))
         cksum = _n(c, "checksum-errors")

@@ -21,6 +21,8 @@ from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.qmp.events import wired
 from nbdquorum.ratelimit import Burst
+from nbdquorum.remote.child import NBDChild
+from nbdquorum.remote.uri import AddressError, is_uri, parse_uri
 from nbdquorum.runtime import MALLOC_HEAP_MAX, parse_size, run_loop, setup_logging
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
@@ -105,7 +107,8 @@ def apply_state(cfg: ServeConfig, state: dict[str, Any], state_dir: str) -> Serv
     rec = [ChildSpec(c["node-name"], c["filename"]) for c in state["children"]]
     qstate = state["quorum"]
     if cfg.children:
-        given = [(c.name, os.path.abspath(c.path)) for c in cfg.children]
+        given = [(c.name, c.path if is_uri(c.path) else os.path.abspath(c.path))
+                 for c in cfg.children]
         recorded = [(c.name, c.path) for c in rec]
         if sorted(given) != sorted(recorded):
 
@@ -135,11 +138,51 @@ def apply_state(cfg: ServeConfig, state: dict[str, Any], state_dir: str) -> Serv
     return cfg
 
 
-def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
+async def open_remote_children(cfg: ServeConfig, recorded_size: int | None
+                               ) -> dict[str, NBDChild]:
+    """Connect the children given as NBD URIs (the others are files).
+
+    At a first start a child that cannot be reached is an error (its size is
+    unknown); on a restart with a recorded state it starts unreachable and is
+    connected in the background (it then catches up on what it missed).
+    """
+    out: dict[str, NBDChild] = {}
+    try:
+        for spec in cfg.children:
+            if not is_uri(spec.path):
+                continue
+            try:
+                address = parse_uri(spec.path)
+            except AddressError as err:
+                raise UsageError(f"child {spec.name}: {err}") from err
+            node = NBDChild(spec.name, address, timeout=cfg.child_timeout, size=recorded_size,
+                            read_only=cfg.read_only)
+            out[spec.name] = node
+            try:
+                await node.open()
+            except OSError as err:
+                if recorded_size is None:
+                    raise UsageError(f"child {spec.name}: {err.strerror or err}") from err
+                log.warning("child %s: %s; it starts unreachable and is connected again in "
+                            "the background", spec.name, err.strerror or err)
+                node.start_offline(str(err.strerror or err))
+    except BaseException:
+        for node in out.values():
+            node.close()
+        raise
+    return out
+
+
+def build_graph(cfg: ServeConfig, bus: EventBus,
+                remote: dict[str, NBDChild] | None = None) -> tuple[Graph, QuorumNode]:
     """Open the children and the quorum, with the checks an operator needs."""
+    remote = remote or {}
     graph = Graph(bus)
     sizes: dict[str, int] = {}
     for spec in cfg.children:
+        if spec.name in remote:
+            sizes[spec.path] = remote[spec.name].size()
+            continue
         exists = os.path.exists(spec.path)
         if not exists and cfg.size is None:
             raise UsageError(f"{spec.path}: no such file (give --size to create missing images)")
@@ -166,10 +209,17 @@ def build_graph(cfg: ServeConfig, bus: EventBus) -> tuple[Graph, QuorumNode]:
             if cfg.fault_injection:
                 from nbdquorum.block.faulty import FaultyNode
 
-                raw = graph.open_raw_file(f"{spec.name}-raw", spec.path, read_only=cfg.read_only,
-                                          create_size=cfg.size)
-                raw.owned_by_monitor = False
-                children.append(graph.add(FaultyNode(spec.name, raw)))
+                if spec.name in remote:
+                    inner: BlockNode = remote[spec.name]
+                    inner.node_name = f"{spec.name}-nbd"
+                    graph.add(inner)
+                else:
+                    inner = graph.open_raw_file(f"{spec.name}-raw", spec.path,
+                                                read_only=cfg.read_only, create_size=cfg.size)
+                inner.owned_by_monitor = False
+                children.append(graph.add(FaultyNode(spec.name, inner)))
+            elif spec.name in remote:
+                children.append(graph.add(remote[spec.name]))
             else:
                 children.append(
                     graph.open_raw_file(
@@ -314,13 +364,16 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     from nbdquorum.state import WriteIntentLog, restore
     from nbdquorum.worker.pool import WorkerPool
 
-    graph, quorum = build_graph(cfg, bus)
+    recorded = int(state["quorum"]["size"]) if state is not None else None
+    remote = await open_remote_children(cfg, recorded)
+    graph, quorum = build_graph(cfg, bus, remote)
     intent = None
     tasks: list[asyncio.Task[None]] = []
     if store is not None:
         if state is not None:
             restore(quorum, state)
             distrust_new_images(quorum, cfg.created)
+            quorum.check_health()  # children on other hosts that are down: unreachable
         intent = WriteIntentLog(store.intent_path, quorum.size())
         if state is not None and not state.get("clean", False) and intent.recovered.count():
             log.warning("unclean stop detected: resolving %d dirty regions before serving",
@@ -363,11 +416,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     try:
         if pool is not None:
             await pool.start()
-        try:
-            for li in nbd_listeners:
-                await listener.serve_listener(li)
-        except OSError as err:
-            raise UsageError(err.strerror or str(err)) from err
+        # QMP first: once the NBD socket accepts, the monitor does too
         if qmp_listener is not None:
             from nbdquorum.qmp.server import QMPServer
 
@@ -375,6 +424,11 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
             qmp.jobs = jobs
             qmp.resync = resync
             await qmp.serve_listener(qmp_listener)
+        try:
+            for li in nbd_listeners:
+                await listener.serve_listener(li)
+        except OSError as err:
+            raise UsageError(err.strerror or str(err)) from err
         if metrics_listeners:
             from nbdquorum import metrics
 
@@ -411,7 +465,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
         try:
             await quorum.flush()
             if intent is not None:
-                await intent.clean(quorum)
+                await intent.clean(quorum, final=True)
         except OSError as err:
             log.error("final flush failed: %s", err)
             if store is not None:

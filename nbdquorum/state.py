@@ -103,12 +103,17 @@ class StateStore:
                 {
                     "child": s.name,
                     "node-name": s.node.node_name,
-                    "filename": os.path.abspath(s.node.filename()),
+                    "filename": _recorded_name(s.node.filename()),
+                    "driver": _driver(s.node),
                     "state": str(s.state),
                     "sync": s.sync.to_hex() if s.sync is not None else None,
+                    "catch-up": s.catch_up,
                 }
                 for s in q.slots
             ],
+            # images that left out of sync: what they miss keeps being recorded
+            "departed": [{"filename": name, "sync": bm.to_hex()}
+                         for name, bm in q.members.departed.items()],
         }
 
     def save(self, q: QuorumNode, *, clean: bool = False) -> None:
@@ -132,11 +137,31 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
         rec = by_name[slot.node.node_name]
         st = ChildState(rec["state"])
         sync = None
-        if st is ChildState.RESYNCING:
+        if st in (ChildState.RESYNCING, ChildState.UNREACHABLE):
             sync = (RegionBitmap.from_hex(q.size(), region, rec["sync"]) if rec.get("sync")
                     else RegionBitmap(q.size(), region, fill=True))
         records.append((slot, str(rec["child"]), st, sync))
+        slot.catch_up = bool(rec.get("catch-up", False))
     q.members.restore(records, int(state["quorum"].get("next-child-index", len(q.slots))))
+    for d in state.get("departed", []):
+        q.members.departed[str(d["filename"])] = RegionBitmap.from_hex(q.size(), region,
+                                                                      d["sync"])
+
+
+def _recorded_name(name: str) -> str:
+    """Files by absolute path (the server may start elsewhere); URIs as they are."""
+    return name if "://" in name else os.path.abspath(name)
+
+
+def _driver(node: object) -> str:
+    """The protocol under a child: "nbd" for one on another host, else "file"."""
+    while True:
+        if getattr(node, "driver", None) == "nbd":
+            return "nbd"
+        inner = getattr(node, "child", None)
+        if inner is None:
+            return "file"
+        node = inner
 
 
 class WriteIntentLog(WriteIntent):
@@ -215,8 +240,17 @@ class WriteIntentLog(WriteIntent):
         os.pwrite(self.fd, data, 0)
         os.fdatasync(self.fd)
 
-    async def clean(self, q: QuorumNode) -> int:
-        """Flush the children, then clear the regions no write touched meanwhile."""
+    async def clean(self, q: QuorumNode, *, final: bool = False) -> int:
+        """Flush the children, then clear the regions no write touched meanwhile.
+
+        While a child is unreachable (or an image departed out of sync) nothing
+        is cleared: the regions it misses are recorded in memory, and after a
+        crash this bitmap is what still names them (md keeps its bitmap bits
+        while a member is missing).  ``final``: a clean stop, right before the
+        state (with those records) is saved.
+        """
+        if not final and (q.members.absent() or q.members.departed):
+            return 0
         candidates = {b: self.touched.get(b, 0) for b in self.bitmap if b not in self.inflight}
         if not candidates:
             return 0

@@ -133,7 +133,8 @@ class Graph:
         return node
 
     def child_add(
-        self, parent: str, node_name: str, state: ChildState | None = None
+        self, parent: str, node_name: str, state: ChildState | None = None, *,
+        missed_only: bool = False,
     ) -> ChildSlot:
         """x-blockdev-change {parent, node} / x-blockdev-child-add {parent, child}.
 
@@ -148,7 +149,7 @@ class Graph:
             raise GraphError(f"The node {node_name} cannot be a child of itself")
         if self.parents(node):
             raise GraphError(f"The node {node_name} already has a parent")
-        slot = q.members.attach(node, state)
+        slot = q.members.attach(node, state, missed_only=missed_only)
         log.warning("quorum %s: added %s as %s (%s)", q.node_name, node_name, slot.name, state)
         for fn in list(self.on_child_added):
             fn(q, slot)

@@ -59,6 +59,17 @@ class Direct:
 
 
 
+class Unreachable(str):
+    """A health problem of a node's link, not of its image: it may come back.
+
+    ``health()`` returns one for a child on another host whose connection is
+    down; the quorum then takes it out of the I/O (``unreachable``) instead
+    of faulting it, and catches it up when ``health()`` is None again.
+    """
+
+    __slots__ = ()
+
+
 def oserror(code: int, what: str = "") -> OSError:
     msg = os.strerror(code)
     return OSError(code, f"{msg}: {what}" if what else msg)
@@ -122,7 +133,8 @@ class BlockNode:
         return None
 
     def health(self) -> str | None:
-        """A problem the node can see without I/O (file deleted, truncated), or None."""
+        """A problem the node can see without I/O (file deleted, truncated, a
+        link down: ``Unreachable``), or None."""
         for c in self.children_nodes():
             problem = c.health()
             if problem:

@@ -25,6 +25,11 @@ from nbdquorum.jobs.job import Job, JobManager, JobStatus
 
 log = logging.getLogger(__name__)
 
+#: regions compared before a catch-up trusts that a returning child is the same image
+IDENTITY_SAMPLES = 8
+#: regions looked at, at most, to find those samples (blank ones do not count)
+IDENTITY_CANDIDATES = 64
+
 
 class ResyncJob(Job):
     job_type = "resync"
@@ -50,8 +55,13 @@ class ResyncJob(Job):
         if bm is None:
             q.members.resynced(slot)
             return
+        if slot.catch_up and not await self._same_image(q, slot, bm):
+            q.members.start_resync(slot)  # a different image: everything is copied
+            bm = slot.sync
+            assert bm is not None
         self.total = bm.dirty_bytes()
-        log.info("resync of %s: %d bytes to copy", slot.node.node_name, self.total)
+        log.info("resync of %s: %d bytes to copy%s", slot.node.node_name, self.total,
+                 " (catch-up)" if slot.catch_up else "")
         while True:
             await self._copy_dirty(q, slot, bm)
             await q.child_io(slot.node.flush())
@@ -62,6 +72,41 @@ class ResyncJob(Job):
             raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
         q.members.resynced(slot)
         log.info("resync of %s complete", slot.node.node_name)
+
+    async def _same_image(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> bool:
+        """Best effort: is the returning child the image that left?
+
+        Its size matched when it connected.  Here, regions that were not written
+        since it left (spread over the disk) and that hold data in the quorum
+        (all-zero ones tell a blank disk from the image apart in no way) must
+        read the same on it as the quorum's vote: up to IDENTITY_SAMPLES of
+        them, among at most IDENTITY_CANDIDATES tried.  With no such region at
+        all, the child is copied in full (cheap where the quorum is blank).
+        """
+        clean = [b for b in range(bm.nbits) if not bm.test(b)]
+        if not clean:
+            return True
+        step = max(1, len(clean) // IDENTITY_CANDIDATES)
+        matched = 0
+        for bit in clean[::step][:IDENTITY_CANDIDATES]:
+            off, n = bm.region_of(bit)
+            async with q.lock.hold(off, n, exclusive=False):
+                ours = await q.read_voted(off, n)
+                if ours == bytes(len(ours)):
+                    continue  # blank in the quorum: proves nothing
+                theirs = await q.child_io(slot.node.pread(off, n))
+            if q.voted.diff_span(ours, theirs) is not None:
+                log.warning("resync of %s: region at %d differs from the quorum's although "
+                            "it was not written since the child left: not the same image, "
+                            "copying everything", slot.node.node_name, off)
+                return False
+            matched += 1
+            if matched >= IDENTITY_SAMPLES:
+                break
+        if not matched:
+            log.warning("resync of %s: no region with data to tell the image by: copying "
+                        "everything", slot.node.node_name)
+        return matched > 0
 
     async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
         """Copy every region still dirty, until none is (writes may dirty more)."""

@@ -1,11 +1,13 @@
-"""A small NBD client: how a worker process forwards requests to the primary.
+"""A small NBD client: a worker's link to the primary, and a quorum's link to a
+child on another host.
 
-Fixed newstyle, structured replies and base:allocation, OPT_GO; requests
-multiplexed by cookie over one connection.  The wire format lives in pure
-functions (encode_* / parse_*) with the same constants and layout tables as
-the server (constants.py, wire.py); NBDClient is the asyncio driver around
-them.  It is not a general-purpose client: it speaks to nbdquorum and raises
-``NBDClientError`` on anything else.
+Fixed newstyle, OPT_GO, structured replies and base:allocation where the
+server has them (simple replies and no block status where it does not);
+requests multiplexed by cookie over one connection.  The wire format lives in
+pure functions (encode_* / parse_*) with the same constants table as the
+server (constants.py); NBDClient is the asyncio driver around them.  A server
+that breaks the protocol raises ``NBDClientError``; a lost connection fails
+every request in flight with a ``ConnectionError``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 from dataclasses import dataclass, field
 
 from nbdquorum.coretypes import Buffer, Extent
@@ -39,6 +42,7 @@ from nbdquorum.nbd.wire import (
     ERROR,
     GREETING,
     HOLE,
+    INFO_BLOCK_SIZE,
     INFO_EXPORT,
     INFO_TYPE,
     OFFSET,
@@ -89,8 +93,19 @@ def encode_set_meta_context(export: str, queries: list[str]) -> bytes:
     return encode_option(Opt.SET_META_CONTEXT, body)
 
 
-def encode_go(export: str) -> bytes:
-    return encode_option(Opt.GO, _string(export) + U16.pack(0))
+def encode_go(export: str, infos: tuple[int, ...] = ()) -> bytes:
+    body = _string(export) + U16.pack(len(infos))
+    return encode_option(Opt.GO, body + b"".join(U16.pack(i) for i in infos))
+
+
+def describe_refusal(rep: int, payload: bytes) -> str:
+    """An option's error reply as text: its name and the server's message."""
+    try:
+        name = Rep(rep).name.lower().replace("err_", "")
+    except ValueError:
+        name = f"error {rep:#x}"
+    text = payload.decode("utf-8", "replace").strip()
+    return f"{name}: {text}" if text else name
 
 
 def parse_option_reply(header: bytes, expect: Opt) -> tuple[int, int]:
@@ -152,7 +167,13 @@ class _Pending:
 @dataclass(frozen=True)
 class ExportInfo:
     size: int
-    flags: int
+    flags: int  # transmission flags
+    #: the server's largest request payload (NBD_INFO_BLOCK_SIZE), 0 if not said
+    max_block: int = 0
+    #: base:allocation was negotiated: BLOCK_STATUS works
+    base_allocation: bool = True
+    #: structured replies were negotiated (else simple replies, READ data inline)
+    structured: bool = True
 
 
 class NBDClient:
@@ -170,26 +191,42 @@ class NBDClient:
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      export: str) -> NBDClient:
+                      export: str, *, general: bool = False) -> NBDClient:
+        """Negotiate ``export``.  ``general``: any NBD server (structured replies
+        and base:allocation optional, the block size asked for); else the
+        primary, which must offer both.
+
+        Raises:
+            NBDClientError: the server refused the export or broke the protocol.
+        """
         flags = parse_greeting(await reader.readexactly(GREETING.size))
         writer.write(encode_client_flags(flags))
         writer.write(encode_option(Opt.STRUCTURED_REPLY))
-        header = await reader.readexactly(OPTION_REPLY.size)
-        rep, n = parse_option_reply(header, Opt.STRUCTURED_REPLY)
-        await reader.readexactly(n)
-        if rep != Rep.ACK:
+        rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.STRUCTURED_REPLY)
+        payload = await reader.readexactly(n)
+        structured = rep == Rep.ACK
+        if not structured and not general:
             raise NBDClientError("server refused structured replies")
-        writer.write(encode_set_meta_context(export, [META_BASE_ALLOCATION]))
-        while True:
-            header = await reader.readexactly(OPTION_REPLY.size)
-            rep, n = parse_option_reply(header, Opt.SET_META_CONTEXT)
-            await reader.readexactly(n)
-            if rep == Rep.ACK:
-                break
-            if rep != Rep.META_CONTEXT:
-                raise NBDClientError(f"server refused {META_BASE_ALLOCATION} (reply {rep:#x})")
-        writer.write(encode_go(export))
+        base_allocation = False
+        if structured:
+            writer.write(encode_set_meta_context(export, [META_BASE_ALLOCATION]))
+            while True:
+                rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.SET_META_CONTEXT)
+                payload = await reader.readexactly(n)
+                if rep == Rep.ACK:
+                    break
+                if rep == Rep.META_CONTEXT:
+                    base_allocation = True
+                    continue
+                if not general:
+                    raise NBDClientError(f"server refused {META_BASE_ALLOCATION} "
+                                         f"({describe_refusal(rep, payload)})")
+                if rep == Rep.ERR_UNKNOWN:
+                    raise NBDClientError(f"export {export!r}: {describe_refusal(rep, payload)}")
+                break  # meta contexts refused: no block status, nothing else lost
+        writer.write(encode_go(export, (Info.BLOCK_SIZE,) if general else ()))
         info: ExportInfo | None = None
+        max_block = 0
         while True:
             header = await reader.readexactly(OPTION_REPLY.size)
             rep, n = parse_option_reply(header, Opt.GO)
@@ -197,12 +234,17 @@ class NBDClient:
             if rep == Rep.ACK:
                 break
             if rep != Rep.INFO:
-                raise NBDClientError(f"server refused export {export!r} (reply {rep:#x})")
-            if INFO_TYPE.unpack_from(payload)[0] == Info.EXPORT:
+                raise NBDClientError(f"server refused export {export!r} "
+                                     f"({describe_refusal(rep, payload)})")
+            kind = INFO_TYPE.unpack_from(payload)[0]
+            if kind == Info.EXPORT:
                 _, size, tflags = INFO_EXPORT.unpack_from(payload)
                 info = ExportInfo(size, tflags)
+            elif kind == Info.BLOCK_SIZE and len(payload) >= INFO_BLOCK_SIZE.size:
+                max_block = INFO_BLOCK_SIZE.unpack_from(payload)[3]
         if info is None:
             raise NBDClientError("server sent no export information")
+        info = ExportInfo(info.size, info.flags, max_block, base_allocation, structured)
         return cls(reader, writer, info)
 
     async def call(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
@@ -213,7 +255,7 @@ class NBDClient:
         an error reply raises OSError with the server's errno and message.
         """
         if self._closed is not None:
-            raise OSError(errno.ESHUTDOWN, f"connection to the primary lost: {self._closed}")
+            raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
         self._cookie += 1
         cookie = self._cookie
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -233,13 +275,16 @@ class NBDClient:
             while True:
                 head = await read(SIMPLE_REPLY.size)
                 simple = parse_reply_start(head)
-                if simple is not None:  # allowed for everything but READ and BLOCK_STATUS
+                if simple is not None:  # structured: for everything but READ and BLOCK_STATUS
                     code, cookie, _ = simple
                     p = self._pending.pop(cookie, None)
                     if p is None:
                         raise NBDClientError(f"reply to unknown cookie {cookie}")
                     if code:
                         p.error = (code, "")
+                    elif p.cmd == Cmd.READ and not self.info.structured:
+                        p.data = await read(p.length)  # simple replies carry the data
+                        p.covered = p.length
                     self._finish(p)
                     continue
                 flags, rtype, cookie, length = parse_chunk_header(head + await read(CHUNK.size - SIMPLE_REPLY.size))
@@ -302,10 +347,10 @@ class NBDClient:
             return
         if p.error is not None:
             code, msg = p.error
-            p.future.set_exception(OSError(code or errno.EIO, msg or "error from primary"))
+            p.future.set_exception(OSError(code or errno.EIO, msg or os.strerror(code or errno.EIO)))
         elif p.cmd == Cmd.READ and p.covered != p.length:
             p.future.set_exception(OSError(
-                errno.EIO, f"primary answered {p.covered} of {p.length} bytes read"))
+                errno.EIO, f"the server answered {p.covered} of {p.length} bytes read"))
         elif p.extents:
             p.future.set_result(p.extents)
         else:
@@ -317,7 +362,26 @@ class NBDClient:
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(
-                    OSError(errno.ESHUTDOWN, f"connection to the primary lost: {err}"))
+                    ConnectionResetError(errno.ECONNRESET, f"connection lost: {err}"))
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the connection ended (None while it lives)."""
+        if self._closed is None:
+            return None
+        if isinstance(self._closed, asyncio.IncompleteReadError):
+            return "closed by the server"
+        return str(self._closed) or type(self._closed).__name__
+
+    def abort_now(self) -> None:
+        """Drop the connection at once: no DISC, no waiting (a dead link)."""
+        self._task.cancel()
+        self.writer.transport.abort()
+
+    async def abort(self) -> None:
+        self.abort_now()
+        with contextlib.suppress(BaseException):
+            await self._task
 
     @property
     def closed(self) -> asyncio.Task[None]:

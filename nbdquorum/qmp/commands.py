@@ -42,6 +42,8 @@ from nbdquorum.qmp.protocol import (
     return_message,
 )
 from nbdquorum.qmp.schema import COMMANDS
+from nbdquorum.remote.child import NBDChild
+from nbdquorum.remote.uri import AddressError, from_qapi
 
 if TYPE_CHECKING:
     from nbdquorum.jobs.job import JobManager
@@ -170,7 +172,7 @@ def quit(ctx: Context) -> None:
 
 
 @handler("blockdev-add")
-def blockdev_add(ctx: Context, **options: Any) -> None:
+async def blockdev_add(ctx: Context, **options: Any) -> None:
     graph = ctx.graph
     driver = options["driver"]
     node_name = options.get("node_name")
@@ -179,10 +181,24 @@ def blockdev_add(ctx: Context, **options: Any) -> None:
         raise generic("'node-name' must be specified for the root node")
     if driver == "file":
         graph.open_file(node_name, options["filename"], read_only=read_only)
+    elif driver == "nbd":
+        graph.check_new_name(node_name)
+        graph.add(await _open_nbd(ctx, node_name, options, read_only))
     elif driver == "raw":
         file = options["file"]
         if isinstance(file, str):
             _raw_over_node(graph, node_name, file, read_only)
+        elif file.get("driver") == "nbd":
+            graph.check_new_name(node_name)
+            inner_name = file.get("node_name") or graph.auto_name()
+            if inner_name == node_name:
+                raise generic(f"Duplicate nodes with node-name='{node_name}'")
+            if file.get("node_name"):
+                graph.check_new_name(inner_name)
+            inner = await _open_nbd(ctx, inner_name, file, read_only)
+            inner.owned_by_monitor = file.get("node_name") is not None
+            graph.add(inner)
+            graph.add(RawNode(node_name, inner, read_only=read_only))
         else:
             _raw_over_inline_file(graph, node_name, file, read_only)
     elif driver == "faulty":
@@ -190,6 +206,44 @@ def blockdev_add(ctx: Context, **options: Any) -> None:
     else:
         raise generic(f"blockdev-add cannot create a '{driver}' node: the quorum is created "
                       "by 'nbdquorum serve'; use blockdev-reopen to change it")
+
+
+async def _open_nbd(ctx: Context, node_name: str, options: dict[str, Any],
+                    read_only: bool) -> NBDChild:
+    """An NBD export as a node (QEMU's BlockdevOptionsNbd): connected before it is added."""
+    try:
+        address = from_qapi(options["server"], options.get("export"))
+    except AddressError as err:
+        raise generic(str(err)) from err
+    if options.get("tls_creds") is not None:
+        raise generic("TLS for children (tls-creds) is not supported yet")
+    for n in ctx.graph:
+        if n.driver == "nbd" and n.filename() == address.uri():
+            owner = next((p.node_name for p in ctx.graph.parents(n)), n.node_name)
+            raise generic(f"{address.uri()} is already open as node '{owner}'")
+    quorums = ctx.graph.quorums()
+    timeout = float(options.get("x_timeout") or
+                    (quorums[0].child_timeout if quorums else 30.0))
+    if timeout <= 0:
+        raise generic("Parameter 'x-timeout' expects a positive number")
+    node = NBDChild(node_name, address, timeout=timeout,
+                    reconnect_delay=float(options.get("reconnect_delay", 0)),
+                    open_timeout=float(options.get("open_timeout", 0)), read_only=read_only)
+    try:
+        await node.open()
+    except OSError as err:
+        node.close()
+        where = address.path or f"{address.host}:{address.port}"
+        raise generic(f"Failed to connect to '{where}': {_reason(err)}") from err
+    return node
+
+
+def _reason(err: OSError) -> str:
+    """The bare reason of a failed connection ("Connection refused"), as QEMU says it."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(err.strerror or err).rpartition(": ")[2]
 
 
 def _raw_over_node(graph: Graph, node_name: str, reference: str, read_only: bool) -> None:
@@ -282,10 +336,11 @@ def _in_sync(n: int) -> str:
 
 
 @handler("x-blockdev-child-add")
-def x_blockdev_child_add(ctx: Context, *, parent: str, child: str) -> None:
+def x_blockdev_child_add(ctx: Context, *, parent: str, child: str,
+                         x_resync: str = "full") -> None:
     ctx.graph.lookup_device(parent)
     ctx.graph.get(child)
-    ctx.graph.child_add(parent, child)
+    ctx.graph.child_add(parent, child, missed_only=x_resync == "missed")
 
 
 @handler("x-blockdev-child-del")

@@ -12,6 +12,7 @@ from nbdquorum.block.faulty import FaultyNode
 from nbdquorum.block.file import FileNode
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildStats, QuorumNode
+from nbdquorum.remote.child import NBDChild
 
 
 def block_device_info(node: BlockNode) -> dict[str, Any]:
@@ -23,7 +24,9 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         "format": node.driver,
         "actual-size": node.actual_size(),
     }
-    if not isinstance(node, QuorumNode | FileNode):
+    if isinstance(node, NBDChild):  # as QEMU shows an nbd node: no sizes on disk
+        del image["actual-size"]
+    elif not isinstance(node, QuorumNode | FileNode):
         image["dirty-flag"] = False
     d: dict[str, Any] = {
         "iops_rd": 0,
@@ -47,6 +50,8 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         d["children"] = [{"child": s.name, "node-name": s.node.node_name} for s in node.slots]
     if isinstance(node, FaultyNode):
         d["x-rules"] = [r.to_wire() for r in node.rules]
+    if isinstance(node, NBDChild):
+        d["x-link"] = node.status()
     return d
 
 

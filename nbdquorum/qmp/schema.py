@@ -170,7 +170,7 @@ def event(name: str, data: Mapping[str, TypeRef], *, doc: str,
 # --------------------------------------------------------------------------- types
 
 enum("QMPCapability", ["oob"], "A QMP capability (qmp_capabilities `enable`).")
-enum("BlockdevDriver", ["file", "raw", "quorum", "faulty"],
+enum("BlockdevDriver", ["file", "raw", "quorum", "faulty", "nbd"],
      "Drivers known to blockdev-add and blockdev-reopen.")
 enum("QuorumReadPattern", ["quorum", "fifo"],
      "`quorum`: read every active child and vote; `fifo`: read the first child that works.")
@@ -183,12 +183,41 @@ union(
     {"driver": "BlockdevDriver", "*node-name": "str", "*read-only": "bool"},
     "driver",
     {"file": "BlockdevOptionsFile", "raw": "BlockdevOptionsRaw",
-     "quorum": "BlockdevOptionsQuorum", "faulty": "BlockdevOptionsFaulty"},
+     "quorum": "BlockdevOptionsQuorum", "faulty": "BlockdevOptionsFaulty",
+     "nbd": "BlockdevOptionsNbd"},
     "Options of a block node, selected by `driver` (QEMU's BlockdevOptions, reduced "
     "to what nbdquorum implements).",
     docs={"driver": "block driver", "node-name": _NODE_NAME_DOC,
           "read-only": "open without write permission (default false)"},
 )
+enum("SocketAddressType", ["inet", "unix"], "The kind of a socket address.")
+enum("XResyncMode", ["full", "missed"],
+     "What a child added live copies: `full`, everything; `missed`, only the regions "
+     "written since an earlier node of the same image left the quorum.")
+struct("InetSocketAddress", {"host": "str", "port": "str", "*keep-alive": "bool"},
+       "A TCP address (QEMU's InetSocketAddress; the port is a string, as QEMU has it).",
+       docs={"host": "host name or IP address", "port": "port number",
+             "keep-alive": "accepted for QEMU's sake: TCP keepalive is always on"})
+struct("UnixSocketAddress", {"path": "str"}, "A Unix socket.",
+       docs={"path": "path of the socket"})
+union("SocketAddress", {"type": "SocketAddressType"}, "type",
+      {"inet": "InetSocketAddress", "unix": "UnixSocketAddress"},
+      "Where a server listens (QEMU's SocketAddress).", docs={"type": "inet or unix"})
+struct(
+    "BlockdevOptionsNbd",
+    {"server": "SocketAddress", "*export": "str", "*tls-creds": "str",
+     "*tls-hostname": "str", "*reconnect-delay": "int", "*open-timeout": "int",
+     "*x-timeout": "number"},
+    "An export of an NBD server, usually on another host, as a quorum child (QEMU's "
+    "BlockdevOptionsNbd). The export must have the quorum's size and be writable.",
+    docs={"server": "the NBD server's address", "export": "the export name (default \"\")",
+          "tls-creds": "a tls-creds-x509 object (endpoint client) for TLS",
+          "tls-hostname": "the name the server's certificate must carry",
+          "reconnect-delay": "seconds requests wait for a lost connection to come back "
+                             "before they fail (default 0)",
+          "open-timeout": "seconds blockdev-add keeps trying to connect (default 0: once)",
+          "x-timeout": "seconds a request may take before the child counts as failed and "
+                       "its connection is dropped (default: the server's --child-timeout)"})
 struct("BlockdevOptionsFile", {"filename": "str"}, "A host file or block device.",
        docs={"filename": "path of the image"})
 struct("BlockdevOptionsRaw", {"file": "BlockdevRef"}, "The raw format over a `file` node.",
@@ -423,12 +452,16 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         ],
     ),
     cmd(
-        "x-blockdev-child-add", {"parent": "str", "child": "str"},
+        "x-blockdev-child-add", {"parent": "str", "child": "str", "*x-resync": "XResyncMode"},
         doc="Attach the node `child` to the quorum `parent` (the seed's name for "
             "x-blockdev-change with `node`). Refused, with nothing changed, for an unknown "
             "parent or node, a parent that is not a quorum, a node that already has a "
             "parent, and a node whose size differs from the quorum's. " + _NEW_CHILD_DOC,
-        docs={"parent": "the quorum's node-name", "child": "node-name of the node to attach"},
+        docs={"parent": "the quorum's node-name", "child": "node-name of the node to attach",
+              "x-resync": "`full` (the default: copy everything) or `missed`: the node is "
+                          "the image of a child that left while not in sync (a returning "
+                          "secondary); only the regions written since it left are copied, "
+                          "after an identity check (falls back to full)"},
         examples=[
             '-> {"execute": "x-blockdev-child-add", "arguments": {"parent": "quorum0", '
             '"child": "new_node"}}',

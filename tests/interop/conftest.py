@@ -579,12 +579,7 @@ class QsdServer(Server):
     def argv(self) -> list[str]:
         argv = [require("qemu-storage-daemon")]
         for i, (name, path) in enumerate(zip(self.names, self.images, strict=True)):
-            argv += [
-                "--blockdev",
-                f"driver=file,node-name=file{i},filename={path}",
-                "--blockdev",
-                f"driver=raw,node-name={name},file=file{i}",
-            ]
+            argv += self.child_blockdevs(i, name, path)
         quorum: dict[str, Any] = {
             "driver": "quorum",
             "node-name": self.node_name,
@@ -612,6 +607,15 @@ class QsdServer(Server):
             "chardev=m0",
         ]
         return argv
+
+    def child_blockdevs(self, index: int, name: str, path: Path | str) -> list[str]:
+        """The --blockdev arguments of quorum child ``name``: raw over a local file."""
+        return [
+            "--blockdev",
+            f"driver=file,node-name=file{index},filename={path}",
+            "--blockdev",
+            f"driver=raw,node-name={name},file=file{index}",
+        ]
 
     def start(self) -> Server:
         super().start()

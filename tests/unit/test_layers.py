@@ -45,7 +45,7 @@ PACKAGE = "nbdquorum"
 
 #: Modules that import nothing of nbdquorum; anything may import them
 #: ("" is the package itself, nbdquorum/__init__.py: the version).
-LEAVES = ("", "coretypes")
+LEAVES = ("", "coretypes", "remote.uri")
 
 #: The C core's functions that read, vote over or write N children: Voted I/O's alone.
 VOTED_IO_FUNCTIONS = frozenset(
@@ -57,7 +57,7 @@ VOTED_IO_PACKAGE = "block.quorum"
 NBD_PROTOCOL = ("nbd", "!nbd.server")
 #: the storage side and everything above it, which the NBD protocol must not know
 NOT_NBD_PROTOCOL = ("block", "jobs", "qmp", "worker", "state", "serve", "cli", "drill",
-                    "metrics")
+                    "metrics", "remote")
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,12 @@ RULES: tuple[Rule, ...] = (
          ("nbd.server",), forbidden=(*NOT_NBD_PROTOCOL, "!block.node")),
     Rule("block/ knows nothing of NBD, QMP, workers, persistence, jobs or the CLI", ("block",),
          forbidden=("nbd", "qmp", "worker", "state", "jobs", "serve", "cli", "drill",
-                    "metrics")),
-    Rule("ctl is a client: it knows the QMP table, not the server", ("ctl",),
-         only=("qmp.schema", "qmp.errors")),
+                    "metrics", "remote")),
+    Rule("a child on another host is a block node over the NBD client, nothing more",
+         ("remote",), only=("block.node", "nbd.client", "nbd.constants", "nbd.wire",
+                            "remote")),
+    Rule("ctl is a client: it knows the QMP table and NBD URIs, not the server", ("ctl",),
+         only=("qmp.schema", "qmp.errors", "remote.uri")),
     Rule("workers do not import the CLI or the drill", ("worker",),
          forbidden=("cli", "serve", "drill")),
     Rule("the drill is a client: it runs the server, never imports its code", ("drill",),

@@ -10,6 +10,7 @@ import pytest
 
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
+from nbdquorum.block.node import Buffer, Unreachable
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan
 from nbdquorum.block.quorum.voted import INLINE_MAX, VotedIO
 from nbdquorum.eventbus import Event, EventBus
@@ -165,3 +166,123 @@ def test_reopen_refuses_to_leave_fewer_voters_than_the_threshold() -> None:
                       remove=[q.slots[0], q.slots[1]], new_state=ChildState.RESYNCING)
     with pytest.raises(GraphError, match="1 child would be left in sync"):
         q.members.prepare(plan)
+
+
+# -- a child whose link goes down and comes back -------------------------------------------
+
+
+class LinkNode(MemNode):
+    """A MemNode behind a link that can go down (a child on another host)."""
+
+    def __init__(self, name: str, size: int = SIZE) -> None:
+        super().__init__(name, size)
+        self.down = False
+
+    def health(self) -> str | None:
+        return Unreachable("connection refused") if self.down else None
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        if self.down:
+            raise OSError(errno.ENOTCONN, "not connected")
+        return await super().pread(offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        if self.down:
+            raise OSError(errno.ENOTCONN, "not connected")
+        await super().pwrite(offset, data, fua=fua)
+
+
+def test_a_lost_link_makes_the_child_unreachable_and_its_missed_writes_are_recorded() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=bus, max_errors=100)
+    needed: list[str] = []
+    q.members.on_resync_needed.append(lambda s: needed.append(s.node.node_name))
+    slot = q.slots[2]
+    far.down = True
+    run(q.pwrite(0, b"\x01" * 4096))  # the write fails on far: far is out
+    assert slot.state is ChildState.UNREACHABLE
+    assert slot.error_count == 1
+    run(q.pwrite(2 * SIZE, b"\x02" * 4096))  # not even sent to far: recorded
+    assert slot.stats.writes == 1
+    assert slot.sync is not None and list(slot.sync) == [0, 2]
+    assert bytes(run(q.pread(0, 4096))) == b"\x01" * 4096  # the others answer
+    assert q.check_health() == []  # still down: nothing new
+    far.down = False
+    q.check_health()
+    assert slot.state is ChildState.RESYNCING and needed == ["far"]
+    states = [e.data["state"] for e in seen if e.name == "QUORUM_CHILD_STATE_CHANGE"]
+    assert states == ["unreachable", "resyncing"]
+
+
+def test_an_unreachable_child_that_comes_back_with_a_broken_image_is_faulted() -> None:
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=EventBus())
+    q.members.unreachable(q.slots[2], "test")
+    far.down = False
+    far.health = lambda: "export is read-only"  # type: ignore[method-assign]
+    q.check_health()
+    assert q.slots[2].state is ChildState.FAULTED
+
+
+def _catch_up_rig() -> tuple[Graph, QuorumNode, LinkNode]:
+    bus = EventBus()
+    g = Graph(bus)
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=bus, max_errors=100)
+    g.add(q)
+    return g, q, far
+
+
+def test_a_returning_child_catches_up_on_what_it_missed_only() -> None:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+    g, q, far = _catch_up_rig()
+
+    async def main() -> int:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        await q.pwrite(0, b"\x07" * (2 * SIZE))  # data everywhere the child will be checked
+        far.down = True
+        q.check_health()
+        await q.pwrite(3 * SIZE, b"\x09" * 4096)  # missed
+        far.down = False
+        q.check_health()
+        await jobs.jobs["resync-far"].wait()
+        return int(jobs.history[-1]["total-progress"])
+
+    copied = run(main())
+    assert q.slots[2].state is ChildState.ACTIVE
+    assert copied == SIZE, "only the region written while it was away"
+    assert bytes(far.buf) == bytes(q.slots[0].node.buf)  # type: ignore[attr-defined]
+
+
+def test_a_different_image_behind_the_same_address_is_copied_in_full() -> None:
+    from nbdquorum.jobs.job import JobManager
+    from nbdquorum.jobs.resync import ResyncManager
+
+    g, q, far = _catch_up_rig()
+
+    async def main() -> int:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        await q.pwrite(0, b"\x07" * (2 * SIZE))
+        far.down = True
+        q.check_health()
+        await q.pwrite(3 * SIZE, b"\x09" * 4096)
+        far.buf[:] = bytes(len(far.buf))  # the host came back with a blank disk
+        far.down = False
+        q.check_health()
+        await jobs.jobs["resync-far"].wait()
+        return int(jobs.history[-1]["total-progress"])
+
+    copied = run(main())
+    assert q.slots[2].state is ChildState.ACTIVE
+    assert copied == BIG, "everything"
+    assert bytes(far.buf) == bytes(q.slots[0].node.buf)  # type: ignore[attr-defined]

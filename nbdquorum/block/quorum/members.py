@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 
 from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.errors import GraphError
-from nbdquorum.block.node import BlockNode
+from nbdquorum.block.node import BlockNode, Unreachable
 from nbdquorum.block.quorum.events import ChildStateChanged, QuorumEvent
 
 log = logging.getLogger(__name__)
+
+#: departed images whose missed regions are kept (the oldest go first)
+DEPARTED_MAX = 8
 
 
 class ReadPattern(enum.StrEnum):
@@ -40,7 +43,10 @@ class ReadPattern(enum.StrEnum):
 class ChildState(enum.StrEnum):
     ACTIVE = "active"  #: in sync; votes and is read
     RESYNCING = "resyncing"  #: gets writes, never read or counted until resynced
-    FAULTED = "faulted"  #: failed too often; gets no I/O at all
+    FAULTED = "faulted"  #: failed too often; gets no I/O at all until the operator acts
+    #: its link is down (a child on another host): no I/O; the regions written
+    #: meanwhile are recorded, and it catches up (resyncing) when it returns
+    UNREACHABLE = "unreachable"
 
 
 @dataclass
@@ -74,6 +80,9 @@ class ChildSlot:
     #: resync attempts that failed in a row, and the last one's error (the job's)
     resync_failures: int = 0
     resync_error: str | None = None
+    #: the resync is a catch-up of a returning image (only what it missed): the
+    #: job checks first that it is the same image (else it copies everything)
+    catch_up: bool = False
 
 
 @dataclass
@@ -132,13 +141,23 @@ class Members:
         self.on_change: list[Callable[[], None]] = []
         #: called with a slot that now needs a resync job (the resync manager hooks in)
         self.on_resync_needed: list[Callable[[ChildSlot], None]] = []
+        #: images that left while not in sync, by file name (a URI for a child on
+        #: another host): the regions written since they left keep being recorded,
+        #: so the same image can come back with a catch-up (md's write-intent
+        #: bitmap for an absent member); the oldest go first beyond DEPARTED_MAX
+        self.departed: dict[str, RegionBitmap] = {}
 
     # -- reading ------------------------------------------------------------------------
     def active(self) -> list[ChildSlot]:
         return [s for s in self.slots if s.state is ChildState.ACTIVE]
 
     def writable(self) -> list[ChildSlot]:
-        return [s for s in self.slots if s.state is not ChildState.FAULTED]
+        return [s for s in self.slots
+                if s.state is not ChildState.FAULTED and s.state is not ChildState.UNREACHABLE]
+
+    def absent(self) -> list[ChildSlot]:
+        """Children that miss writes while away: their missed regions are recorded."""
+        return [s for s in self.slots if s.state is ChildState.UNREACHABLE]
 
     def slot(self, edge_name: str) -> ChildSlot | None:
         return next((s for s in self.slots if s.name == edge_name), None)
@@ -153,10 +172,18 @@ class Members:
         return slot in self.slots
 
     # -- membership -----------------------------------------------------------------------
-    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE) -> ChildSlot:
-        """A new child; a resyncing one starts with everything to copy."""
+    def attach(self, node: BlockNode, state: ChildState = ChildState.ACTIVE, *,
+               missed_only: bool = False) -> ChildSlot:
+        """A new child; a resyncing one starts with everything to copy, unless
+        ``missed_only`` and this image left earlier: then only what it missed."""
         self._check_size(node)
         slot = self._attach(node, state)
+        departed = self.departed.pop(node.filename(), None)
+        if missed_only and departed is not None and state is ChildState.RESYNCING:
+            slot.sync = departed
+            slot.catch_up = True
+            log.warning("child %s: the image %s left %d region(s) ago: catching up on them",
+                        node.node_name, node.filename(), departed.count())
         self._changed()
         if state is ChildState.RESYNCING:
             self._need_resync(slot)
@@ -183,6 +210,23 @@ class Members:
         self._detach(slot)
         self._changed()
 
+    def _remember(self, slot: ChildSlot) -> None:
+        """A child that leaves out of sync: keep recording what its image misses."""
+        if slot.state is ChildState.ACTIVE or slot.sync is None:
+            return
+        self.departed.pop(slot.node.filename(), None)
+        self.departed[slot.node.filename()] = slot.sync
+        while len(self.departed) > DEPARTED_MAX:
+            self.departed.pop(next(iter(self.departed)))
+
+    def written(self, offset: int, length: int) -> None:
+        """A write reached the quorum: absent children and departed images missed it."""
+        for slot in self.slots:
+            if slot.state is ChildState.UNREACHABLE:
+                self.missed(slot, offset, length)
+        for bitmap in self.departed.values():
+            bitmap.set_range(offset, length)
+
     def _check_detach(self, slot: ChildSlot, threshold: int) -> None:
         if len(self.slots) <= threshold:
             raise GraphError(
@@ -194,6 +238,7 @@ class Members:
         self.check_can_leave_vote(slot)
 
     def _detach(self, slot: ChildSlot) -> None:
+        self._remember(slot)
         self.slots.remove(slot)
         # QEMU 5.2+ "stable children names": only the top index is reused
         if slot.name == f"children.{self.next_child_index - 1}":
@@ -220,8 +265,13 @@ class Members:
         """
         if slot not in self.slots or (slot.state is ChildState.FAULTED and not revive):
             return
+        if slot.state is ChildState.UNREACHABLE and not revive:
+            for off, n in regions if regions is not None else [(0, self.size)]:
+                self.missed(slot, off, n)  # it catches up on them when it returns
+            return
         if regions is None:
             slot.sync = RegionBitmap(self.size, fill=True)
+            slot.catch_up = False  # everything is copied: nothing to check first
         else:
             if slot.sync is None:
                 slot.sync = RegionBitmap(self.size)
@@ -248,6 +298,7 @@ class Members:
     def resynced(self, slot: ChildSlot) -> None:
         """A resync job copied everything: the child votes again."""
         if slot in self.slots and slot.state is ChildState.RESYNCING:
+            slot.catch_up = False
             self._set_state(slot, ChildState.ACTIVE)
 
     def fault(self, slot: ChildSlot, why: str) -> None:
@@ -256,15 +307,51 @@ class Members:
             log.error("child %s: %s: faulted", slot.node.node_name, why)
             self._set_state(slot, ChildState.FAULTED)
 
-    def count_error(self, slot: ChildSlot) -> None:
+    def count_error(self, slot: ChildSlot, *, counts: bool = True) -> None:
         """One more I/O error of this child: faulted at max-errors, or at once
-        when the node itself reports a problem (a deleted or truncated image)."""
-        slot.error_count += 1
-        problem = slot.node.health() if slot.state is not ChildState.FAULTED else None
-        if problem:
+        when the node itself reports a problem with its image (deleted,
+        truncated); unreachable when the problem is its link (the child may
+        come back).  ``counts`` False: the error says nothing of the child
+        (its link was already known to be down), only its health is looked at.
+        """
+        if counts:
+            slot.error_count += 1
+        if slot.state is ChildState.FAULTED:
+            return
+        problem = slot.node.health()
+        if isinstance(problem, Unreachable):
+            self.unreachable(slot, problem)
+        elif problem:
             self.fault(slot, problem)
-        elif self.max_errors and slot.error_count >= self.max_errors:
+        if self.max_errors and slot.error_count >= self.max_errors:
             self.fault(slot, f"reached {slot.error_count} errors")
+
+    def unreachable(self, slot: ChildSlot, why: str) -> None:
+        """The child's link is down: out of reads and writes, its missed regions
+        recorded from now on (and whatever it had not caught up yet kept)."""
+        if slot not in self.slots or slot.state in (ChildState.FAULTED,
+                                                     ChildState.UNREACHABLE):
+            return
+        log.error("child %s: %s: unreachable", slot.node.node_name, why)
+        if slot.sync is None:
+            slot.sync = RegionBitmap(self.size)
+        self._set_state(slot, ChildState.UNREACHABLE)
+
+    def missed(self, slot: ChildSlot, offset: int, length: int) -> None:
+        """An absent child missed this write: record it for its catch-up."""
+        if slot.sync is None:
+            slot.sync = RegionBitmap(self.size)
+        slot.sync.set_range(offset, length)
+
+    def returned(self, slot: ChildSlot) -> None:
+        """An unreachable child's link is back: it catches up (resyncing) on
+        what it missed, then votes again."""
+        if slot in self.slots and slot.state is ChildState.UNREACHABLE:
+            if slot.sync is None:
+                slot.sync = RegionBitmap(self.size)
+            slot.catch_up = True
+            self._set_state(slot, ChildState.RESYNCING)
+            self._need_resync(slot)
 
     def restore(self, records: Sequence[tuple[ChildSlot, str, ChildState, RegionBitmap | None]],
                 next_child_index: int) -> None:
@@ -276,7 +363,7 @@ class Members:
         for slot, edge, state, sync in records:
             slot.name = edge
             slot.state = state
-            if state is ChildState.RESYNCING:
+            if state in (ChildState.RESYNCING, ChildState.UNREACHABLE):
                 slot.sync = sync if sync is not None else RegionBitmap(self.size, fill=True)
             else:
                 slot.sync = None

@@ -41,6 +41,7 @@ from nbdquorum.block.node import (
     Caps,
     Direct,
     Extent,
+    Unreachable,
     oserror,
 )
 from nbdquorum.block.quorum.events import ChildBad, QuorumEvent, QuorumLost
@@ -396,8 +397,9 @@ class QuorumNode(BlockNode):
                           f"{self.node_name}: {op} failed on too many children")
         for slot, err in zip(targets, errs, strict=True):
             if err is not None:
+                self.members.count_error(slot)  # first: a lost link makes it unreachable
                 self._missed_write(slot, offset, length)
-                self.members.count_error(slot)
+        self.members.written(offset, length)  # absent children catch up on it later
 
     # -- serve now (the Direct capability the NBD server tries first) ----------------
     def _try_pread_now(self, offset: int, length: int) -> Buffer | None:
@@ -519,7 +521,17 @@ class QuorumNode(BlockNode):
             if slot.state is ChildState.FAULTED:
                 continue
             problem = slot.node.health()
-            if problem:
+            if slot.state is ChildState.UNREACHABLE:
+                if not problem:
+                    self.members.returned(slot)  # its link is back: catch up
+                elif not isinstance(problem, Unreachable):
+                    self.members.fault(slot, problem)
+                continue
+            if isinstance(problem, Unreachable):
+                self._report_bad(slot, "read", 0, 0, oserror(errno.ENOTCONN, problem))
+                self.members.unreachable(slot, problem)
+                found.append((slot, str(problem)))
+            elif problem:
                 self._report_bad(slot, "read", 0, 0, oserror(errno.EIO, problem))
                 self.members.fault(slot, problem)
                 found.append((slot, problem))

@@ -35,6 +35,8 @@ async def crash_recover(q: QuorumNode, dirty: RegionBitmap) -> dict[str, int]:
     for slot in list(q.slots):
         if slot.state is ChildState.RESYNCING:
             q.members.start_resync(slot, regions)
+    for off, n in regions:  # absent children and departed images may have missed them
+        q.members.written(off, n)
     voters = q.active()
     if not voters:
         return stats

@@ -1,0 +1,337 @@
+"""Children on other hosts: NBD exports (qemu-nbd, nbdkit) as quorum children.
+
+Each scenario starts real NBD servers (tests/interop/remote.py: on 127.0.0.1, or in a
+network namespace behind a veth pair when the link must fail silently), an nbdquorum
+server whose quorum has them as children, and real clients (qemu-io, fio with verify,
+qemu.qmp).  Where QEMU can do the same, the scenario also runs against
+qemu-storage-daemon with QEMU's nbd child.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import (
+    MiB,
+    assert_identical,
+    make_image,
+    qemu_io,
+    read_at,
+    wait_until,
+)
+from .remote import (
+    fio_verify_start,
+    local_host_fixture,
+    nbd_blockdev,
+    nbdkit,
+    qemu_nbd,
+    remote_host_fixture,
+    start_remote_quorum_fixture,
+)
+from .repair_fixtures import Qmp
+
+__all__ = ["local_host_fixture", "remote_host_fixture", "start_remote_quorum_fixture"]
+
+pytestmark = pytest.mark.timeout(180)
+
+SIZE = 16 * MiB
+TIMEOUT = 3.0  # --child-timeout of these servers: short, so faults show quickly
+
+
+def start(start_remote_quorum: Any, tmp_path: Path, remote: dict[str, str], *,
+          local: int = 2, extra: tuple[str, ...] = (), **kw: Any) -> tuple[Any, Qmp]:
+    qmp_sock = tmp_path / f"qmp-{time.monotonic_ns()}.sock"
+    srv = start_remote_quorum("nbdquorum", local=local, remote=remote, size=SIZE,
+                              extra=["--control", str(qmp_sock), "--child-timeout",
+                                     str(TIMEOUT), *extra], **kw)
+    return srv, Qmp(qmp_sock)
+
+
+def child(qmp: Qmp, name: str) -> dict[str, Any]:
+    st = qmp.cmd("query-quorum-status")[0]
+    return next(c for c in st["children"] if c["node-name"] == name)
+
+
+def wait_state(qmp: Qmp, name: str, state: str, timeout: float = 30.0) -> None:
+    wait_until(lambda: child(qmp, name)["state"] == state, timeout,
+               f"{name} to be {state}: {child(qmp, name)}")
+
+
+def completed(qmp: Qmp, device: str) -> dict[str, Any]:
+    """The BLOCK_JOB_COMPLETED event of the job ``device`` (its id; waited for)."""
+    def find() -> list[dict[str, Any]]:
+        return [e for e in qmp.events if e["event"] == "BLOCK_JOB_COMPLETED"
+                and e["data"]["device"] == device]
+    return wait_until(find, 30, f"BLOCK_JOB_COMPLETED of {device}")[-1]  # type: ignore[no-any-return]
+
+
+def images_of(srv: Any) -> list[Path]:
+    return [p for p in srv.images if isinstance(p, Path)]
+
+
+# --------------------------------------------------------------------------- joining
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit"])
+def test_an_nbd_export_on_the_command_line_is_a_child(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path, server: str) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = (qemu_nbd(local_host, img) if server == "qemu-nbd"
+           else nbdkit(local_host, ["file", img]))
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x5a 1M 1M", "read -P 0x5a 1M 1M")
+    assert read_at(img, 1 * MiB, 1 * MiB) == b"\x5a" * MiB
+    node = next(n for n in qmp.cmd("query-named-block-nodes") if n["node-name"] == "far")
+    assert node["drv"] == "nbd" and node["file"] == far.uri
+    assert node["image"]["filename"] == far.uri and node["image"]["format"] == "nbd"
+    assert node["x-link"]["connected"] is True
+    assert child(qmp, "far")["state"] == "active"
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_blockdev_add_of_an_nbd_node_joins_and_resyncs(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    qemu_io(srv.uri(), "write -P 0x33 0 4M")
+    img = make_image(tmp_path / "new.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    qmp.cmd("blockdev-add", **{k.replace("-", "_"): v
+                               for k, v in nbd_blockdev(far.uri, "far").items()})
+    qmp.cmd("x-blockdev-change", parent="quorum0", node="far")
+    wait_state(qmp, "far", "active")
+    qemu_io(srv.uri(), "read -P 0x33 0 4M")
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_nbd_nodes_are_refused_with_the_reason(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    _srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    small = qemu_nbd(local_host, make_image(tmp_path / "small.raw", SIZE // 2))
+    ro = qemu_nbd(local_host, make_image(tmp_path / "ro.raw", SIZE), extra=["--read-only"])
+
+    def add(name: str, uri: str) -> None:
+        qmp.cmd("blockdev-add", **{k.replace("-", "_"): v
+                                   for k, v in nbd_blockdev(uri, name).items()})
+
+    add("small", small.uri)
+    cls, desc = qmp.error("x-blockdev-change", parent="quorum0", node="small")
+    assert "size" in desc, desc
+    port = local_host.port()
+    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="nobody",
+                          server={"type": "inet", "host": "127.0.0.1", "port": str(port)})
+    assert desc == f"Failed to connect to '127.0.0.1:{port}': Connection refused", desc
+    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="ro",
+                          server={"type": "inet", "host": "127.0.0.1", "port": str(ro.port)},
+                          export="disk")
+    assert "read-only" in desc, desc
+    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="num",
+                          server={"type": "inet", "host": "127.0.0.1", "port": ro.port})
+    assert "port" in desc and cls == "GenericError", desc
+    assert [c["node-name"] for c in qmp.cmd("query-quorum-status")[0]["children"]] == [
+        "child0", "child1", "child2"]
+    qmp.close()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_killed_server_makes_the_child_unreachable_and_it_catches_up_when_back(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x11 0 8M")
+    far.kill()
+    # no client sees an error while two children agree
+    qemu_io(srv.uri(), "write -P 0x22 2M 1M", "read -P 0x11 0 1M", "read -P 0x22 2M 1M")
+    wait_state(qmp, "far", "unreachable")
+    assert child(qmp, "far")["unsynced-bytes"] >= 1 * MiB
+    bad = [e for e in qmp.events if e["event"] == "QUORUM_CHILD_STATE_CHANGE"
+           and e["data"]["node-name"] == "far"]
+    assert bad and bad[-1]["data"]["state"] == "unreachable"
+    far.restart()
+    wait_state(qmp, "far", "active")
+    done = completed(qmp, "resync-far")
+    assert done["data"]["len"] < SIZE, "a catch-up, not a full copy"
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_a_silent_link_holds_no_request_past_the_child_timeout(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path) -> None:
+    host = remote_host()
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x44 0 4M")
+    host.cut()  # packets vanish: no RST, no FIN
+    t0 = time.monotonic()
+    qemu_io(srv.uri(), "write -P 0x55 0 1M", "read -P 0x55 0 1M")
+    took = time.monotonic() - t0
+    assert took < TIMEOUT + 10, f"a request waited {took:.1f}s on a dead link"
+    wait_state(qmp, "far", "unreachable")
+    host.restore()
+    wait_state(qmp, "far", "active", timeout=60)
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_a_failing_export_is_counted_and_faulted(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    flag = tmp_path / "fail-now"
+    far = nbdkit(local_host, ["file", img, "error-pwrite-rate=100%", f"error-file={flag}"],
+                 filters=["error"])
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri},
+                     extra=("--max-errors", "3"))
+    qemu_io(srv.uri(), "write -P 0x66 0 64k")
+    flag.touch()
+    for i in range(4):
+        qemu_io(srv.uri(), f"write -P 0x67 {i * 65536} 64k")
+    wait_state(qmp, "far", "faulted")
+    assert child(qmp, "far")["write-errors"] >= 3
+    qemu_io(srv.uri(), "read -P 0x67 0 256k")
+    qmp.close()
+
+
+def test_a_slow_export_is_still_a_child(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = nbdkit(local_host, ["file", img, "rdelay=100ms", "wdelay=100ms"], filters=["delay"])
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x77 0 1M", "read -P 0x77 0 1M")
+    assert child(qmp, "far")["state"] == "active"
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_reconnect_delay_keeps_requests_waiting_for_a_server_that_comes_back(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    opts = nbd_blockdev(far.uri, "far", {"reconnect-delay": 20})
+    qmp.cmd("blockdev-add", **{k.replace("-", "_"): v for k, v in opts.items()})
+    qmp.cmd("x-blockdev-change", parent="quorum0", node="far")
+    wait_state(qmp, "far", "active")
+    far.kill()
+    time.sleep(0.5)  # the loss is noticed; requests now wait for the reconnection
+    far.restart()
+    qemu_io(srv.uri(), "write -P 0x12 0 1M")
+    assert child(qmp, "far")["state"] == "active"
+    assert not [e for e in qmp.events if e["event"] == "QUORUM_CHILD_STATE_CHANGE"
+                and e["data"]["node-name"] == "far" and e["data"]["state"] == "unreachable"]
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_a_restart_while_the_remote_is_down_serves_and_catches_up_later(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x31 0 2M")
+    qmp.close()
+    assert srv.stop() == 0
+    far.kill()
+    srv.returncode = None
+    srv.start()  # same state dir: the recorded membership, far down
+    qmp = Qmp(Path(srv.extra[1]))
+    qemu_io(srv.uri(), "write -P 0x32 4M 1M", "read -P 0x31 0 2M")
+    wait_state(qmp, "far", "unreachable")
+    far.restart()
+    wait_state(qmp, "far", "active")
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_trim_reaches_a_remote_child_as_write_zeroes(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img, discard="ignore")  # qemu-nbd drops TRIM unless asked
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x41 0 1M", "discard 0 1M")
+    assert read_at(img, 0, MiB) == bytes(MiB)
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_x_resync_missed_copies_only_what_a_returning_image_missed(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    qemu_io(srv.uri(), "write -P 0x51 0 8M")
+    far.kill()
+    qemu_io(srv.uri(), "write -P 0x52 0 1M")
+    wait_state(qmp, "far", "unreachable")
+    qmp.cmd("x-blockdev-child-del", parent="quorum0", child="far")
+    qmp.cmd("blockdev-del", node_name="far")
+    qemu_io(srv.uri(), "write -P 0x53 4M 1M")  # still recorded for the departed image
+    far.restart()
+    opts = nbd_blockdev(far.uri, "far2")
+    qmp.cmd("blockdev-add", **{k.replace("-", "_"): v for k, v in opts.items()})
+    qmp.cmd("x-blockdev-child-add", parent="quorum0", child="far2", x_resync="missed")
+    wait_state(qmp, "far2", "active")
+    done = completed(qmp, "resync-far2")
+    assert done["data"]["len"] == 2 * MiB, done
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+# --------------------------------------------------------------------------- COLO
+
+
+def test_colo_the_secondary_is_lost_and_returns_under_writes(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path) -> None:
+    """COLO's layout: local image + the secondary's export, vote-threshold 1, fifo local
+    first; fio verifies through the quorum while the secondary's host vanishes and returns."""
+    host = remote_host()
+    img = make_image(tmp_path / "secondary.raw", SIZE)
+    sec = qemu_nbd(host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"secondary": sec.uri}, local=1,
+                     vote_threshold=1, read_pattern="fifo")
+    job = fio_verify_start(srv.uri(), tmp_path, runtime=12, size=8 * MiB)
+    time.sleep(2)
+    sec.kill()
+    wait_state(qmp, "secondary", "unreachable")
+    time.sleep(2)
+    sec.restart()
+    wait_state(qmp, "secondary", "active", timeout=60)
+    job.result().check()
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def test_qsd_keeps_serving_when_its_nbd_child_dies_but_never_catches_it_up(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    """The same fault against qemu-storage-daemon with QEMU's nbd child: reads and writes
+    go on; but the child is never reconnected (reconnect-delay 0) nor caught up."""
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(local_host, img)
+    srv = start_remote_quorum("qsd", local=2, remote={"far": far.uri}, size=SIZE)
+    qemu_io(srv.uri(), "write -P 0x61 0 1M")
+    far.kill()
+    qemu_io(srv.uri(), "write -P 0x62 0 1M", "read -P 0x62 0 1M")
+    far.restart()
+    qemu_io(srv.uri(), "write -P 0x63 2M 1M")
+    assert read_at(img, 0, MiB) == b"\x61" * MiB, "QEMU never wrote to it again"
