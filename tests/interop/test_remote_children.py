@@ -335,3 +335,25 @@ def test_qsd_keeps_serving_when_its_nbd_child_dies_but_never_catches_it_up(
     far.restart()
     qemu_io(srv.uri(), "write -P 0x63 2M 1M")
     assert read_at(img, 0, MiB) == b"\x61" * MiB, "QEMU never wrote to it again"
+
+
+def test_removal_and_shutdown_never_wait_on_a_dead_link(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path) -> None:
+    host = remote_host()
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(host, img)
+    near = make_image(tmp_path / "near.raw", SIZE)
+    far2 = qemu_nbd(host, near)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri, "far2": far2.uri},
+                     local=3, vote_threshold=2)
+    qemu_io(srv.uri(), "write -P 0x21 0 1M")
+    host.cut()
+    t0 = time.monotonic()
+    qmp.cmd("x-blockdev-child-del", parent="quorum0", child="far")
+    qmp.cmd("blockdev-del", node_name="far")
+    assert time.monotonic() - t0 < 2.0, "removal waited on the dead link"
+    qemu_io(srv.uri(), "write -P 0x22 0 1M")  # far2 is given up after the child timeout
+    qmp.close()
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 10.0, "shutdown waited on the dead link"
