@@ -13,6 +13,7 @@ Hosts
     host.host_addr                # the root namespace's end of the link
     host.run(argv)                # CompletedProcess[str] of argv run inside the namespace
     host.popen(argv, ...)         # Popen inside the namespace (killed by close())
+    host.workdir                  # where its servers write their logs (under tmp_path)
     host.cut()                    # silent link: packets vanish, no RST, no FIN
     host.restore()                # the link is back; open TCP connections resume
     host.close()                  # kill everything in it, delete namespace, veth, route
@@ -222,7 +223,11 @@ def sweep_leftovers() -> None:
             try:
                 info = json.loads(claim.read_text())
             except (OSError, ValueError):
-                continue  # being written right now, or not ours
+                # being written right now; or its writer died between create and write
+                with contextlib.suppress(OSError):
+                    if time.time() - claim.stat().st_mtime > 60:
+                        claim.unlink()
+                continue
             if _pid_alive(int(info["pid"])):
                 continue
             _kill_netns(info["netns"])
@@ -252,7 +257,8 @@ class Host:
     addr = "127.0.0.1"
     name = "localhost"
 
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir  # the servers' logs
         self.procs: list[subprocess.Popen[bytes]] = []
         self.servers: list[NbdServer] = []
         self.closed = False
@@ -303,12 +309,13 @@ class RemoteHost(Host):
 
     _counter = 0
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, workdir: Path) -> None:
         pid = os.getpid()
         RemoteHost._counter += 1
         n = RemoteHost._counter
         self.name = f"{NETNS_PREFIX}{pid}-{n}"
+        super().__init__(workdir / self.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.host_dev = f"{DEV_PREFIX}{pid}-{n}h"
         self.ns_dev = f"{DEV_PREFIX}{pid}-{n}n"
         self.is_cut = False
@@ -448,14 +455,14 @@ MakeRemoteHost = Callable[[], RemoteHost]
 
 
 @pytest.fixture(name="remote_host")
-def remote_host_fixture() -> Iterator[MakeRemoteHost]:
+def remote_host_fixture(tmp_path: Path) -> Iterator[MakeRemoteHost]:
     """Factory: ``remote_host()`` → a new ``RemoteHost``; every one closed in teardown."""
     require_netns()
     sweep_leftovers()
     hosts: list[RemoteHost] = []
 
     def make() -> RemoteHost:
-        host = RemoteHost()
+        host = RemoteHost(tmp_path)
         hosts.append(host)
         return host
 
@@ -465,9 +472,9 @@ def remote_host_fixture() -> Iterator[MakeRemoteHost]:
 
 
 @pytest.fixture(name="local_host")
-def local_host_fixture() -> Iterator[LocalHost]:
+def local_host_fixture(tmp_path: Path) -> Iterator[LocalHost]:
     """The root namespace (127.0.0.1) as a host; its servers stopped in teardown."""
-    host = LocalHost()
+    host = LocalHost(tmp_path)
     yield host
     host.close()
 
@@ -538,8 +545,8 @@ class NbdServer:
             return ""
 
 
-def _log_path(image: Path, kind: str, port: int) -> Path:
-    return image.parent / f"{kind}-{image.name}-{port}.log"
+def _log_path(host: Host, kind: str, port: int) -> Path:
+    return host.workdir / f"{kind}-{port}-{len(host.servers)}.log"
 
 
 def qemu_nbd(host: Host, image: Path, export: str = EXPORT, port: int | None = None,
@@ -550,7 +557,7 @@ def qemu_nbd(host: Host, image: Path, export: str = EXPORT, port: int | None = N
     argv = [require("qemu-nbd"), "--persistent", f"--shared={shared}", "--format=raw",
             f"--export-name={export}", f"--bind={host.addr}", f"--port={port}",
             f"--cache={cache}", f"--discard={discard}", *extra, str(image)]
-    return NbdServer(host, argv, port, export, _log_path(image, "qemu-nbd", port),
+    return NbdServer(host, argv, port, export, _log_path(host, "qemu-nbd", port),
                      "qemu-nbd").start()
 
 
@@ -574,9 +581,7 @@ def nbdkit(host: Host, plugin_args: Sequence[str | os.PathLike[str]],
     argv = [require("nbdkit"), "--foreground", "--exit-with-parent", f"--ipaddr={host.addr}",
             f"--port={port}", *(f"--filter={f}" for f in filters), *extra,
             *(str(a) for a in plugin_args)]
-    image = next((Path(a) for a in plugin_args if isinstance(a, Path)), None)
-    where = image if image is not None else Path(tempfile.gettempdir()) / "nbdkit"
-    return NbdServer(host, argv, port, export, _log_path(where, "nbdkit", port),
+    return NbdServer(host, argv, port, export, _log_path(host, "nbdkit", port),
                      "nbdkit").start()
 
 

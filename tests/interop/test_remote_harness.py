@@ -135,14 +135,15 @@ def test_remote_host_is_a_separate_host_and_close_leaves_nothing(remote_host: Ma
     assert other.name in netns_names()  # untouched
 
 
-def test_sweep_removes_what_a_crashed_run_left(remote_host: MakeRemoteHost) -> None:
+def test_sweep_removes_what_a_crashed_run_left(remote_host: MakeRemoteHost, tmp_path: Path
+                                               ) -> None:
     """A run killed before its finalizers leaves namespaces, veths, guard routes and
     claims; the next run's fixture removes them (the dead run is recognised by its PID)."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     pid = dead.pid
     # a host whose claim names the dead run (as if that run had created it)
-    crashed = RemoteHost()
+    crashed = RemoteHost(tmp_path)
     swept = False
     try:
         assert crashed._claim is not None
