@@ -35,7 +35,7 @@ Why ``cut()`` downs the *namespace* end: with the root end down, the kernel dele
 connected route, and packets for the namespace's address would follow the default route
 out of the machine (and a local sender gets errors rather than silence). With the namespace
 end down, the root end merely loses carrier; its route stays and the veth drops what is
-sent into it. Both directions are silent. ``cut_dev``/``restore`` take the same path.
+sent into it. Both directions are silent.
 
 Servers
 -------
@@ -75,6 +75,19 @@ node name), exported on a Unix socket like every other target, reaped in teardow
 ``qsd`` each remote child is QEMU's nbd node ``{"driver": "nbd", "server": {"type":
 "inet", "host", "port"}, "export", ...nbd_options}``; for ``nbdquorum`` it is passed as
 ``--child NAME=URI``.
+
+Name ``remote_host`` before ``start_remote_quorum``/``start_server`` in a test's arguments:
+fixtures are torn down in reverse, so the root-namespace servers are reaped while their
+remote hosts still exist (and a test that cut a link restores it before it returns).
+
+What qemu-storage-daemon (QEMU 7.2) does with an nbd child, as test_remote_harness.py
+records it: remote killed → requests succeed from the other children, the child reported
+(QUORUM_REPORT_BAD, EIO, throttled to one a second per node), the client never notices;
+the nbd client reconnects by itself in the background (backoff 1 s doubling to 16 s) but
+never copies the writes the child missed. Silent link → reads and writes hang with no
+limit and nothing reported; held requests complete after the link returns.
+``reconnect-delay`` N → requests wait up to N s for the server to return, then succeed
+without it (child reported).
 
 fio with verify
 ---------------
