@@ -13,6 +13,7 @@ Hosts
     host.host_addr                # the root namespace's end of the link
     host.run(argv)                # CompletedProcess[str] of argv run inside the namespace
     host.popen(argv, ...)         # Popen inside the namespace (killed by close())
+    host.workdir                  # where its servers write their logs (under tmp_path)
     host.cut()                    # silent link: packets vanish, no RST, no FIN
     host.restore()                # the link is back; open TCP connections resume
     host.close()                  # kill everything in it, delete namespace, veth, route
@@ -34,7 +35,7 @@ Why ``cut()`` downs the *namespace* end: with the root end down, the kernel dele
 connected route, and packets for the namespace's address would follow the default route
 out of the machine (and a local sender gets errors rather than silence). With the namespace
 end down, the root end merely loses carrier; its route stays and the veth drops what is
-sent into it. Both directions are silent. ``cut_dev``/``restore`` take the same path.
+sent into it. Both directions are silent.
 
 Servers
 -------
@@ -74,6 +75,19 @@ node name), exported on a Unix socket like every other target, reaped in teardow
 ``qsd`` each remote child is QEMU's nbd node ``{"driver": "nbd", "server": {"type":
 "inet", "host", "port"}, "export", ...nbd_options}``; for ``nbdquorum`` it is passed as
 ``--child NAME=URI``.
+
+Name ``remote_host`` before ``start_remote_quorum``/``start_server`` in a test's arguments:
+fixtures are torn down in reverse, so the root-namespace servers are reaped while their
+remote hosts still exist (and a test that cut a link restores it before it returns).
+
+What qemu-storage-daemon (QEMU 7.2) does with an nbd child, as test_remote_harness.py
+records it: remote killed → requests succeed from the other children, the child reported
+(QUORUM_REPORT_BAD, EIO, throttled to one a second per node), the client never notices;
+the nbd client reconnects by itself in the background (backoff 1 s doubling to 16 s) but
+never copies the writes the child missed. Silent link → reads and writes hang with no
+limit and nothing reported; held requests complete after the link returns.
+``reconnect-delay`` N → requests wait up to N s for the server to return, then succeed
+without it (child reported).
 
 fio with verify
 ---------------
@@ -222,7 +236,11 @@ def sweep_leftovers() -> None:
             try:
                 info = json.loads(claim.read_text())
             except (OSError, ValueError):
-                continue  # being written right now, or not ours
+                # being written right now; or its writer died between create and write
+                with contextlib.suppress(OSError):
+                    if time.time() - claim.stat().st_mtime > 60:
+                        claim.unlink()
+                continue
             if _pid_alive(int(info["pid"])):
                 continue
             _kill_netns(info["netns"])
@@ -252,7 +270,8 @@ class Host:
     addr = "127.0.0.1"
     name = "localhost"
 
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir  # the servers' logs
         self.procs: list[subprocess.Popen[bytes]] = []
         self.servers: list[NbdServer] = []
         self.closed = False
@@ -303,12 +322,13 @@ class RemoteHost(Host):
 
     _counter = 0
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, workdir: Path) -> None:
         pid = os.getpid()
         RemoteHost._counter += 1
         n = RemoteHost._counter
         self.name = f"{NETNS_PREFIX}{pid}-{n}"
+        super().__init__(workdir / self.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.host_dev = f"{DEV_PREFIX}{pid}-{n}h"
         self.ns_dev = f"{DEV_PREFIX}{pid}-{n}n"
         self.is_cut = False
@@ -448,14 +468,14 @@ MakeRemoteHost = Callable[[], RemoteHost]
 
 
 @pytest.fixture(name="remote_host")
-def remote_host_fixture() -> Iterator[MakeRemoteHost]:
+def remote_host_fixture(tmp_path: Path) -> Iterator[MakeRemoteHost]:
     """Factory: ``remote_host()`` → a new ``RemoteHost``; every one closed in teardown."""
     require_netns()
     sweep_leftovers()
     hosts: list[RemoteHost] = []
 
     def make() -> RemoteHost:
-        host = RemoteHost()
+        host = RemoteHost(tmp_path)
         hosts.append(host)
         return host
 
@@ -465,9 +485,9 @@ def remote_host_fixture() -> Iterator[MakeRemoteHost]:
 
 
 @pytest.fixture(name="local_host")
-def local_host_fixture() -> Iterator[LocalHost]:
+def local_host_fixture(tmp_path: Path) -> Iterator[LocalHost]:
     """The root namespace (127.0.0.1) as a host; its servers stopped in teardown."""
-    host = LocalHost()
+    host = LocalHost(tmp_path)
     yield host
     host.close()
 
@@ -538,8 +558,8 @@ class NbdServer:
             return ""
 
 
-def _log_path(image: Path, kind: str, port: int) -> Path:
-    return image.parent / f"{kind}-{image.name}-{port}.log"
+def _log_path(host: Host, kind: str, port: int) -> Path:
+    return host.workdir / f"{kind}-{port}-{len(host.servers)}.log"
 
 
 def qemu_nbd(host: Host, image: Path, export: str = EXPORT, port: int | None = None,
@@ -550,7 +570,7 @@ def qemu_nbd(host: Host, image: Path, export: str = EXPORT, port: int | None = N
     argv = [require("qemu-nbd"), "--persistent", f"--shared={shared}", "--format=raw",
             f"--export-name={export}", f"--bind={host.addr}", f"--port={port}",
             f"--cache={cache}", f"--discard={discard}", *extra, str(image)]
-    return NbdServer(host, argv, port, export, _log_path(image, "qemu-nbd", port),
+    return NbdServer(host, argv, port, export, _log_path(host, "qemu-nbd", port),
                      "qemu-nbd").start()
 
 
@@ -574,9 +594,7 @@ def nbdkit(host: Host, plugin_args: Sequence[str | os.PathLike[str]],
     argv = [require("nbdkit"), "--foreground", "--exit-with-parent", f"--ipaddr={host.addr}",
             f"--port={port}", *(f"--filter={f}" for f in filters), *extra,
             *(str(a) for a in plugin_args)]
-    image = next((Path(a) for a in plugin_args if isinstance(a, Path)), None)
-    where = image if image is not None else Path(tempfile.gettempdir()) / "nbdkit"
-    return NbdServer(host, argv, port, export, _log_path(where, "nbdkit", port),
+    return NbdServer(host, argv, port, export, _log_path(host, "nbdkit", port),
                      "nbdkit").start()
 
 

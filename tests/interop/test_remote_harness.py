@@ -64,14 +64,14 @@ SILENT_BOUND = 6.0
 def bounded_qemu_io(uri: str, *commands: str, seconds: float = 3.0
                     ) -> subprocess.CompletedProcess[str]:
     """qemu-io under ``timeout``: returncode 124 means it was still waiting when killed."""
-    argv = [require("timeout"), "-s", "KILL", str(seconds), require("qemu-io"), "-f", "raw"]
+    argv = [require("timeout"), "-k", "5", str(seconds), require("qemu-io"), "-f", "raw"]
     for c in commands:
         argv += ["-c", c]
     return run([*argv, uri])
 
 
 def hung(proc: subprocess.CompletedProcess[str]) -> bool:
-    return proc.returncode in (HUNG, 128 + 9, -9)  # timeout -s KILL reports 137
+    return proc.returncode in (HUNG, 128 + 9, -9)  # 137/-9: it ignored TERM (timeout -k)
 
 
 def ip_json(*args: str) -> list[dict[str, object]]:
@@ -135,32 +135,41 @@ def test_remote_host_is_a_separate_host_and_close_leaves_nothing(remote_host: Ma
     assert other.name in netns_names()  # untouched
 
 
-def test_sweep_removes_what_a_crashed_run_left(remote_host: MakeRemoteHost) -> None:
-    """A run killed before its finalizers leaves a namespace, a veth, a route and a claim;
-    the next run's fixture removes them (the dead run is recognised by its PID)."""
+def test_sweep_removes_what_a_crashed_run_left(remote_host: MakeRemoteHost, tmp_path: Path
+                                               ) -> None:
+    """A run killed before its finalizers leaves namespaces, veths, guard routes and
+    claims; the next run's fixture removes them (the dead run is recognised by its PID)."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     pid = dead.pid
-    ns, dev = f"nbdq-{pid}-1", f"nq{pid}-1h"
-    run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", dev, "type", "veth", "peer", "name", f"nq{pid}-1n"])
-    network = "10.213.255.252/30"
-    assert run(["ip", "route", "add", "blackhole", network, "metric", str(GUARD_METRIC)]
-               ).returncode == 0
-    REGISTRY.mkdir(exist_ok=True)
-    claim = REGISTRY / "16383"
-    claim.write_text(json.dumps({"pid": pid, "netns": ns, "host_dev": dev, "network": network}))
-    assert ns in netns_names() and dev in links() and network in guard_routes()
+    # a host whose claim names the dead run (as if that run had created it)
+    crashed = RemoteHost(tmp_path)
+    swept = False
+    try:
+        assert crashed._claim is not None
+        claim = crashed._claim
+        claim.write_text(json.dumps({**json.loads(claim.read_text()), "pid": pid}))
+        # and a namespace and veth of the dead run that never got as far as a claim
+        ns, dev = f"nbdq-{pid}-7", f"nq{pid}-7h"
+        run(["ip", "netns", "add", ns])
+        run(["ip", "link", "add", dev, "type", "veth", "peer", "name", f"nq{pid}-7n"])
+        assert {ns, crashed.name} <= netns_names() and dev in links()
+        assert crashed.network in guard_routes()
+        live = remote_host()
 
-    sweep_leftovers()
-    assert ns not in netns_names()
-    assert dev not in links() and f"nq{pid}-1n" not in links()
-    assert network not in guard_routes()
-    assert not claim.exists()
-    # the live ones stay
-    live = remote_host()
-    sweep_leftovers()
-    assert live.name in netns_names() and live.network in guard_routes()
+        sweep_leftovers()
+        swept = True
+        assert ns not in netns_names() and crashed.name not in netns_names()
+        assert not {dev, f"nq{pid}-7n", crashed.host_dev} & links()
+        assert crashed.network not in guard_routes()
+        assert not claim.exists()
+        # the live ones stay
+        assert live.name in netns_names() and live.network in guard_routes()
+        assert live._claim is not None and live._claim.exists()
+    finally:
+        if swept:  # its subnet may be somebody else's by now: nothing of it to release
+            crashed._claim, crashed._guarded = None, False
+        crashed.close()
 
 
 # --------------------------------------------------------------------------- servers
