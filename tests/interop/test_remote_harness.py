@@ -56,7 +56,7 @@ pytestmark = pytest.mark.timeout(120)
 SIZE = 16 * MiB
 HUNG = 124  # timeout(1)'s exit status when the command had to be killed
 #: servers with a quorum over remote children, for the scenarios both must pass
-REMOTE_TARGETS = ("qsd",)
+REMOTE_TARGETS = ("qsd", "nbdquorum")
 #: how long a request may take while a child is silent (above any --child-timeout used)
 SILENT_BOUND = 6.0
 
@@ -346,6 +346,8 @@ def remote_quorum(remote_host: MakeRemoteHost, start_remote_quorum: StartRemoteQ
     host: RemoteHost = remote_host()
     img = make_image(tmp_path / "remote.raw", SIZE)
     srv = qemu_nbd(host, img)
+    if target == "nbdquorum":  # a child slower than this counts as failed (default 30 s)
+        kwargs.setdefault("extra", ["--child-timeout", "2"])
     quorum = start_remote_quorum(target, remote={"child2": srv.uri}, **kwargs)
     return host, srv, img, quorum
 
