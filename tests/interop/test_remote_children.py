@@ -357,3 +357,35 @@ def test_removal_and_shutdown_never_wait_on_a_dead_link(
     t0 = time.monotonic()
     assert srv.stop() == 0
     assert time.monotonic() - t0 < 10.0, "shutdown waited on the dead link"
+
+
+def test_connecting_to_a_silent_host_is_bounded_and_blocks_nothing(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path) -> None:
+    import threading
+
+    host = remote_host()
+    far = qemu_nbd(host, make_image(tmp_path / "far.raw", SIZE))
+    srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    other = Qmp(Path(srv.extra[1]), name="other")
+    host.cut()  # a connect() now hangs: no RST, no ICMP
+    result: dict[str, Any] = {}
+
+    def add() -> None:
+        t0 = time.monotonic()
+        result["error"] = qmp.error("blockdev-add", **{
+            k.replace("-", "_"): v for k, v in nbd_blockdev(far.uri, "far").items()})
+        result["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=add)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert other.cmd("query-version")  # the monitor answers while the connect hangs
+    qemu_io(srv.uri(), "read 0 64k")  # and so does the export
+    assert time.monotonic() - t0 < TIMEOUT
+    t.join(60)
+    assert "timed out" in result["error"][1], result
+    assert result["seconds"] < TIMEOUT + 5, result
+    host.restore()
+    other.close()
+    qmp.close()
