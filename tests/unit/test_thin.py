@@ -407,3 +407,19 @@ def test_bitmap_runs_and_clear_bits(nbits: int) -> None:
         bm.set_bit(0)
         assert list(bm.runs()) == [(0, 1), (nbits // 2, nbits - nbits // 2)]
     assert bm.dirty_bytes() == bm.count() * MiB
+
+
+def test_a_target_whose_block_status_hangs_is_zeroed_within_the_child_timeout() -> None:
+    class Silent(SparseNode):
+        async def block_status(self, offset: int, length: int) -> list[Extent]:
+            await asyncio.Event().wait()  # never answers
+            return []
+
+    kids = voters(3, 8 * MiB)
+    write_all(kids, MiB, b"\x07" * BLK)
+    q = QuorumNode("q0", kids, vote_threshold=2, child_timeout=0.2)
+    new = Silent("new", 8 * MiB)
+    new._put(5 * MiB, b"\xab" * BLK)
+    resync(q, new)  # the held lock is not held forever: unknown means "zero it"
+    assert run(new.pread(5 * MiB, BLK)) == bytes(BLK)
+    assert run(new.pread(MiB, BLK)) == b"\x07" * BLK

@@ -518,7 +518,8 @@ class QuorumNode(BlockNode):
         only data: zero ranges become holes (or WRITE_ZEROES) unless the target
         reads zero there already.  The caller holds the exclusive range lock."""
         return await copy_voted(target, offset, length, zero_map=self.zero_extents,
-                                read_voted=self.read_voted, child_io=self.child_io)
+                                read_voted=self.read_voted, child_io=self.child_io,
+                                limit=self.child_timeout)
 
     # -- health -------------------------------------------------------------------
     def check_health(self) -> list[tuple[ChildSlot, str]]:

@@ -226,13 +226,13 @@ async def copy_voted(
     target: BlockNode, offset: int, length: int, *,
     zero_map: Callable[[int, int], Awaitable[list[Extent]]],
     read_voted: Callable[[int, int], Awaitable[Buffer]],
-    child_io: Callable[[Awaitable[None]], Awaitable[None]],
+    child_io: Callable[[Awaitable[None]], Awaitable[None]], limit: float | None = None,
 ) -> Copied:
     """Make ``target`` read the quorum's bytes over [offset, offset+length).
 
     ``zero_map`` is the quorum's all-voters-zero rule, ``read_voted`` its voted
-    read and ``child_io`` bounds each of the target's operations (the child
-    timeout).  The caller holds the exclusive range lock.
+    read; ``child_io`` bounds each of the target's operations and ``limit`` its
+    block status (the child timeout).  The caller holds the exclusive range lock.
     """
     done = Copied()
     reads, zeros = _spans(await zero_map(offset, length), offset)
@@ -247,20 +247,17 @@ async def copy_voted(
                 await child_io(target.pwrite(start + a, view[a:b]))
                 done.written += b - a
     if zeros:
-        await _make_zero(target, offset, length, zeros, done, child_io)
+        await _make_zero(target, offset, length, zeros, done, child_io, limit)
     return done
 
 
 async def _make_zero(
     target: BlockNode, offset: int, length: int, zeros: list[tuple[int, int]], done: Copied,
-    child_io: Callable[[Awaitable[None]], Awaitable[None]],
+    child_io: Callable[[Awaitable[None]], Awaitable[None]], limit: float | None,
 ) -> None:
     """Zero ``zeros`` (ranges within [offset, offset+length)) on the target where its
-    own block status does not say ZERO already."""
-    try:
-        have = await all_zero([target], offset, length)
-    except OSError:
-        have = [(length, 0)]
+    own block status does not say ZERO already (an error there: zero it all)."""
+    have = await all_zero([target], offset, length, limit=limit)
     blank: list[tuple[int, int]] = []  # the target's ZERO ranges
     pos = offset
     for n, flags in have:
