@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_thin.py                 4 TiB images, 1 MiB of data
     .venv/bin/python scripts/bench_thin.py --size 1T --limit 30
+    .venv/bin/python scripts/bench_thin.py --size 1G --fill    the dense case
 
 Three sparse images of ``--size`` (truncate) in ``--dir`` get 1 MiB of data at four
 offsets through the quorum (qemu-io); then ``nbdquorum ctl replace child2 child3=NEW``
@@ -41,6 +42,8 @@ def main() -> int:
     ap.add_argument("--size", type=size_arg, default=4 << 40, help="image size (default 4T)")
     ap.add_argument("--limit", type=float, default=120.0, help="stop the replace after SECONDS")
     ap.add_argument("--dir", type=Path, default=None, help="where the images go")
+    ap.add_argument("--fill", action="store_true",
+                    help="write data over the whole size first (the dense case: no zero to skip)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="thin-", dir=args.dir))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -68,6 +71,8 @@ def main() -> int:
         cmds = []
         for n, off in enumerate(offsets):
             cmds += ["-c", f"write -P {0x11 * (n + 1)} {off} 256k"]
+        if args.fill:
+            cmds = ["-c", f"write -P 90 0 {args.size}"]
         subprocess.run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri], check=True,
                        stdout=subprocess.DEVNULL)
         t0 = time.monotonic()
