@@ -423,3 +423,17 @@ def test_a_target_whose_block_status_hangs_is_zeroed_within_the_child_timeout() 
     resync(q, new)  # the held lock is not held forever: unknown means "zero it"
     assert run(new.pread(5 * MiB, BLK)) == bytes(BLK)
     assert run(new.pread(MiB, BLK)) == b"\x07" * BLK
+
+
+def test_fragmented_data_is_read_in_few_voted_reads_and_copied_exactly() -> None:
+    kids = voters(3, 64 * MiB)
+    for off in range(2 * MiB, 3 * MiB, 16 * 1024):  # 4 KiB of data every 16 KiB
+        write_all(kids, off, b"\x5e" * BLK)
+    q = quorum(kids)
+    new = SparseNode("new", 64 * MiB)
+    job = resync(q, new)
+    assert new.allocated() == kids[0].allocated() == 64 * BLK  # no hole written as data
+    assert all(any(data) for _, data in new.written)
+    assert len(kids[0].of("read")) == 1  # one voted read for the region, not 64
+    assert job.copied.written == 64 * BLK
+    run(same_bytes(kids[0], new))

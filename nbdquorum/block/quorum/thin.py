@@ -196,12 +196,15 @@ def zero_blocks(data: Buffer, offset: int, grain: int = ZERO_GRAIN) -> list[tupl
     return runs
 
 
-def _spans(extents: Sequence[Extent], offset: int) -> tuple[list[tuple[int, int]],
-                                                          list[tuple[int, int]]]:
-    """(data spans to read, zero ranges) of an all_zero() answer, as (offset, length).
+Span = tuple[int, int, list[tuple[int, int]]]  # (offset, length, data extents in it)
 
-    Data extents closer than MERGE_GAP are read together (the voted bytes of
-    the gap are zero and found so by zero_blocks); spans are cut at COPY_MAX.
+
+def _spans(extents: Sequence[Extent], offset: int) -> tuple[list[Span], list[tuple[int, int]]]:
+    """(spans to read, zero ranges) of an all_zero() answer, as offsets and lengths.
+
+    Data extents closer than MERGE_GAP are read in one span (one voted read
+    instead of many small ones); only the data extents of a span are written,
+    its gaps are zero ranges like the others.  Spans are cut at COPY_MAX.
     """
     data: list[tuple[int, int]] = []
     zeros: list[tuple[int, int]] = []
@@ -209,17 +212,20 @@ def _spans(extents: Sequence[Extent], offset: int) -> tuple[list[tuple[int, int]
     for n, flags in extents:
         if flags & STATE_ZERO:
             zeros.append((pos, n))
-        elif data and pos - (data[-1][0] + data[-1][1]) < MERGE_GAP:
-            start = data[-1][0]
-            data[-1] = (start, pos + n - start)
         else:
-            data.append((pos, n))
+            for a in range(pos, pos + n, COPY_MAX):
+                data.append((a, min(COPY_MAX, pos + n - a)))
         pos += n
-    cut: list[tuple[int, int]] = []
-    for start, n in data:
-        for a in range(start, start + n, COPY_MAX):
-            cut.append((a, min(COPY_MAX, start + n - a)))
-    return cut, zeros
+    spans: list[Span] = []
+    for a, n in data:
+        if spans:
+            start, length, parts = spans[-1]
+            if a - (start + length) < MERGE_GAP and a + n - start <= COPY_MAX:
+                parts.append((a, n))
+                spans[-1] = (start, a + n - start, parts)
+                continue
+        spans.append((a, n, [(a, n)]))
+    return spans, zeros
 
 
 async def copy_voted(
@@ -235,17 +241,19 @@ async def copy_voted(
     block status (the child timeout).  The caller holds the exclusive range lock.
     """
     done = Copied()
-    reads, zeros = _spans(await zero_map(offset, length), offset)
-    for start, n in reads:
+    spans, zeros = _spans(await zero_map(offset, length), offset)
+    for start, n, parts in spans:
         data = await read_voted(start, n)
         done.read += n
         view = memoryview(data)
-        for a, b, zero in zero_blocks(data, start):
-            if zero:
-                zeros.append((start + a, b - a))
-            else:
-                await child_io(target.pwrite(start + a, view[a:b]))
-                done.written += b - a
+        for p, m in parts:
+            sub = view[p - start:p - start + m]
+            for a, b, zero in zero_blocks(sub, p):
+                if zero:
+                    zeros.append((p + a, b - a))
+                else:
+                    await child_io(target.pwrite(p + a, sub[a:b]))
+                    done.written += b - a
     if zeros:
         await _make_zero(target, offset, length, zeros, done, child_io, limit)
     return done
