@@ -7,9 +7,13 @@ needs a 128 KiB bitmap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 DEFAULT_REGION = 1 << 20
+
+_FULL = re.compile(rb"\xff+")
+_EMPTY = re.compile(rb"\x00+")
 
 
 class RegionBitmap:
@@ -60,6 +64,54 @@ class RegionBitmap:
         """Set the bits of a byte range; returns the bits that were newly set."""
         return [b for b in self.bits_for(offset, length) if self.set_bit(b)]
 
+    def clear_bits(self, first: int, n: int) -> int:
+        """Clear ``n`` bits from ``first`` on (whole bytes at once); returns how many were set."""
+        end = min(first + n, self.nbits)
+        cleared = 0
+        bit = first
+        while bit < end and bit & 7:
+            cleared += self.clear_bit(bit)
+            bit += 1
+        whole_end = end & ~7
+        if bit < whole_end:
+            a, b = bit >> 3, whole_end >> 3
+            ones = int.from_bytes(self._bits[a:b], "little").bit_count()
+            self._bits[a:b] = bytes(b - a)
+            self._count -= ones
+            cleared += ones
+            bit = whole_end
+        while bit < end:
+            cleared += self.clear_bit(bit)
+            bit += 1
+        return cleared
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """(first bit, number of bits) of each run of set bits, ascending, as the
+        bitmap was when called (later changes are not seen)."""
+        snap = bytes(self._bits)
+        start = -1  # first bit of the run being walked, or -1
+        i, n = 0, len(snap)
+        while i < n:
+            byte = snap[i]
+            if byte == 0xFF and start >= 0:  # a run goes on: skip its whole bytes
+                m = _FULL.match(snap, i)
+                i = m.end() if m else i + 1
+                continue
+            if byte == 0 and start < 0:  # between runs: skip the clear bytes
+                m = _EMPTY.match(snap, i)
+                i = m.end() if m else i + 1
+                continue
+            for j in range(8):
+                if byte & (1 << j):
+                    if start < 0:
+                        start = i * 8 + j
+                elif start >= 0:
+                    yield start, i * 8 + j - start
+                    start = -1
+            i += 1
+        if start >= 0:
+            yield start, self.nbits - start
+
     def any_in(self, offset: int, length: int) -> bool:
         return any(self.test(b) for b in self.bits_for(offset, length))
 
@@ -80,7 +132,9 @@ class RegionBitmap:
         return self._count
 
     def dirty_bytes(self) -> int:
-        return sum(self.region_of(b)[1] for b in self)
+        last = self.nbits - 1
+        tail = self.region - self.region_of(last)[1] if self.test(last) else 0
+        return self._count * self.region - tail
 
     def clear_all(self) -> None:
         self._bits[:] = bytes(len(self._bits))

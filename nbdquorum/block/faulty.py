@@ -16,7 +16,7 @@ import errno as errno_mod
 from dataclasses import dataclass
 from typing import Any
 
-from nbdquorum.block.node import BlockNode, Buffer, Direct, Filter, oserror
+from nbdquorum.block.node import BlockNode, Buffer, Direct, Extent, Filter, oserror
 
 OPS = ("read", "write", "flush", "any")
 ACTIONS = ("error", "flip", "zero", "hang")
@@ -128,6 +128,13 @@ class FaultyNode(Filter):
         r = await self._pre("write", offset, len(data))
         await self.child.pwrite(offset, data if r is None else self._damage(r, offset, data),
                                 fua=fua)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        # where a rule changes or fails reads, the image's holes say nothing of what
+        # is read: data, so that resync and scrub read (and vote on) those bytes
+        if any(r.op in ("read", "any") and r.hits("read", offset, length) for r in self.rules):
+            return [(length, 0)]
+        return await self.child.block_status(offset, length)
 
     async def flush(self) -> None:
         await self._pre("flush", 0, 0)

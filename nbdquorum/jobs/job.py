@@ -153,10 +153,13 @@ class Job:
         await self._done.wait()
 
     # -- helpers for run() --------------------------------------------------------------
-    async def checkpoint(self, nbytes: int) -> None:
-        """Account progress, then honour pause and the rate limit."""
+    async def checkpoint(self, nbytes: int, *, cost: int | None = None) -> None:
+        """Account progress, then honour pause and the rate limit.
+
+        ``cost`` is what the step charges against the rate limit when it differs
+        from its progress (a skipped all-zero range moved no data)."""
         self.current += nbytes
-        self._rate_bytes += nbytes
+        self._rate_bytes += nbytes if cost is None else cost
         if self.speed > 0:
             due = self._rate_t0 + self._rate_bytes / self.speed
             delay = due - time.monotonic()

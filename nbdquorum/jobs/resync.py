@@ -9,6 +9,13 @@ children, writes them to the child and clears the bit.  Bits set again by a
 failed write while the job runs are picked up before it finishes.  When the
 bitmap is empty the child is flushed and becomes ``active`` (md's recovery,
 ZFS's resilver).
+
+A copy costs what is allocated, not the virtual size (block/quorum/thin.py):
+ranges that every voter reads as zero (block status ZERO) are made zero on the
+child (a punched hole; nothing at all where the child reads zero already) and
+never written as data, and a run of such regions is done in one step of up to
+``WINDOW`` regions under one hold of the lock.  Regions with data are copied
+one by one as before, their voted all-zero blocks zeroed instead of written.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from collections.abc import Callable
 
 from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.graph import Graph
-from nbdquorum.block.quorum import ChildSlot, ChildState, QuorumNode
+from nbdquorum.block.node import Extent
+from nbdquorum.block.quorum import ChildSlot, ChildState, Copied, QuorumNode
+from nbdquorum.block.quorum.thin import region_runs
 from nbdquorum.eventbus import EventBus
 from nbdquorum.jobs.job import Job, JobManager, JobStatus
 
@@ -29,6 +38,24 @@ log = logging.getLogger(__name__)
 IDENTITY_SAMPLES = 8
 #: regions looked at, at most, to find those samples (blank ones do not count)
 IDENTITY_CANDIDATES = 64
+#: regions one block-status query of the job covers (1 GiB of 1 MiB regions); a run of
+#: regions that every voter reads as zero is brought in sync in one step of that size
+WINDOW = 1024
+
+
+def _span(bm: RegionBitmap, bit: int, count: int) -> tuple[int, int]:
+    """(offset, length) of ``count`` regions from ``bit`` on."""
+    off = bm.region_of(bit)[0]
+    last_off, last_n = bm.region_of(bit + count - 1)
+    return off, last_off + last_n - off
+
+
+def _steps(extents: list[Extent], bm: RegionBitmap, first: int,
+           count: int) -> list[tuple[int, int, bool]]:
+    """Regions ``first..first+count-1`` as runs ``(bit, count, all_zero)``."""
+    off, n = _span(bm, first, count)
+    return [(a // bm.region, -(-m // bm.region), zero)
+            for a, m, zero in region_runs(extents, off, n, bm.region)]
 
 
 class ResyncJob(Job):
@@ -43,6 +70,8 @@ class ResyncJob(Job):
         self.quorum = quorum
         self.slot = slot
         self.on_progress = on_progress  # persistence checkpoint hook
+        #: what the copy did so far (bytes written, zeroed, found zero already)
+        self.copied = Copied()
         #: called (quorum, slot) after a backoff when the job failed
         self.on_retry: Callable[[QuorumNode, ChildSlot], None] | None = None
 
@@ -71,7 +100,13 @@ class ResyncJob(Job):
         if not self._still_member():
             raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
         q.members.resynced(slot)
-        log.info("resync of %s complete", slot.node.node_name)
+        c = self.copied
+        log.info("resync of %s complete: %d bytes written, %d zeroed, %d already zero",
+                 slot.node.node_name, c.written, c.zeroed, c.skipped)
+
+    def _check_member(self) -> None:
+        if not self._still_member():
+            raise RuntimeError(f"child {self.slot.node.node_name} left the quorum or faulted")
 
     async def _same_image(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> bool:
         """Best effort: is the returning child the image that left?
@@ -111,26 +146,40 @@ class ResyncJob(Job):
     async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
         """Copy every region still dirty, until none is (writes may dirty more)."""
         while bm.count():
-            for bit in list(bm):
-                if not self._still_member():
-                    raise RuntimeError(f"child {slot.node.node_name} left the quorum or faulted")
-                if not bm.test(bit):
-                    continue
-                off, n = bm.region_of(bit)
-                async with q.lock.hold(off, n, exclusive=True):
-                    if not self._still_member():  # removed while we waited
-                        raise RuntimeError(
-                            f"child {slot.node.node_name} left the quorum or faulted")
-                    data = await q.read_voted(off, n)
-                    # a hung child must not hold the region (and every
-                    # client request on it) forever: the child timeout applies
-                    await q.child_io(slot.node.pwrite(off, data))
-                    q.members.region_synced(slot, bit)
-                await self.checkpoint(n)
-                if self.on_progress is not None:
-                    self.on_progress()
+            for first, nbits in bm.runs():
+                for bit in range(first, first + nbits, WINDOW):
+                    self._check_member()
+                    take = min(WINDOW, first + nbits - bit)
+                    off, n = _span(bm, bit, take)
+                    # where every voter reads zero, asked without the lock: it only
+                    # says how big the steps are; each step asks again under the lock
+                    hint = await q.zero_extents(off, n)
+                    for step, count, zero in _steps(hint, bm, bit, take):
+                        if zero:
+                            await self._step(q, slot, bm, step, count)
+                        else:
+                            for one in range(step, step + count):
+                                if bm.test(one):
+                                    await self._step(q, slot, bm, one, 1)
             if bm.count():  # writes failed on the child meanwhile: more to do
                 self.total += bm.dirty_bytes()
+
+    async def _step(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap, bit: int,
+                    count: int) -> None:
+        """Bring ``count`` regions from ``bit`` on in sync, under the exclusive range lock
+        (no client write can race the copy, nor the block status it asks)."""
+        off, n = _span(bm, bit, count)
+        async with q.lock.hold(off, n, exclusive=True):
+            self._check_member()  # removed while we waited?
+            # a hung child must not hold the range (and every client request on it)
+            # forever: the child timeout bounds each of the target's operations
+            done = await q.copy_to(slot.node, off, n)
+            q.members.regions_synced(slot, bit, count)
+        self.copied.add(done)
+        # the rate limit charges what was read and voted, not ranges skipped as zero
+        await self.checkpoint(n, cost=done.read)
+        if self.on_progress is not None:
+            self.on_progress()
 
     def finalize(self) -> None:
         slot = self.slot

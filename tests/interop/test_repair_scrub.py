@@ -99,6 +99,7 @@ def test_scrub_check_then_repair(nbdq: StartNbdq) -> None:
 def test_scrub_repair_under_fio_does_not_fail_it(nbdq: StartNbdq) -> None:
     """A repairing scrub while fio writes and verifies: no error, no false mismatch."""
     srv = nbdq()
+    qemu_io(srv.uri, "write -P 0x5c 0 16M", "flush")  # all-zero regions would be skipped
     q = srv.qmp()
     fio = fio_randwrite(srv.uri, srv.work, SIZE, "--loops=3")
     try:
@@ -143,6 +144,7 @@ def test_scrub_counts_a_region_without_quorum_as_unrecoverable(nbdq: StartNbdq) 
 
 def test_scrub_cancel_reports_a_partial_result(nbdq: StartNbdq) -> None:
     srv = nbdq()
+    qemu_io(srv.uri, "write -P 0x5c 0 16M", "flush")  # all-zero regions would be skipped
     q = srv.qmp()
     q.cmd("x-quorum-scrub", speed=2 * MiB)  # 16 MiB would take 8 s
     q.wait_event("JOB_STATUS_CHANGE", 5, id="scrub-quorum0", status="running")

@@ -69,11 +69,12 @@ def test_added_child_resyncs_under_writes_then_becomes_active(tmp_path: Path) ->
 
 
 def test_resync_pause_resume_cancel(tmp_path: Path) -> None:
-    g, _q, seen = setup(tmp_path)
+    g, q, seen = setup(tmp_path)
 
     async def main() -> None:
         jobs = JobManager(g.bus)
         ResyncManager(g, jobs, speed=1 << 20)
+        await q.pwrite(0, b"\x11" * SIZE)  # data to copy (zero ranges cost no time)
         g.open_raw_file("new", str(tmp_path / "new.raw"), create_size=SIZE)
         slot = g.child_add("q0", "new")
         job = jobs.jobs["resync-new"]

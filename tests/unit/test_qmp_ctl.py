@@ -103,7 +103,12 @@ def srv(tmp_path: Path) -> Iterator[ThreadedServer]:
 
 @pytest.fixture
 def jobsrv(tmp_path: Path) -> Iterator[ThreadedServer]:
-    """A server with background jobs; new children resync at 512 KiB/s (2 s for 1 MiB)."""
+    """A server with background jobs; new children resync at 512 KiB/s (2 s for 1 MiB).
+
+    The children hold data: ranges every child reads as zero are skipped by
+    resync and scrub, which would leave nothing for the rate limit to slow down."""
+    for i in range(3):
+        (tmp_path / f"c{i}.raw").write_bytes(b"\x5a" * SIZE)
     s = ThreadedServer(tmp_path, resync_speed=512 * 1024)
     yield s
     s.stop()
@@ -558,7 +563,7 @@ def test_scrub_repair_wait_prints_a_summary(jobsrv: ThreadedServer, capsys: Any)
     assert out.endswith(", 1.0 MiB scanned, child1: 1 region (4.0 KiB) repaired\n")
     assert err == "scrubbing quorum0 (repair) ...\n"  # not a terminal: no bar
     with open(jobsrv.tmp / "c1.raw", "rb") as f:
-        assert f.read(4096) == bytes(4096)
+        assert f.read(4096) == b"\x5a" * 4096
     code, out, _ = ctl_run(jobsrv, capsys, "status")
     (line,) = [x for x in out.splitlines() if "last scrub" in x]
     assert "child1: 1 region (4.0 KiB) repaired" in line and "{" not in line

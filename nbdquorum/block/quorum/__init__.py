@@ -13,12 +13,14 @@ from nbdquorum.block.quorum.members import (
     ReopenPlan,
     check_options,
 )
-from nbdquorum.block.quorum.node import QuorumNode, WriteIntent, intersect_extents
+from nbdquorum.block.quorum.node import QuorumNode, WriteIntent
+from nbdquorum.block.quorum.thin import Copied, intersect_extents
 
 __all__ = [
     "ChildSlot",
     "ChildState",
     "ChildStats",
+    "Copied",
     "Members",
     "QuorumNode",
     "ReadPattern",

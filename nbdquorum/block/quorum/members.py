@@ -286,6 +286,11 @@ class Members:
         if slot.sync is not None:
             slot.sync.clear_bit(bit)
 
+    def regions_synced(self, slot: ChildSlot, first: int, n: int) -> None:
+        """A resync job brought ``n`` regions of ``slot.sync`` from bit ``first`` on in sync."""
+        if slot.sync is not None:
+            slot.sync.clear_bits(first, n)
+
     def resync_outcome(self, slot: ChildSlot, error: str | None) -> None:
         """A resync attempt ended: ``error`` None clears the failure count."""
         if error is None:

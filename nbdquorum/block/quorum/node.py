@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import json
 import logging
 import time
@@ -34,8 +33,6 @@ from typing import Any
 
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.node import (
-    STATE_HOLE,
-    STATE_ZERO,
     BlockNode,
     Buffer,
     Caps,
@@ -52,6 +49,7 @@ from nbdquorum.block.quorum.members import (
     ReadPattern,
     check_options,
 )
+from nbdquorum.block.quorum.thin import Copied, all_zero, copy_voted, intersect_extents
 from nbdquorum.block.quorum.voted import Reads, VotedIO
 from nbdquorum.block.rangelock import RangeLock
 from nbdquorum.ratelimit import Burst
@@ -509,6 +507,22 @@ class QuorumNode(BlockNode):
             return [(length, 0)]
         return intersect_extents(good, length)
 
+    # -- thin copies (thin.py) ------------------------------------------------------------
+    async def zero_extents(self, offset: int, length: int) -> list[Extent]:
+        """Where every active child reads zeros: extents with ``STATE_ZERO`` set only
+        where each voter's block status says ZERO (the one rule for resync,
+        catch-up and scrub; anything a voter cannot vouch for is data)."""
+        return await all_zero([s.node for s in self.active()], offset, length,
+                              limit=self.child_timeout)
+
+    async def copy_to(self, target: BlockNode, offset: int, length: int) -> Copied:
+        """Make ``target`` read the voted bytes of [offset, offset+length), writing
+        only data: zero ranges become holes (or WRITE_ZEROES) unless the target
+        reads zero there already.  The caller holds the exclusive range lock."""
+        return await copy_voted(target, offset, length, zero_map=self.zero_extents,
+                                read_voted=self.read_voted, child_io=self.child_io,
+                                limit=self.child_timeout)
+
     # -- health -------------------------------------------------------------------
     def check_health(self) -> list[tuple[ChildSlot, str]]:
         """Fault children whose files were deleted or resized under us.
@@ -548,34 +562,3 @@ class QuorumNode(BlockNode):
             await asyncio.sleep(interval)
             self.check_health()
 
-
-def intersect_extents(maps: Sequence[Sequence[Extent]], length: int) -> list[Extent]:
-    """AND the flags of several extent lists over the same range."""
-    cuts: set[int] = {0, length}
-    for m in maps:
-        pos = 0
-        for n, _ in m:
-            pos += n
-            cuts.add(min(pos, length))
-    points = sorted(cuts)
-
-    def flags_at(m: Sequence[Extent], pos: int) -> int:
-        p = 0
-        for n, f in m:
-            if p <= pos < p + n:
-                return f
-            p += n
-        return 0
-
-    out: list[Extent] = []
-    for a, b in itertools.pairwise(points):
-        if b <= a:
-            continue
-        f = STATE_HOLE | STATE_ZERO
-        for m in maps:
-            f &= flags_at(m, a)
-        if out and out[-1][1] == f:
-            out[-1] = (out[-1][0] + b - a, f)
-        else:
-            out.append((b - a, f))
-    return out
