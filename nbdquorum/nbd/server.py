@@ -665,9 +665,9 @@ class Connection:
         try:
             await self.stream.start_tls(tls.context)
         except (TimeoutError, OSError) as err:
-            why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            self.log.warning("TLS handshake failed: %s", why)
-            raise ConnectionAbortedError(f"TLS handshake failed: {why}") from err
+            what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            self.log.warning("TLS handshake failed: %s", what)
+            raise ConnectionAbortedError(f"TLS handshake failed: {what}") from err
         why = tls.check_peer(self.stream.get_extra_info("peercert"))
         if why is not None:
             self.log.warning("TLS client refused: %s", why)
