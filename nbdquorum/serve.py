@@ -19,6 +19,7 @@ from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern
 from nbdquorum.eventbus import Event, EventBus
+from nbdquorum.nbd.tls import TLSConfig, TLSConfigError, TLSContexts
 from nbdquorum.qmp.events import wired
 from nbdquorum.ratelimit import Burst
 from nbdquorum.remote.child import NBDChild
@@ -91,6 +92,8 @@ class ServeConfig:
     max_client_requests: int = 16
     max_client_bytes: int = 16 << 20
     max_client_backlog: int = 1 << 20
+    #: --tls, --tls-certificates, --tls-verify-peer, --tls-authz-dn (nbd/tls.py)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -342,6 +345,12 @@ async def serve(cfg: ServeConfig) -> int:
             cfg = apply_state(cfg, state, cfg.state_dir)
     if not cfg.children:
         raise UsageError("serve needs at least one --child (or a --state-dir that records them)")
+    # The certificates before anything: a server that cannot speak TLS as asked
+    # must not start in plaintext, nor touch its images.
+    try:
+        tls = TLSContexts(cfg.tls)
+    except TLSConfigError as err:
+        raise UsageError(str(err)) from err
     # Every address first: a server that cannot listen must not have created
     # images, recovered a crash or started jobs.
     nbd_listeners, qmp_listener = bind_listeners(cfg)
@@ -349,17 +358,19 @@ async def serve(cfg: ServeConfig) -> int:
     try:
         metrics_listeners = bind_metrics(cfg)
         return await _serve_on(cfg, bus, store, state, nbd_listeners, qmp_listener,
-                               metrics_listeners)
+                               metrics_listeners, tls)
     finally:
         close_listeners([*nbd_listeners, *metrics_listeners], qmp_listener)
 
 
 async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
                     state: dict[str, Any] | None, nbd_listeners: list[Listener],
-                    qmp_listener: Listener | None, metrics_listeners: list[Listener]) -> int:
+                    qmp_listener: Listener | None, metrics_listeners: list[Listener],
+                    tls: TLSContexts) -> int:
     from nbdquorum.block.quorum.recovery import crash_recover
     from nbdquorum.jobs.job import JobManager
     from nbdquorum.jobs.resync import ResyncManager
+    from nbdquorum.nbd.protocol import TLSMode
     from nbdquorum.nbd.server import ClientLimits, Export, NBDServer
     from nbdquorum.state import WriteIntentLog, restore
     from nbdquorum.worker.pool import WorkerPool
@@ -399,11 +410,12 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     nbd = NBDServer({cfg.export_name: export}, cfg.export_name,
                     budget=max(1, cfg.memory_budget // (cfg.workers + 1)),
                     limits=ClientLimits(cfg.max_client_requests, cfg.max_client_bytes,
-                                        cfg.max_client_backlog))
+                                        cfg.max_client_backlog),
+                    tls=tls if cfg.tls.mode is not TLSMode.OFF else None)
     pool = None
     if cfg.workers:
         pool = WorkerPool(nbd, export, quorum, cfg.workers, child_timeout=cfg.child_timeout,
-                          take_all=cfg.workers_take_all, verbose=cfg.verbose)
+                          take_all=cfg.workers_take_all, verbose=cfg.verbose, tls=cfg.tls)
     listener: NBDServer | WorkerPool = nbd if pool is None else pool
     qmp = None
     exporter = None  # the metrics endpoint
@@ -413,6 +425,17 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload_tls() -> None:
+        # new handshakes use the new files; connections already up keep theirs
+        if cfg.tls.mode is TLSMode.OFF:
+            log.info("SIGHUP: TLS is off, nothing to reload")
+            return
+        tls.reload()
+        if pool is not None:
+            pool.reload_tls()
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     try:
         if pool is not None:
             await pool.start()
@@ -443,12 +466,13 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
         where = list(dict.fromkeys(where))
         gc.freeze()  # the graph, tables and modules never become garbage
         log.info(
-            "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s%s",
+            "serving %s (%d children, vote-threshold %d, %s) as export %r on %s%s%s%s",
             quorum.node_name, len(quorum.slots), quorum.vote_threshold, quorum.read_pattern,
             cfg.export_name, ", ".join(where),
             f"; QMP on {cfg.control}" if cfg.control else "",
             f"; {pool.running()} of {cfg.workers} worker process(es) running"
             if pool is not None else "",
+            f"; TLS {cfg.tls.mode.value}" if cfg.tls.mode is not TLSMode.OFF else "",
         )
         if qmp is not None:
             qmp.on_quit = stop.set
@@ -563,6 +587,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-client-backlog", type=parse_size, default=1 << 20, metavar="BYTES",
                    help="reply bytes a client has not read yet above which its requests "
                         "wait: a client that stops reading stops being served (default 1M)")
+    p.add_argument("--tls", choices=["off", "on", "require"],
+                   help="off: plaintext only; on: TLS or plaintext; require: a client must "
+                        "start TLS (NBD_OPT_STARTTLS) before it learns anything of the "
+                        "export (default: require with --tls-certificates, else off; "
+                        "see docs/tls.md)")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="server-cert.pem, server-key.pem, ca-cert.pem (with "
+                        "--tls-verify-peer) and an optional ca-crl.pem, as QEMU's "
+                        "tls-creds-x509 reads them; reloaded on SIGHUP")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by DIR/ca-cert.pem")
+    p.add_argument("--tls-authz-dn", action="append", default=[], metavar="PATTERN",
+                   help="with --tls-verify-peer: the client certificate's subject DN "
+                        "(RFC 4514, as CN=client,O=Example,C=GB) must match one PATTERN "
+                        "(repeat; fnmatch wildcards * ? [..], else an exact match)")
+    p.add_argument("--tls-psk", metavar="FILE",
+                   help="TLS-PSK: not supported (refused; docs/tls.md says why)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: more log lines; -vv: debug, per request")
 
@@ -576,6 +617,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             k: True for k in ("vote_threshold", "node_name", "read_pattern", "rewrite_corrupted")
             if f"--{k.replace('_', '-')}" in " ".join(argv if argv is not None else sys.argv)
         }
+        if args.tls_psk:
+            raise UsageError("--tls-psk: TLS-PSK is not supported (Python 3.11's ssl module "
+                             "has no PSK API); use --tls-certificates (docs/tls.md)")
+        try:
+            tls = TLSConfig.from_options(args.tls, args.tls_certificates,
+                                         args.tls_verify_peer, args.tls_authz_dn)
+        except TLSConfigError as err:
+            raise UsageError(str(err)) from err
         cfg = ServeConfig(
             children=[parse_child(c, i) for i, c in enumerate(args.child)],
             size=args.size,
@@ -603,6 +652,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             max_client_requests=args.max_client_requests,
             max_client_bytes=args.max_client_bytes,
             max_client_backlog=args.max_client_backlog,
+            tls=tls,
             verbose=args.verbose,
             extra=dict(explicit),
         )

@@ -68,6 +68,9 @@ class Row:
     bssplit: str | None = None  # fio --bssplit (mixed request sizes), instead of bs
     #: hostile clients during the row (scripts/nbd_hostile.py): MODE:CLIENTS[:LENGTH]
     hostile: str = ""
+    #: over TLS (x509 certificates made by tests/interop/tls_certs.py): the servers
+    #: export with TLS required, fio's nbd engine (libnbd) connects with nbds+unix://
+    tls: bool = False
 
 
 ROWS: list[Row] = [
@@ -100,6 +103,11 @@ ROWS: list[Row] = [
         "randread", "4k", 1, group="special", hostile="stall:64"),
     Row("memory-hostile-trickle64", "memory: 64 clients trickle 32 MiB writes", "randread",
         "4k", 1, group="special", hostile="trickle:64:32M"),
+    # TLS (docs/tls.md): both servers over TLS 1.3, nbdquorum with OpenSSL, qsd with GnuTLS
+    Row("tls-seqread-1m-qd8", "TLS: seqread 1M QD8", "read", "1m", 8, unit="mbps",
+        group="special", tls=True),
+    Row("tls-randread-4k-qd32", "TLS: randread 4k QD32", "randread", "4k", 32,
+        group="special", tls=True),
 ]
 
 
@@ -128,7 +136,39 @@ TARGETS: list[Target] = [
 ]
 
 
-def server_argv(t: Target, images: list[Path], sock: Path) -> list[str]:
+def tls_dirs(out: Path) -> Path:
+    """The benchmark's certificates (made once per output directory): server/, client/."""
+    where = out / "tls"
+    if not (where / "server" / "server-cert.pem").exists():
+        sys.path.insert(0, str(ROOT))
+        from tests.interop.tls_certs import make_certs
+
+        make_certs(where)
+        # fio's nbd engine refuses tls-certificates= in its URI (a local file), so
+        # libnbd finds the client's files where it looks by default: $HOME/.pki/libnbd
+        (where / "home" / ".pki").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(where / "client", where / "home" / ".pki" / "libnbd")
+    return where
+
+
+def server_argv(t: Target, images: list[Path], sock: Path,
+                tls: Path | None = None) -> list[str]:
+    """``tls``: the server certificates' directory (TLS required), None for plaintext."""
+    argv = _server_argv(t, images, sock)
+    if tls is None:
+        return argv
+    if t.kind == "nbdq":
+        return [*argv, "--tls-certificates", str(tls)]
+    if t.kind == "qsd":
+        at = argv.index("--nbd-server")
+        argv[at + 1] += ",tls-creds=tls0"
+        # verify-peer=off: as nbdquorum without --tls-verify-peer (qsd's default is on)
+        creds = f"tls-creds-x509,id=tls0,dir={tls},endpoint=server,verify-peer=off"
+        return [*argv[:at], "--object", creds, *argv[at:]]
+    raise ValueError(f"no TLS for {t.kind}")
+
+
+def _server_argv(t: Target, images: list[Path], sock: Path) -> list[str]:
     if t.mode == "single":
         images = images[:1]
     if t.kind == "nbdq":
@@ -415,7 +455,8 @@ def hostile_clients(row: Row, sock: Path, log: Path) -> Iterator[None]:
 def fio_argv(row: Row, sock: Path, runtime: float, out: Path) -> list[str]:
     size = f"--bssplit={row.bssplit}" if row.bssplit else f"--bs={row.bs}"
     argv = [
-        "fio", f"--name={row.id}", "--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
+        "fio", f"--name={row.id}", "--ioengine=nbd",
+        f"--uri=nbd{'s' if row.tls else ''}+unix:///disk?socket={sock}",
         f"--rw={row.rw}", size, f"--iodepth={row.iodepth}",
         f"--numjobs={row.numjobs}", "--group_reporting", "--time_based",
         f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
@@ -459,7 +500,10 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
             rep: int) -> dict[str, Any]:
     sock = out / "run" / f"{target.id}.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
-    argv = server_argv(target, image_set(imgdir, row.images, target), sock)
+    certs = tls_dirs(out) if row.tls else None
+    argv = server_argv(target, image_set(imgdir, row.images, target), sock,
+                       certs / "server" if certs is not None else None)
+    fio_env = {**os.environ, "HOME": str(certs / "home")} if certs is not None else None
     fio_out = out / "fio" / f"{row.id}.{target.id}.{rep}.json"
     fio_out.parent.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{target.id}.log"
@@ -476,7 +520,7 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
         c0, t0 = cpu_seconds(pid), time.monotonic()
         b0, f0 = system_busy_seconds(), children_cpu_seconds()
         with hostile_clients(row, sock, out / "logs" / "hostile.log"):
-            fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out),
+            fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out), env=fio_env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  timeout=args.runtime + 60, check=False)
             st1 = proc_status(pid)

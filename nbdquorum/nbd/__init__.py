@@ -43,8 +43,9 @@ from .events import (
     ReplyEvent,
     Request,
     SimpleReply,
+    StartTLS,
 )
-from .protocol import Phase, ServerConnection
+from .protocol import Phase, ServerConnection, TLSMode
 
 __all__ = [
     "IHAVEOPT",
@@ -83,7 +84,9 @@ __all__ = [
     "Request",
     "ServerConnection",
     "SimpleReply",
+    "StartTLS",
     "StateFlag",
+    "TLSMode",
     "TransmissionFlag",
     "to_nbd_errno",
 ]

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import ssl
 from dataclasses import dataclass, field
 
 from nbdquorum.coretypes import Buffer, Extent
@@ -152,6 +153,15 @@ def parse_extents(payload: bytes) -> list[Extent]:
 
 
 # -- the asyncio driver -----------------------------------------------------------
+async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    tls: ssl.SSLContext, server_hostname: str | None) -> None:
+    """NBD_OPT_STARTTLS, then the TLS handshake on the same stream (nbds://)."""
+    writer.write(encode_option(Opt.STARTTLS))
+    rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.STARTTLS)
+    message = (await reader.readexactly(n)).decode(errors="replace")
+    if rep != Rep.ACK:
+        raise NBDClientError(f"server refused TLS (reply {rep:#x}): {message}")
+    await writer.start_tls(tls, server_hostname=server_hostname)
 @dataclass(eq=False)
 class _Pending:
     cmd: Cmd
@@ -191,16 +201,22 @@ class NBDClient:
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      export: str, *, general: bool = False) -> NBDClient:
+                      export: str, *, general: bool = False,
+                      tls: ssl.SSLContext | None = None,
+                      server_hostname: str | None = None) -> NBDClient:
         """Negotiate ``export``.  ``general``: any NBD server (structured replies
         and base:allocation optional, the block size asked for); else the
-        primary, which must offer both.
+        primary, which must offer both.  With ``tls``, NBD_OPT_STARTTLS first and
+        everything after it over TLS (``server_hostname``: the name the server's
+        certificate must carry, when the context checks host names).
 
         Raises:
             NBDClientError: the server refused the export or broke the protocol.
         """
         flags = parse_greeting(await reader.readexactly(GREETING.size))
         writer.write(encode_client_flags(flags))
+        if tls is not None:
+            await _starttls(reader, writer, tls, server_hostname)
         writer.write(encode_option(Opt.STRUCTURED_REPLY))
         rep, n = parse_option_reply(await reader.readexactly(OPTION_REPLY.size), Opt.STRUCTURED_REPLY)
         payload = await reader.readexactly(n)

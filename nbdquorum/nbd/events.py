@@ -1,7 +1,7 @@
 """Events of the sans-I/O NBD server: what the client did, and what to answer.
 
-`ServerConnection.next_event` returns `ExportChosen`, `Request`, `Disconnect`
-or the `NEED_DATA` sentinel; `ServerConnection.send` takes a reply event
+`ServerConnection.next_event` returns `ExportChosen`, `Request`, `Disconnect`,
+`StartTLS` or the `NEED_DATA` sentinel; `ServerConnection.send` takes a reply event
 (`SimpleReply`, `ReadReply`, `ErrorReply`, `BlockStatusReply`) and returns the
 bytes to write.  All events are frozen dataclasses with slots, as h11's are.
 """
@@ -39,6 +39,7 @@ __all__ = [
     "ReplyEvent",
     "Request",
     "SimpleReply",
+    "StartTLS",
 ]
 
 
@@ -114,6 +115,18 @@ class Disconnect:
     """The client is done: NBD_CMD_DISC, NBD_OPT_ABORT, or EOF between frames."""
 
 
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was accepted: its ACK is in `data_to_send`.
+
+    The caller writes the ACK, stops reading plaintext at once, runs the TLS
+    handshake over the same socket and then calls
+    `ServerConnection.tls_started`; everything after that is read and written
+    through TLS.  (The protocol has already refused any plaintext byte that
+    followed the option.)
+    """
+
+
 class NEED_DATA:  # a sentinel class, spelled as h11 spells it
     """Sentinel: `ServerConnection.next_event` needs more bytes."""
 
@@ -121,7 +134,7 @@ class NEED_DATA:  # a sentinel class, spelled as h11 spells it
         raise TypeError("NEED_DATA is a sentinel; compare with 'is'")
 
 
-Event: TypeAlias = ExportChosen | Request | Disconnect
+Event: TypeAlias = ExportChosen | Request | Disconnect | StartTLS
 
 
 # -- Events the server sends --------------------------------------------------------

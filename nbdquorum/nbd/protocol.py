@@ -12,7 +12,16 @@ then loops: feed what it reads to `receive_data` (``b""`` at EOF), call
 The handshake is answered entirely in here, because every option reply is a
 pure function of the exports table and of what the client negotiated so far:
 option replies pile up in `data_to_send` and no event is returned until the
-client picks an export (`ExportChosen`) or leaves (`Disconnect`).
+client picks an export (`ExportChosen`) or leaves (`Disconnect`), or asks for
+TLS (`StartTLS`: the caller upgrades the socket, then calls `tls_started`).
+
+TLS (`TLSMode`, nbdkit's ``--tls`` meanings): with OFF, NBD_OPT_STARTTLS is
+refused by policy; with ON, clients may use TLS or not; with REQUIRE, every
+option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD until TLS is up
+(NBD_OPT_EXPORT_NAME, which has no error reply, hangs up), so a plaintext
+client never learns the exports, their list or their sizes.  Bytes that follow
+NBD_OPT_STARTTLS before its reply break the protocol (the client MUST wait
+for the reply): they would otherwise be plaintext taken for the TLS stream.
 
 In the transmission phase each request becomes a `Request` event, in wire
 order; the caller checks it with `validate` (the one place for request checks,
@@ -79,9 +88,10 @@ from .events import (
     ReplyEvent,
     Request,
     SimpleReply,
+    StartTLS,
 )
 
-__all__ = ["Phase", "ServerConnection"]
+__all__ = ["Phase", "ServerConnection", "TLSMode"]
 
 
 class Phase(Enum):
@@ -92,9 +102,21 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
+class TLSMode(Enum):
+    """Whether a connection may or must use TLS (``serve --tls``, nbdkit's meanings)."""
+
+    OFF = "off"  # NBD_OPT_STARTTLS is refused
+    ON = "on"  # plaintext and TLS clients alike
+    REQUIRE = "require"  # nothing but STARTTLS and ABORT before TLS
+
+
+#: Options a client may send before TLS is up under TLSMode.REQUIRE.
+_BEFORE_TLS: Final = frozenset({Opt.STARTTLS, Opt.ABORT})
+
 # Rule 1: every phase change caused by an event is listed here.
 _TRANSITIONS: Final[dict[tuple[Phase, type[Event]], Phase]] = {
     (Phase.HANDSHAKE, ExportChosen): Phase.TRANSMISSION,
+    (Phase.HANDSHAKE, StartTLS): Phase.HANDSHAKE,
     (Phase.HANDSHAKE, Disconnect): Phase.CLOSED,
     (Phase.TRANSMISSION, Request): Phase.TRANSMISSION,
     (Phase.TRANSMISSION, Disconnect): Phase.CLOSED,
@@ -217,15 +239,20 @@ def _message(text: str) -> bytes:
 
 
 class ServerConnection:
-    """The server side of one NBD connection (fixed newstyle, no TLS)."""
+    """The server side of one NBD connection (fixed newstyle, STARTTLS as `TLSMode` says)."""
 
     #: ``next_event`` handlers for fixed-newstyle options; anything else is ERR_UNSUP.
     _OPTIONS: ClassVar[dict[Opt, Callable[[ServerConnection, int, bytes], Event | None]]]
 
-    def __init__(self, exports: Mapping[str, ExportInfo], default_export: str) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], default_export: str,
+                 tls: TLSMode = TLSMode.OFF) -> None:
         """Serve *exports* (looked up live, by key); the name "" means *default_export*."""
         self._exports = exports
         self._default_export = default_export
+        self._tls_mode = tls
+        #: the connection runs over TLS (`tls_started` was called)
+        self.tls = False
+        self._tls_pending = False  # StartTLS returned, tls_started() not yet called
         #: where the connection is; see `Phase`
         self.phase = Phase.HANDSHAKE
         #: NBD_OPT_STRUCTURED_REPLY was acknowledged
@@ -267,6 +294,11 @@ class ServerConnection:
             raise LocalProtocolError("received data after EOF")
         if self.phase is Phase.CLOSED:
             return  # the client MUST NOT send anything more; drop it
+        if self._tls_pending:
+            # The caller stops reading at StartTLS: these bytes can only be the
+            # TLS stream misrouted, never plaintext to parse.
+            self._failure = "plaintext data received during the TLS upgrade"
+            return
         view = memoryview(data)
         missing = len(self._write_buf) - self._write_filled
         if self._pending is not None and missing:
@@ -306,6 +338,17 @@ class ServerConnection:
         with memoryview(self._scratch) as view:
             self.receive_data(view[:n])
 
+    def tls_started(self) -> None:
+        """The TLS handshake that `StartTLS` asked for succeeded: read on, through TLS.
+
+        Raises:
+            LocalProtocolError: no StartTLS is pending.
+        """
+        if not self._tls_pending:
+            raise LocalProtocolError("tls_started() without a pending StartTLS")
+        self._tls_pending = False
+        self.tls = True
+
     def buffered(self) -> int:
         """Received bytes not yet parsed (payloads being filled excluded)."""
         return self._available()
@@ -344,6 +387,8 @@ class ServerConnection:
             raise RemoteProtocolError(self._failure)
         if self.phase is Phase.CLOSED:
             return Disconnect()
+        if self._tls_pending:
+            raise LocalProtocolError("next_event() before tls_started()")
         try:
             if self.phase is Phase.HANDSHAKE:
                 event = self._next_handshake_event()
@@ -502,6 +547,12 @@ class ServerConnection:
         if not fixed and option != Opt.EXPORT_NAME:
             # Plain newstyle has no option replies, so nothing can be refused.
             raise RemoteProtocolError(f"option {option} without fixed newstyle")
+        if (self._tls_mode is TLSMode.REQUIRE and not self.tls
+                and option not in _BEFORE_TLS):
+            if option == Opt.EXPORT_NAME:  # no error reply exists: hang up
+                raise RemoteProtocolError("NBD_OPT_EXPORT_NAME without TLS, which is required")
+            self._reply_error(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+            return None
         try:
             handler = self._OPTIONS[Opt(option)]
         except (ValueError, KeyError):
@@ -574,8 +625,26 @@ class ServerConnection:
         return None
 
     def _opt_starttls(self, option: int, data: bytes) -> Event | None:
-        self._reply_error(option, Rep.ERR_POLICY, "TLS is not supported by this server")
-        return None
+        if self._tls_mode is TLSMode.OFF:
+            self._reply_error(option, Rep.ERR_POLICY, "TLS is not enabled on this server")
+            return None
+        if data:
+            self._reply_error(option, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return None
+        if self.tls:
+            self._reply_error(option, Rep.ERR_INVALID, "TLS is already negotiated")
+            return None
+        if self._available():
+            # The client MUST wait for the reply; bytes already here were sent
+            # before it and would be read as plaintext (proto.md: "STARTTLS").
+            raise RemoteProtocolError("data after NBD_OPT_STARTTLS before its reply")
+        self._reply(option, Rep.ACK)
+        # Nothing negotiated in plaintext survives the upgrade (as nbdkit does).
+        self.structured = False
+        self.meta_contexts.clear()
+        self._meta_export = None
+        self._tls_pending = True
+        return StartTLS()
 
     def _opt_info_go(self, option: int, data: bytes) -> Event | None:
         reader = _Reader(data)

@@ -11,6 +11,13 @@ socket's reading pauses, so a client that stops reading its replies stops
 being served and nobody else notices.  Request bytes are charged when the
 header arrives (a WRITE's payload before its buffer exists) to the
 connection and to the process's `Budget`, which is shared fairly.
+
+TLS: when the protocol returns `StartTLS`, the read loop stops the socket's
+reading before it awaits anything (so no TLS byte is read as plaintext),
+writes the ACK and upgrades the transport in place (``loop.start_tls``, with
+`Stream` staying the protocol: the TLS layer fills its buffers as the socket
+did).  A handshake that fails or stalls (tls.HANDSHAKE_TIMEOUT) ends that
+connection only.  A worker's forwarding connection never speaks TLS.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -46,9 +54,11 @@ from nbdquorum.nbd.events import (
     ReadReply,
     Request,
     SimpleReply,
+    StartTLS,
 )
-from nbdquorum.nbd.protocol import Phase, ServerConnection
+from nbdquorum.nbd.protocol import Phase, ServerConnection, TLSMode
 from nbdquorum.nbd.stats import RequestStats, clock
+from nbdquorum.nbd.tls import HANDSHAKE_TIMEOUT, TLSContexts
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
 log = logging.getLogger(__name__)
@@ -338,7 +348,9 @@ class Stream(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.conn.proto.receive_data(b"")
         self._wake()
-        return True  # keep the transport: replies to requests before EOF still go out
+        # keep the transport: replies to requests before EOF still go out
+        # (over TLS the transport shuts down after an EOF whatever we answer)
+        return not self.conn.proto.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -363,6 +375,29 @@ class Stream(asyncio.BufferedProtocol):
         self._fed = True
         if self._data_waiter is not None and not self._data_waiter.done():
             self._data_waiter.set_result(None)
+
+    # -- TLS ------------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        """Stop reading from the socket now (STARTTLS: the next bytes are TLS's)."""
+        self._read_paused = True
+        self.transport.pause_reading()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Run the server side of a TLS handshake on this socket; from then on this
+        protocol reads and writes through TLS.  Raises OSError (ssl.SSLError,
+        ConnectionError) when the handshake fails or times out."""
+        try:
+            tls = await self._loop.start_tls(self.transport, self, context, server_side=True,
+                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except BaseException as err:
+            if not self._lost:  # the TLS layer never started: nobody else tells us
+                self.connection_lost(err if isinstance(err, Exception) else None)
+            raise
+        if tls is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = tls
+        self._read_paused = False  # start_tls resumed the socket's reading
+        self._write_paused = False
 
     # -- the read side -------------------------------------------------------------------
     async def wait_data(self) -> None:
@@ -433,8 +468,9 @@ class Connection:
         peer = stream.get_extra_info("peername") or "unix"
         self.log = log.getChild(f"conn{server.next_id()}")
         self.log.debug("connected from %s", peer)
+        tls = server.tls.mode if server.tls is not None and not stream.internal else TLSMode.OFF
         self.proto = ServerConnection(
-            {name: e.info() for name, e in server.exports.items()}, server.default_export
+            {name: e.info() for name, e in server.exports.items()}, server.default_export, tls
         )
         self.export: Export | None = None
         self.send_lock = asyncio.Lock()  # serialises drain() on back-pressure
@@ -613,9 +649,32 @@ class Connection:
                 task = asyncio.create_task(self._serve(ev, ahead))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+            elif isinstance(ev, StartTLS):
+                await self._start_tls()
             elif isinstance(ev, Disconnect):
                 self.log.debug("client disconnected")
                 return
+
+    async def _start_tls(self) -> None:
+        """The client asked for TLS and its ACK is written: upgrade the socket."""
+        # Before any await: the socket's next bytes are the ClientHello, which
+        # must reach the TLS layer, never the plaintext buffer.
+        self.stream.pause_reading()
+        tls = self.server.tls
+        assert tls is not None and tls.context is not None
+        try:
+            await self.stream.start_tls(tls.context)
+        except (TimeoutError, OSError) as err:
+            what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            self.log.warning("TLS handshake failed: %s", what)
+            raise ConnectionAbortedError(f"TLS handshake failed: {what}") from err
+        why = tls.check_peer(self.stream.get_extra_info("peercert"))
+        if why is not None:
+            self.log.warning("TLS client refused: %s", why)
+            raise ConnectionRefusedError(why)
+        self.proto.tls_started()
+        cipher = self.stream.get_extra_info("cipher")
+        self.log.debug("TLS up: %s", cipher[1] if cipher else "?")
 
     async def _send(self, reply: object) -> None:
         """Queue a reply; replies finished in the same loop iteration leave together.
@@ -753,9 +812,11 @@ class Connection:
 class NBDServer:
     def __init__(
         self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET,
-        limits: ClientLimits | None = None,
+        limits: ClientLimits | None = None, tls: TLSContexts | None = None,
     ) -> None:
         self.exports = dict(exports)
+        #: TLS for client connections (None: off); `TLSContexts.reload` on SIGHUP
+        self.tls = tls
         self.default_export = default_export
         #: this process's share of the server's memory budget
         self.budget = Budget(budget)

@@ -34,20 +34,32 @@ STATS_INTERVAL = 1.0
 async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[str, Any]) -> int:
     from nbdquorum import native
     from nbdquorum.nbd.client import NBDClient
+    from nbdquorum.nbd.protocol import TLSMode
     from nbdquorum.nbd.server import READ_CHUNK, ClientLimits, Export, NBDServer
+    from nbdquorum.nbd.tls import TLSConfig, TLSConfigError, TLSContexts
     from nbdquorum.runtime import MALLOC_HEAP_MAX
 
     native.tune_malloc(MALLOC_HEAP_MAX)
+    tls_cfg = TLSConfig.from_json(cfg.get("tls") or {"mode": "off"})
+    try:
+        tls = TLSContexts(tls_cfg) if tls_cfg.mode is not TLSMode.OFF else None
+    except TLSConfigError as err:  # the files changed since the primary loaded them
+        from nbdquorum.worker.pool import CANNOT_START
+
+        Channel(socket.socket(fileno=ctl_fd), lambda *_a: None, lambda: None).send(
+            {"op": "cannot-start", "error": f"TLS certificates: {err}"})
+        return CANNOT_START
     epoch = mmap.mmap(epoch_fd, mmap.PAGESIZE, prot=mmap.PROT_READ)
     data = socket.socket(fileno=data_fd)
     reader, writer = await asyncio.open_connection(sock=data, limit=READ_CHUNK)
+    # the forwarding connection is internal: never TLS (a socketpair to the primary)
     primary = await NBDClient.connect(reader, writer, cfg["export"])
     node = WorkerNode(cfg["node"], primary.info.size, primary, epoch, cfg["child_timeout"])
     export = Export(cfg["export"], node, description=cfg["description"],
                     read_only=cfg["read_only"],
                     read_buffers=lambda: max(1, len(node.view.voters()[0])))
     nbd = NBDServer({cfg["export"]: export}, cfg["export"], budget=cfg["budget"],
-                    limits=ClientLimits(**cfg.get("limits", {})))
+                    limits=ClientLimits(**cfg.get("limits", {})), tls=tls)
     stop = asyncio.Event()
     grace = [float(cfg["child_timeout"]) * 2 + 5]
     tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +101,9 @@ async def run(index: int, ctl_fd: int, data_fd: int, epoch_fd: int, cfg: dict[st
             t = asyncio.get_running_loop().create_task(serve(socket.socket(fileno=fds[0])))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
+        elif op == "tls-reload":
+            if tls is not None:
+                tls.reload()
         elif op == "shutdown":
             grace[0] = float(msg.get("grace", grace[0]))
             stop.set()

@@ -27,6 +27,7 @@ from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
 from nbdquorum.nbd.server import Export, NBDServer
 from nbdquorum.nbd.stats import WorkerRequests
+from nbdquorum.nbd.tls import TLSConfig
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 from nbdquorum.worker.control import EPOCH, Channel, Message, channel_pair
 
@@ -89,8 +90,12 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, nbd: NBDServer, export: Export, quorum: QuorumNode, count: int, *,
-                 child_timeout: float, take_all: bool = False, verbose: int = 0) -> None:
+                 child_timeout: float, take_all: bool = False, verbose: int = 0,
+                 tls: TLSConfig | None = None) -> None:
         self.nbd = nbd
+        #: TLS for the clients: a worker does the TLS handshake of the connections
+        #: it is handed, with the same certificates (loaded, and reloaded, itself)
+        self.tls = tls or TLSConfig()
         self.export = export
         self.quorum = quorum
         self.count = count
@@ -143,6 +148,7 @@ class WorkerPool:
             "limits": dataclasses.asdict(self.nbd.limits),
             "child_timeout": self.child_timeout,
             "verbose": self.verbose,
+            "tls": self.tls.to_json(),
         }
         fds = (ctl_there.fileno(), data_there.fileno(), self._epoch_fd)
         proc = subprocess.Popen(
@@ -268,6 +274,12 @@ class WorkerPool:
                 await w.exited.wait()
         self._epoch_map.close()
         os.close(self._epoch_fd)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: every worker loads the certificates again for its new handshakes
+        (a worker started later loads the files as they are then)."""
+        for w in list(self.workers):
+            self._send(w, {"op": "tls-reload"})
 
     # -- the view ----------------------------------------------------------------------
     def _bump(self) -> None:

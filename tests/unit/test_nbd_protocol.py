@@ -51,7 +51,9 @@ from nbdquorum.nbd import (
     Request,
     ServerConnection,
     SimpleReply,
+    StartTLS,
     StateFlag,
+    TLSMode,
     TransmissionFlag,
 )
 from nbdquorum.nbd.constants import MAX_OPTION_LENGTH, MAX_STRING, MAX_WRITE_PAYLOAD
@@ -153,7 +155,7 @@ def chunk(flags: int, kind: int, cookie: int, payload: bytes) -> bytes:
 
 
 def drain(conn: ServerConnection) -> tuple[list[Event], bytes]:
-    """Call next_event() until it needs data or the connection ends."""
+    """Call next_event() until it needs data, the connection ends or TLS is to start."""
     events: list[Event] = []
     while True:
         ev = conn.next_event()
@@ -161,7 +163,7 @@ def drain(conn: ServerConnection) -> tuple[list[Event], bytes]:
             break
         assert not isinstance(ev, type)
         events.append(ev)
-        if isinstance(ev, Disconnect):
+        if isinstance(ev, Disconnect | StartTLS):
             break
     return events, conn.data_to_send()
 
@@ -443,8 +445,142 @@ def test_starttls_is_refused_by_policy() -> None:
         handshake_conn,
         opt(Opt.STARTTLS),
         [],
-        rep_error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not supported by this server"),
+        rep_error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not enabled on this server"),
     )
+
+
+def tls_conn(mode: TLSMode, wire: bytes = b"") -> ServerConnection:
+    """A connection in option haggling under *mode*, client flags (and *wire*) received."""
+    conn = ServerConnection(EXPORTS, DEFAULT, tls=mode)
+    assert feed(conn, u32(FIXED) + wire)[0] == []
+    return conn
+
+
+def upgraded(mode: TLSMode, before: bytes = b"") -> ServerConnection:
+    """A connection that sent *before*, then STARTTLS, whose TLS handshake succeeded."""
+    conn = tls_conn(mode, before)
+    conn.data_to_send()
+    events, out = feed(conn, opt(Opt.STARTTLS))
+    assert events == [StartTLS()]
+    assert out == rep(Opt.STARTTLS, Rep.ACK)
+    conn.tls_started()
+    assert conn.tls
+    return conn
+
+
+@pytest.mark.parametrize("mode", [TLSMode.ON, TLSMode.REQUIRE])
+def test_starttls_is_acked_and_returns_an_event(mode: TLSMode) -> None:
+    wire = opt(Opt.STARTTLS)
+    for step in (len(wire), 1):  # at once, and byte by byte
+        conn = tls_conn(mode)
+        events: list[Event] = []
+        out = b""
+        for i in range(0, len(wire), step):
+            got, sent = feed(conn, wire[i : i + step])
+            events += got
+            out += sent
+        assert events == [StartTLS()]
+        assert out == rep(Opt.STARTTLS, Rep.ACK)
+        assert conn.phase is Phase.HANDSHAKE and not conn.tls
+
+
+@pytest.mark.parametrize("mode", [TLSMode.ON, TLSMode.REQUIRE])
+def test_after_starttls_the_export_is_served(mode: TLSMode) -> None:
+    conn = upgraded(mode)
+    events, out = feed(conn, opt(Opt.GO, info_data("disk")))
+    assert [type(e) for e in events] == [ExportChosen]
+    assert out.endswith(rep(Opt.GO, Rep.ACK))
+
+
+@pytest.mark.parametrize(
+    "option,data",
+    [
+        (Opt.LIST, b""),
+        (Opt.INFO, info_data("disk")),
+        (Opt.GO, info_data("disk")),
+        (Opt.STRUCTURED_REPLY, b""),
+        (Opt.LIST_META_CONTEXT, meta_data("disk")),
+        (Opt.SET_META_CONTEXT, meta_data("disk", META_BASE_ALLOCATION)),
+        (99, b"unknown"),
+    ],
+)
+def test_require_refuses_every_option_before_tls(option: int, data: bytes) -> None:
+    conn = tr(
+        lambda: tls_conn(TLSMode.REQUIRE),
+        opt(option, data),
+        [],
+        rep_error(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS"),
+    )
+    assert conn.phase is Phase.HANDSHAKE and conn.export is None and not conn.structured
+
+
+def test_require_hangs_up_on_export_name_in_plaintext() -> None:
+    conn = tls_conn(TLSMode.REQUIRE)
+    conn.receive_data(opt(Opt.EXPORT_NAME, b"disk"))
+    with pytest.raises(RemoteProtocolError, match="without TLS"):
+        conn.next_event()
+    assert conn.phase is Phase.CLOSED
+    assert conn.data_to_send() == b""  # nothing about the export was said
+
+
+def test_require_allows_abort_before_tls() -> None:
+    tr(lambda: tls_conn(TLSMode.REQUIRE), opt(Opt.ABORT), [Disconnect()], rep(Opt.ABORT, Rep.ACK))
+
+
+def test_on_serves_plaintext_clients_too() -> None:
+    conn = tls_conn(TLSMode.ON)
+    events, _ = feed(conn, opt(Opt.GO, info_data("disk")))
+    assert [type(e) for e in events] == [ExportChosen]
+    assert not conn.tls
+
+
+def test_bytes_after_starttls_before_its_reply_break_the_protocol() -> None:
+    conn = tls_conn(TLSMode.ON)
+    conn.receive_data(opt(Opt.STARTTLS) + b"\x16\x03\x01")  # a ClientHello sent too early
+    with pytest.raises(RemoteProtocolError, match="after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    assert conn.phase is Phase.CLOSED
+    assert conn.data_to_send() == b""  # no ACK: the connection is dropped
+
+
+def test_plaintext_fed_during_the_upgrade_is_refused() -> None:
+    conn = tls_conn(TLSMode.ON)
+    assert feed(conn, opt(Opt.STARTTLS))[0] == [StartTLS()]
+    conn.receive_data(b"\x16\x03\x01\x02\x00")
+    with pytest.raises(RemoteProtocolError, match="during the TLS upgrade"):
+        conn.next_event()
+
+
+def test_next_event_before_tls_started_is_a_local_error() -> None:
+    conn = tls_conn(TLSMode.ON)
+    assert feed(conn, opt(Opt.STARTTLS))[0] == [StartTLS()]
+    with pytest.raises(LocalProtocolError):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        ServerConnection(EXPORTS, DEFAULT, tls=TLSMode.ON).tls_started()
+
+
+def test_starttls_twice_and_with_data_are_invalid() -> None:
+    conn = upgraded(TLSMode.ON)
+    assert feed(conn, opt(Opt.STARTTLS)) == (
+        [], rep_error(Opt.STARTTLS, Rep.ERR_INVALID, "TLS is already negotiated"))
+    tr(
+        lambda: tls_conn(TLSMode.ON),
+        opt(Opt.STARTTLS, b"x"),
+        [],
+        rep_error(Opt.STARTTLS, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
+    )
+
+
+def test_plaintext_negotiation_is_forgotten_after_starttls() -> None:
+    conn = upgraded(
+        TLSMode.ON,
+        opt(Opt.STRUCTURED_REPLY) + opt(Opt.SET_META_CONTEXT, meta_data("disk", META_BASE_ALLOCATION)),
+    )
+    assert not conn.structured and not conn.meta_contexts
+    events, _ = feed(conn, opt(Opt.GO, info_data("disk")))
+    assert [type(e) for e in events] == [ExportChosen]
+    assert not conn.structured and not conn.meta_contexts
 
 
 # -- NBD_OPT_INFO and NBD_OPT_GO -------------------------------------------------------------
