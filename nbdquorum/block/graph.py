@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from nbdquorum.block.errors import GraphError, NodeNotFound
 from nbdquorum.block.file import FileNode
@@ -30,6 +31,9 @@ class Graph:
         self.bus = bus or EventBus()
         self.nodes: dict[str, BlockNode] = {}  # node-name -> node, insertion order
         self.in_use: dict[str, str] = {}  # node-name -> what uses it (an export)
+        #: QEMU's /objects container (object-add): id -> properties; their meaning
+        #: belongs to whoever uses them (tls-creds-x509 for nbd nodes)
+        self.objects: dict[str, dict[str, Any]] = {}
         self._auto = 0
         #: the state a child added live starts in (see child_add)
         self.new_child_state = ChildState.ACTIVE

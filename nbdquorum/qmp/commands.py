@@ -30,6 +30,7 @@ from nbdquorum.block.quorum import ChildSlot, QuorumNode, ReadPattern, ReopenPla
 from nbdquorum.block.raw import RawNode
 from nbdquorum.jobs.job import Job, JobStatus
 from nbdquorum.jobs.scrub import ScrubJob
+from nbdquorum.nbd.tls import client_context
 from nbdquorum.qmp.check import check_arguments
 from nbdquorum.qmp.errors import ErrorClass, QMPError, command_not_found, generic
 from nbdquorum.qmp.format import block_device_info, quorum_status
@@ -211,12 +212,20 @@ async def blockdev_add(ctx: Context, **options: Any) -> None:
 async def _open_nbd(ctx: Context, node_name: str, options: dict[str, Any],
                     read_only: bool) -> NBDChild:
     """An NBD export as a node (QEMU's BlockdevOptionsNbd): connected before it is added."""
+    creds = options.get("tls_creds")
+    tls_dir = None
+    if creds is not None:
+        obj = ctx.graph.objects.get(creds)
+        if obj is None or obj.get("qom-type") != "tls-creds-x509":
+            raise generic(f"No TLS credentials with id '{creds}'")
+        if obj.get("endpoint", "client") != "client":
+            raise generic("Expecting TLS credentials with a client endpoint")
+        tls_dir = str(obj["dir"])
     try:
-        address = from_qapi(options["server"], options.get("export"))
+        address = from_qapi(options["server"], options.get("export"), tls=creds is not None,
+                            tls_dir=tls_dir, tls_hostname=options.get("tls_hostname"))
     except AddressError as err:
         raise generic(str(err)) from err
-    if options.get("tls_creds") is not None:
-        raise generic("TLS for children (tls-creds) is not supported yet")
     for n in ctx.graph:
         if n.driver == "nbd" and n.filename() == address.uri():
             owner = next((p.node_name for p in ctx.graph.parents(n)), n.node_name)
@@ -294,6 +303,40 @@ def _faulty(graph: Graph, node_name: str, image: str | dict[str, Any],
                                     file_node_name=image["file"].get("node_name"))
         inner.owned_by_monitor = image.get("node_name") is not None
     graph.add(FaultyNode(node_name, inner, parsed))
+
+
+@handler("object-add")
+def object_add(ctx: Context, *, qom_type: str, id: str, dir: str | None = None,
+               endpoint: str = "client", verify_peer: bool = True) -> None:
+    """QEMU's object-add, for the one kind of object nbd nodes use: tls-creds-x509."""
+    if qom_type != "tls-creds-x509":
+        raise generic(f"Invalid parameter type for 'qom-type', expected: tls-creds-x509 "
+                      f"(the only object type nbdquorum knows), got '{qom_type}'")
+    if id in ctx.graph.objects:
+        raise generic(f"attempt to add duplicate property '{id}' to object (type 'container')")
+    if endpoint not in ("client", "server"):
+        raise generic(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+    if endpoint != "client":
+        raise generic("only client credentials can be added live: the server's TLS comes "
+                      "from serve --tls-certificates")
+    if dir is None:
+        raise generic("Parameter 'dir' is missing")
+    try:
+        client_context(dir)
+    except (OSError, ValueError) as err:
+        raise generic(f"Unable to load TLS credentials from {dir}: {err}") from err
+    ctx.graph.objects[id] = {"qom-type": qom_type, "id": id, "dir": dir, "endpoint": endpoint,
+                             "verify-peer": verify_peer}
+
+
+@handler("object-del")
+def object_del(ctx: Context, *, id: str) -> None:
+    if id not in ctx.graph.objects:
+        raise generic(f"object '{id}' not found")
+    for n in ctx.graph:
+        if isinstance(n, NBDChild) and n.address.tls_certificates == ctx.graph.objects[id]["dir"]:
+            raise generic(f"object '{id}' is in use, can not be deleted")
+    del ctx.graph.objects[id]
 
 
 @handler("blockdev-del")

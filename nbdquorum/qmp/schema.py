@@ -425,6 +425,29 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
         ],
     ),
     cmd(
+        "object-add", {"qom-type": "str", "id": "str", "*dir": "str", "*endpoint": "str",
+                       "*verify-peer": "bool"},
+        doc="QEMU's object-add, for the one kind of object nbd nodes use: client TLS "
+            "credentials (`tls-creds-x509`, endpoint `client`), named by `tls-creds` in "
+            "blockdev-add. The directory holds `ca-cert.pem` (the CA that signed the "
+            "server's certificate) and, when the server verifies clients, "
+            "`client-cert.pem` and `client-key.pem`. The server's own TLS comes from "
+            "`serve --tls-certificates`.",
+        docs={"qom-type": "`tls-creds-x509`", "id": "the object's name",
+              "dir": "the certificates' directory", "endpoint": "`client`",
+              "verify-peer": "accepted for QEMU's sake: the server is always verified"},
+        examples=['-> {"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", '
+                  '"id": "tls0", "dir": "/etc/pki/nbdquorum", "endpoint": "client"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
+        "object-del", {"id": "str"},
+        doc="Delete an object made by object-add; refused while an nbd node uses it.",
+        docs={"id": "the object's name"},
+        examples=['-> {"execute": "object-del", "arguments": {"id": "tls0"}}',
+                  '<- {"return": {}}'],
+    ),
+    cmd(
         "blockdev-del", {"node-name": "str"},
         doc="Close a node created by blockdev-add (or by the command line). Refused while "
             "the node is a child (\"Block device X is in use\") or exported "

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from nbdquorum.block.node import BlockNode, Buffer, Caps, Extent, Unreachable, oserror
 from nbdquorum.nbd.client import NBDClient, NBDClientError
 from nbdquorum.nbd.constants import Cmd, CmdFlag, TransmissionFlag
+from nbdquorum.nbd.tls import client_context
 from nbdquorum.remote.uri import NBDAddress
 
 log = logging.getLogger(__name__)
@@ -344,9 +345,21 @@ class NBDChild(BlockNode):
 
 
 async def connect(address: NBDAddress, link_timeout: float) -> NBDClient:
-    """One connection to ``address`` and its handshake (the caller bounds the time)."""
+    """One connection to ``address`` and its handshake (the caller bounds the time).
+
+    ``nbds://`` asks for TLS (STARTTLS): the server is verified against
+    ``DIR/ca-cert.pem`` of libnbd's ``tls-certificates=DIR`` (else the system's
+    CAs), and ``client-cert.pem``/``client-key.pem`` there are presented when present.
+    """
+    tls = None
     if address.tls:
-        raise oserror(errno.EPROTONOSUPPORT, "TLS (nbds://) is not supported for children yet")
+        try:
+            tls = client_context(address.tls_certificates)
+        except (OSError, ValueError) as err:
+            raise oserror(errno.EINVAL, f"TLS certificates {address.tls_certificates}: {err}"
+                          ) from err
+        if not (address.tls_hostname or address.host):
+            tls.check_hostname = False  # a Unix socket: the CA still vouches for the server
     if address.path is not None:
         reader, writer = await asyncio.open_unix_connection(address.path)
     else:
@@ -355,7 +368,9 @@ async def connect(address: NBDAddress, link_timeout: float) -> NBDClient:
         if sock is not None:
             watch_link(sock, link_timeout)
     try:
-        return await NBDClient.connect(reader, writer, address.export, general=True)
+        return await NBDClient.connect(
+            reader, writer, address.export, general=True, tls=tls,
+            server_hostname=address.tls_hostname or address.host if tls is not None else None)
     except BaseException:
         writer.close()
         raise

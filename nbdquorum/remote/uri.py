@@ -32,6 +32,8 @@ class NBDAddress:
     tls: bool = False
     #: libnbd's tls-certificates=DIR query parameter (client certificates)
     tls_certificates: str | None = None
+    #: the name the server's certificate must carry (QEMU's tls-hostname; default: host)
+    tls_hostname: str | None = None
 
     @property
     def kind(self) -> str:
@@ -41,11 +43,15 @@ class NBDAddress:
         s = "nbds" if self.tls else "nbd"
         export = quote(self.export, safe="")
         if self.path is not None:
-            return f"{s}+unix:///{export}?socket={quote(self.path, safe='/')}"
+            return (f"{s}+unix:///{export}?socket={quote(self.path, safe='/')}"
+                    + (f"&tls-certificates={quote(self.tls_certificates, safe='/')}"
+                       if self.tls_certificates else ""))
         host = self.host or ""
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
-        return f"{s}://{host}:{self.port}/{export}"
+        uri = f"{s}://{host}:{self.port}/{export}"
+        return uri + (f"?tls-certificates={quote(self.tls_certificates, safe='/')}"
+                      if self.tls_certificates else "")
 
     def server(self) -> dict[str, Any]:
         """QEMU's SocketAddress for this address (the port a string, as QEMU has it)."""
@@ -98,8 +104,10 @@ def parse_uri(text: str) -> NBDAddress:
     return NBDAddress(export=export, host=host, port=port, tls=tls, tls_certificates=certs)
 
 
-def from_qapi(server: dict[str, Any], export: str | None) -> NBDAddress:
-    """QEMU's blockdev-add form: ``server`` (SocketAddress) and ``export``.
+def from_qapi(server: dict[str, Any], export: str | None, *, tls_dir: str | None = None,
+              tls: bool = False, tls_hostname: str | None = None) -> NBDAddress:
+    """QEMU's blockdev-add form: ``server`` (SocketAddress) and ``export``; with
+    ``tls``, its tls-creds object's directory and tls-hostname.
 
     Raises: AddressError (with QEMU's wording where QEMU has one).
     """
@@ -115,12 +123,14 @@ def from_qapi(server: dict[str, Any], export: str | None) -> NBDAddress:
                                ) from None
         if not 0 < p < 65536:
             raise AddressError(f"Port number {port} out of range")
-        return NBDAddress(export=export or "", host=host, port=p)
+        return NBDAddress(export=export or "", host=host, port=p, tls=tls,
+                          tls_certificates=tls_dir, tls_hostname=tls_hostname)
     if kind == "unix":
         path = server.get("path")
         if not isinstance(path, str) or not path:
             raise AddressError("Parameter 'server.path' is missing")
-        return NBDAddress(export=export or "", path=path)
+        return NBDAddress(export=export or "", path=path, tls=tls, tls_certificates=tls_dir,
+                          tls_hostname=tls_hostname)
     if kind is None:
         raise AddressError("Parameter 'server.type' is missing")
     raise AddressError(f"Parameter 'server.type' does not accept value '{kind}'")

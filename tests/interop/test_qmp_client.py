@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def test_every_command(qmp_target: StartTarget) -> None:
     t = qmp_target("nbdquorum")
     qemu_io(t.uri, "write -P 0x5c 0 16M", "flush")  # for the scrub (zero ranges are skipped)
     done: set[str] = {"qmp_capabilities"}  # QMPClient negotiates on connect
+    pki = t.tmp / "pki"
+    pki.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", str(pki / "ca-key.pem"), "-out", str(pki / "ca-cert.pem"),
+                    "-days", "1", "-subj", "/CN=test CA"], check=True,
+                   capture_output=True, timeout=60)
 
     async def main() -> None:
         async with qmp_client(t.qmp) as qmp:
@@ -108,6 +115,10 @@ def test_every_command(qmp_target: StartTarget) -> None:
             await ok("blockdev-del", {"node-name": "fz"})
             after = {n["node-name"] for n in await ok("query-named-block-nodes")}
             assert after == before  # its implicit raw and file nodes went with it
+            # client TLS credentials for nbd nodes: a CA certificate is all they need
+            await ok("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                    "dir": str(pki), "endpoint": "client"})
+            await ok("object-del", {"id": "tls0"})
             assert await ok("quit") == {}
 
     arun(main())

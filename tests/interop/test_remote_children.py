@@ -122,17 +122,17 @@ def test_nbd_nodes_are_refused_with_the_reason(
                                    for k, v in nbd_blockdev(uri, name).items()})
 
     add("small", small.uri)
-    cls, desc = qmp.error("x-blockdev-change", parent="quorum0", node="small")
+    _cls, desc = qmp.error("x-blockdev-change", parent="quorum0", node="small")
     assert "size" in desc, desc
     port = local_host.port()
-    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="nobody",
+    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="nobody",
                           server={"type": "inet", "host": "127.0.0.1", "port": str(port)})
     assert desc == f"Failed to connect to '127.0.0.1:{port}': Connection refused", desc
-    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="ro",
+    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="ro",
                           server={"type": "inet", "host": "127.0.0.1", "port": str(ro.port)},
                           export="disk")
     assert "read-only" in desc, desc
-    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="num",
+    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="num",
                           server={"type": "inet", "host": "127.0.0.1", "port": ro.port})
     assert "port" in desc and cls == "GenericError", desc
     assert [c["node-name"] for c in qmp.cmd("query-quorum-status")[0]["children"]] == [
@@ -389,3 +389,59 @@ def test_connecting_to_a_silent_host_is_bounded_and_blocks_nothing(
     host.restore()
     other.close()
     qmp.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.interop.tls_certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def tls_qemu_nbd(local_host: Any, img: Path, pki: Path) -> Any:
+    """qemu-nbd that requires TLS (its certificates: the test CA's server pair)."""
+    return qemu_nbd(local_host, img, extra=[
+        "--object", f"tls-creds-x509,id=tls0,dir={pki / 'server'},endpoint=server",
+        "--tls-creds", "tls0"])
+
+
+def test_a_child_over_tls_from_an_nbds_uri(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path, pki: Path) -> None:
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = tls_qemu_nbd(local_host, img, pki)
+    uri = (f"nbds://127.0.0.1:{far.port}/disk?tls-certificates={pki / 'client'}")
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": uri})
+    qemu_io(srv.uri(), "write -P 0x71 0 1M", "read -P 0x71 0 1M")
+    assert read_at(img, 0, MiB) == b"\x71" * MiB
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_a_child_over_tls_from_tls_creds(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path, pki: Path) -> None:
+    srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    qemu_io(srv.uri(), "write -P 0x72 0 2M")
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = tls_qemu_nbd(local_host, img, pki)
+    server = {"type": "inet", "host": "127.0.0.1", "port": str(far.port)}
+    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="plain", server=server,
+                          export="disk")
+    assert "tls" in desc.lower(), desc  # the server requires TLS: refused, with the reason
+    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="far", server=server,
+                          export="disk", tls_creds="nosuch")
+    assert desc == "No TLS credentials with id 'nosuch'", desc
+    qmp.cmd("object-add", qom_type="tls-creds-x509", id="tls0", dir=str(pki / "client"),
+            endpoint="client")
+    qmp.cmd("blockdev-add", driver="nbd", node_name="far", server=server, export="disk",
+            tls_creds="tls0")
+    qmp.cmd("x-blockdev-change", parent="quorum0", node="far")
+    wait_state(qmp, "far", "active")
+    _cls, desc = qmp.error("object-del", id="tls0")
+    assert "in use" in desc, desc
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])

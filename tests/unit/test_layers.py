@@ -86,7 +86,7 @@ RULES: tuple[Rule, ...] = (
                     "metrics", "remote")),
     Rule("a child on another host is a block node over the NBD client, nothing more",
          ("remote",), only=("block.node", "nbd.client", "nbd.constants", "nbd.wire",
-                            "remote")),
+                            "nbd.tls", "remote")),
     Rule("ctl is a client: it knows the QMP table and NBD URIs, not the server", ("ctl",),
          only=("qmp.schema", "qmp.errors", "remote.uri")),
     Rule("workers do not import the CLI or the drill", ("worker",),
