@@ -132,7 +132,7 @@ def test_nbd_nodes_are_refused_with_the_reason(
                           server={"type": "inet", "host": "127.0.0.1", "port": str(ro.port)},
                           export="disk")
     assert "read-only" in desc, desc
-    _cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="num",
+    cls, desc = qmp.error("blockdev-add", driver="nbd", node_name="num",
                           server={"type": "inet", "host": "127.0.0.1", "port": ro.port})
     assert "port" in desc and cls == "GenericError", desc
     assert [c["node-name"] for c in qmp.cmd("query-quorum-status")[0]["children"]] == [
