@@ -306,6 +306,8 @@ class Stream(asyncio.BufferedProtocol):
         self.server = server
         #: a worker's forwarding connection, not a client: no ClientLimits, not counted
         self.internal = internal
+        #: the connection runs over TLS (after STARTTLS)
+        self.secure = False
         self.transport: asyncio.Transport
         self.conn: Connection
         self.task: asyncio.Task[None] | None = None
@@ -396,6 +398,7 @@ class Stream(asyncio.BufferedProtocol):
         if tls is None:
             raise ConnectionResetError("connection closed during the TLS handshake")
         self.transport = tls
+        self.secure = True
         self._read_paused = False  # start_tls resumed the socket's reading
         self._write_paused = False
 
@@ -704,7 +707,12 @@ class Connection:
         out, self._out, self._out_bytes = self._out, [], 0
         if not out or self.stream.is_closing():
             return
-        if len(out) > 1 and any(len(b) >= BIG_PAYLOAD for b in out):
+        if self.stream.secure:
+            # Over TLS every write() is encrypted on its own (a record or more):
+            # one write of everything ready costs one copy and saves a record and
+            # a pass through the TLS layer per reply header.
+            self.stream.write(b"".join(out) if len(out) > 1 else out[0])
+        elif len(out) > 1 and any(len(b) >= BIG_PAYLOAD for b in out):
             # Python 3.11's writelines() joins (copies) the buffers; for a big
             # payload several sends are cheaper than the copy.  The transport
             # sends at once or copies what is left, so the payload's memory is
