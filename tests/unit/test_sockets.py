@@ -102,3 +102,23 @@ def test_tcp_unresolvable_host_names_the_address() -> None:
     with pytest.raises(OSError) as info:
         bind_tcp("no-such-host.invalid", 10809)
     assert "tcp:no-such-host.invalid:10809" in str(info.value.strerror)
+
+
+@pytest.mark.parametrize("long_name", [False, True])
+def test_mode_and_group_are_set_before_the_path_exists(tmp_path: Path, long_name: bool) -> None:
+    import grp
+
+    other = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
+    if other is None or (os.getuid() != 0 and other not in os.getgroups()):
+        pytest.skip("no other group this process may give a file")
+    # a path too long for the temporary name: bound in place (umask, then chown/chmod)
+    name = "s" * (100 - len(str(tmp_path))) if long_name else "s.sock"
+    path = tmp_path / name
+    li = bind_unix(str(path), mode=0o640, group=other)
+    try:
+        st = os.lstat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == other
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith("~")]
+    finally:
+        li.close()
+    assert not path.exists()
