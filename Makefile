@@ -1,5 +1,5 @@
 # One command per job; CI runs scripts/test, which runs the same steps.
-.PHONY: check interop test fmt bench
+.PHONY: check interop fuzz test fmt bench
 check:
 	scripts/install-deps --python
 	.venv/bin/ruff check nbdquorum tests
@@ -7,6 +7,8 @@ check:
 	.venv/bin/pytest -q tests/unit
 interop:
 	.venv/bin/pytest -q tests/interop
+fuzz:
+	.venv/bin/pytest -q tests/fuzz
 test:
 	scripts/test
 fmt:

@@ -25,7 +25,7 @@ from nbdquorum.ratelimit import Burst
 from nbdquorum.remote.child import NBDChild
 from nbdquorum.remote.uri import AddressError, is_uri, parse_uri
 from nbdquorum.runtime import MALLOC_HEAP_MAX, parse_size, run_loop, setup_logging
-from nbdquorum.sockets import Listener, bind_tcp, bind_unix
+from nbdquorum.sockets import Listener, bind_tcp, bind_unix, inherited
 
 if TYPE_CHECKING:
     from nbdquorum.state import StateStore
@@ -44,6 +44,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def parse_mode(text: str) -> int:
+    """An octal permission mode: 660, 0660, 0o660."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}"
+                                         ) from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is not within 0..0777")
+    return mode
+
+
+def parse_group(text: str) -> int:
+    """A group name or a numeric gid."""
+    import grp
+
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group {text!r}") from None
 
 
 @dataclass
@@ -94,6 +118,13 @@ class ServeConfig:
     max_client_backlog: int = 1 << 20
     #: --tls, --tls-certificates, --tls-verify-peer, --tls-authz-dn (nbd/tls.py)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    #: seconds a client has to choose an export (0: no limit)
+    handshake_timeout: float = 10.0
+    #: client connections open at once, over every process (0: no limit)
+    max_connections: int = 1024
+    #: --socket's permission bits and group (gid); None: the umask's, the process's
+    socket_mode: int | None = None
+    socket_group: int | None = None
     verbose: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: node-names whose images did not exist and were created blank (--size)
@@ -293,12 +324,29 @@ def read_buffers(quorum: QuorumNode) -> int:
 
 
 def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
-    """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address."""
+    """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address.
+
+    Socket activation (systemd's LISTEN_FDS for this process): the inherited
+    sockets are the NBD listeners, and only they; --socket/--listen are refused
+    with them.  LISTEN_* leave the environment here, before any worker starts.
+    """
     nbd: list[Listener] = []
     try:
+        activated = inherited()
+    except OSError as err:
+        raise UsageError(err.strerror or str(err)) from err
+    if activated is not None:
+        if cfg.socket or cfg.listen:
+            for li in activated:
+                li.close()
+            raise UsageError("socket activation (LISTEN_FDS) passes the listening sockets: "
+                             "--socket and --listen cannot be given with it")
+        nbd.extend(activated)
+    try:
         if cfg.socket:
-            nbd.append(bind_unix(cfg.socket, listen=False))
-        if cfg.listen or not cfg.socket:
+            nbd.append(bind_unix(cfg.socket, mode=cfg.socket_mode, group=cfg.socket_group,
+                                 listen=False))
+        if activated is None and (cfg.listen or not cfg.socket):
             host, port = cfg.listen or ("127.0.0.1", 10809)
             nbd.extend(bind_tcp(host, port, listen=False))
         control = bind_unix(cfg.control, mode=0o600, listen=False) if cfg.control else None
@@ -306,6 +354,22 @@ def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
         close_listeners(nbd, None)
         raise UsageError(err.strerror or str(err)) from err
     return nbd, control
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open descriptors to the hard one (as systemd's
+    services may and nginx does): every connection costs one, and the default
+    soft limit (1024) would run out before --max-connections's default does,
+    leaving no descriptor to accept the QMP socket's clients with."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as err:
+            log.debug("cannot raise the descriptor limit from %d: %s", soft, err)
 
 
 def bind_metrics(cfg: ServeConfig) -> list[Listener]:
@@ -331,6 +395,7 @@ async def serve(cfg: ServeConfig) -> int:
     from nbdquorum.state import StateError, StateStore
 
     native.tune_malloc(MALLOC_HEAP_MAX)
+    raise_fd_limit()
     bus = EventBus()
     bus.subscribe(wired(log_event))
     store = None
@@ -410,8 +475,9 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     nbd = NBDServer({cfg.export_name: export}, cfg.export_name,
                     budget=max(1, cfg.memory_budget // (cfg.workers + 1)),
                     limits=ClientLimits(cfg.max_client_requests, cfg.max_client_bytes,
-                                        cfg.max_client_backlog),
-                    tls=tls if cfg.tls.mode is not TLSMode.OFF else None)
+                                        cfg.max_client_backlog, cfg.handshake_timeout),
+                    tls=tls if cfg.tls.mode is not TLSMode.OFF else None,
+                    max_connections=cfg.max_connections or None)
     pool = None
     if cfg.workers:
         pool = WorkerPool(nbd, export, quorum, cfg.workers, child_timeout=cfg.child_timeout,
@@ -541,6 +607,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--socket", metavar="PATH",
                    help="Unix socket for NBD (refused if a running server listens there; "
                         "removed on exit)")
+    p.add_argument("--socket-mode", type=parse_mode, metavar="MODE",
+                   help="--socket's permission bits, octal (0660, ...; default: from the "
+                        "umask); the path is never reachable with looser ones")
+    p.add_argument("--socket-group", type=parse_group, metavar="GROUP",
+                   help="--socket's group, a name or a gid (default: the server's)")
     p.add_argument("--control", metavar="PATH",
                    help="Unix socket for QMP, mode 0600 (default: none)")
     p.add_argument("--state-dir", metavar="DIR",
@@ -604,6 +675,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(repeat; fnmatch wildcards * ? [..], else an exact match)")
     p.add_argument("--tls-psk", metavar="FILE",
                    help="TLS-PSK: not supported (refused; docs/tls.md says why)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a client that has not chosen an export this long after connecting "
+                        "is dropped (0: never; default 10, as qemu-nbd)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="client connections open at once, over all worker processes; more "
+                        "are logged and closed (0: no limit; default 1024)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: more log lines; -vv: debug, per request")
 
@@ -653,6 +730,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             max_client_bytes=args.max_client_bytes,
             max_client_backlog=args.max_client_backlog,
             tls=tls,
+            handshake_timeout=args.handshake_timeout,
+            max_connections=args.max_connections,
+            socket_mode=args.socket_mode,
+            socket_group=args.socket_group,
             verbose=args.verbose,
             extra=dict(explicit),
         )
@@ -660,6 +741,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             parser.error("serve needs at least one --child")
         if cfg.workers < 0:
             parser.error("--workers must be 0 or more")
+        if cfg.max_connections < 0:
+            parser.error("--max-connections must be 0 (no limit) or more")
+        if not cfg.handshake_timeout >= 0:
+            parser.error("--handshake-timeout must be 0 (no limit) or more seconds")
+        if (cfg.socket_mode is not None or cfg.socket_group is not None) and not cfg.socket:
+            parser.error("--socket-mode and --socket-group need --socket")
         return run_loop(serve(cfg))
     except UsageError as err:
         print(f"nbdquorum: error: {err}", file=sys.stderr)

@@ -96,14 +96,16 @@ def _clear_stale(path: str, address: str) -> None:
         os.unlink(path)  # stale: left by a server that crashed
 
 
-def bind_unix(path: str, *, mode: int | None = None, listen: bool = True) -> Listener:
+def bind_unix(path: str, *, mode: int | None = None, group: int | None = None,
+              listen: bool = True) -> Listener:
     """Bind a Unix socket at ``path`` and (unless ``listen`` is false) listen on it.
 
     A server binds every address before it opens anything else and listens
     once it is ready, so that a refused start-up never looks alive to clients.
 
-    With ``mode``, the socket is bound under a temporary name, chmod-ed and
-    renamed into place, so it never exists at ``path`` with looser permissions.
+    With ``mode`` (and ``group``, a gid), the socket is bound under a temporary
+    name, chmod-ed (and chown-ed) and renamed into place, so it never exists at
+    ``path`` with looser permissions or another group.
 
     Raises:
         OSError: naming the address: the path is live, is not a socket, or
@@ -115,12 +117,15 @@ def bind_unix(path: str, *, mode: int | None = None, listen: bool = True) -> Lis
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}~")
     try:
-        if mode is not None and len(os.fsencode(tmp)) < 108:
+        if (mode is not None or group is not None) and len(os.fsencode(tmp)) < 108:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             sock.bind(tmp)
             try:
-                os.chmod(tmp, mode)
+                if group is not None:
+                    os.chown(tmp, -1, group)
+                if mode is not None:
+                    os.chmod(tmp, mode)
                 os.rename(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -133,6 +138,8 @@ def bind_unix(path: str, *, mode: int | None = None, listen: bool = True) -> Lis
             finally:
                 if old is not None:
                     os.umask(old)
+            if group is not None:
+                os.chown(path, -1, group)
             if mode is not None:
                 os.chmod(path, mode)
         st = os.lstat(path)
@@ -185,3 +192,61 @@ def bind_tcp(host: str, port: int, *, listen: bool = True) -> list[Listener]:
     if not bound:
         raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {address}: no address")
     return bound
+
+
+#: the first descriptor systemd passes (sd_listen_fds(3): SD_LISTEN_FDS_START)
+LISTEN_FDS_START = 3
+#: the environment of the socket activation protocol, cleared once read
+LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def inherited(environ: dict[str, str] | None = None) -> list[Listener] | None:
+    """The listening sockets passed by systemd socket activation (sd_listen_fds(3)).
+
+    None when this process was not socket-activated: no LISTEN_FDS, or a
+    LISTEN_PID naming another process (the variables were inherited from a
+    parent).  Otherwise the descriptors 3 .. 3+LISTEN_FDS-1 as Listeners
+    without a path: their socket files belong to systemd and are never removed.
+    Either way LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES are removed from
+    ``environ`` (default os.environ), so no child process takes them for its own.
+
+    Raises:
+        OSError: a descriptor that is not a listening stream socket
+            (``Accept=yes`` passes connected ones: not supported, as nbdkit).
+    """
+    env = os.environ if environ is None else environ
+    pid, fds, names = (env.pop(k, None) for k in LISTEN_ENV)
+    if fds is None or pid is None or not pid.isdigit() or int(pid) != os.getpid():
+        return None
+    if not fds.isdigit() or int(fds) < 1:
+        raise OSError(errno.EINVAL, f"socket activation: bad LISTEN_FDS={fds!r}")
+    labels = names.split(":") if names else []
+    found: list[Listener] = []
+    for i in range(int(fds)):
+        fd = LISTEN_FDS_START + i
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise OSError(err.errno, f"socket activation: descriptor {fd}: {err.strerror}"
+                          ) from err
+        os.set_inheritable(fd, False)
+        if (sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            sock.detach()
+            raise OSError(errno.EINVAL, f"socket activation: descriptor {fd} is not a "
+                          "listening stream socket (use Accept=no and ListenStream=)")
+        found.append(Listener(sock, _describe(sock, labels[i] if i < len(labels) else ""),
+                              listening=True))
+    return found
+
+
+def _describe(sock: socket.socket, label: str) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        where = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        text = f"unix:{where or '(unnamed)'}"
+    elif sock.family == socket.AF_INET6:
+        text = f"tcp:[{name[0]}]:{name[1]}"
+    else:
+        text = f"tcp:{name[0]}:{name[1]}"
+    return f"{text} (systemd{': ' + label if label else ''})"

@@ -245,8 +245,15 @@ class ServerConnection:
     _OPTIONS: ClassVar[dict[Opt, Callable[[ServerConnection, int, bytes], Event | None]]]
 
     def __init__(self, exports: Mapping[str, ExportInfo], default_export: str,
-                 tls: TLSMode = TLSMode.OFF) -> None:
-        """Serve *exports* (looked up live, by key); the name "" means *default_export*."""
+                 tls: TLSMode = TLSMode.OFF, *, scratch: bytearray | None = None) -> None:
+        """Serve *exports* (looked up live, by key); the name "" means *default_export*.
+
+        *scratch*: the buffer `receive_buffer` hands out between payloads, which
+        connections served by one thread may share (`buffer_filled` takes its
+        bytes before the next `receive_buffer`): an idle connection then holds
+        no receive buffer of its own.  Default: one of RECEIVE_SCRATCH bytes,
+        made on first use.
+        """
         self._exports = exports
         self._default_export = default_export
         self._tls_mode = tls
@@ -272,7 +279,7 @@ class ServerConnection:
         self._pending: tuple[CmdFlag, int, int, int] | None = None
         self._write_buf = bytearray()
         self._write_filled = 0
-        self._scratch: bytearray | None = None  # receive_buffer()'s buffer between payloads
+        self._scratch = scratch  # receive_buffer()'s buffer between payloads
         self._into_payload = False  # the last receive_buffer() was the payload
 
     # -- Public API --------------------------------------------------------------

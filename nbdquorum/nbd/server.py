@@ -56,9 +56,10 @@ from nbdquorum.nbd.events import (
     SimpleReply,
     StartTLS,
 )
-from nbdquorum.nbd.protocol import Phase, ServerConnection, TLSMode
+from nbdquorum.nbd.protocol import RECEIVE_SCRATCH, Phase, ServerConnection, TLSMode
 from nbdquorum.nbd.stats import RequestStats, clock
 from nbdquorum.nbd.tls import HANDSHAKE_TIMEOUT, TLSContexts
+from nbdquorum.ratelimit import Burst
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ BUDGET_FLOOR = 3 << 20
 DEFAULT_CLIENT_REQUESTS = 16
 DEFAULT_CLIENT_BYTES = 16 << 20
 DEFAULT_CLIENT_BACKLOG = 1 << 20
+#: seconds a client has to finish the handshake (choose an export), as qemu-nbd's 10
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: client connections open at once over the whole server (the primary counts
+#: those its workers serve); more are logged and closed
+DEFAULT_MAX_CONNECTIONS = 1024
 #: after the budget held this much and went idle, freed memory goes back to the
 #: system (malloc_trim) this many seconds later
 TRIM_AFTER = 8 << 20
@@ -145,6 +151,23 @@ class ClientLimits:
     #: reply bytes not yet taken by the client's socket; above it the
     #: client's requests wait (a client that stops reading stops being served)
     backlog: int = DEFAULT_CLIENT_BACKLOG
+    #: seconds from connect to the export's choice; a slower client is dropped (0: never)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
+#: lines about dropped clients (over the limit, handshake too slow): a flood of
+#: them must not flood the log too (per kind, a burst a second; the rest counted)
+_drop_lines = Burst()
+
+
+def log_drop(kind: str, msg: str, *args: object) -> None:
+    """Log one line about a client dropped by a limit, rate-limited per ``kind``."""
+    held = _drop_lines.admit(kind)
+    if held is None:
+        return
+    if held:
+        msg += f" ({held} more such line(s) left out in the last second)"
+    log.warning(msg, *args)
 
 
 class Budget:
@@ -320,6 +343,8 @@ class Stream(asyncio.BufferedProtocol):
         self._lost = False  # connection_lost() was called
         self._error: Exception | None = None  # ... with this error (ECONNRESET, ...)
         self._closed: asyncio.Future[None] = self._loop.create_future()
+        #: counted in the server's open_clients (until connection_lost)
+        self.counted = False
 
     # -- protocol callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -327,6 +352,15 @@ class Stream(asyncio.BufferedProtocol):
         if self.server.stopping:
             transport.close()
             return
+        if not self.internal:
+            if self.server.full():
+                log_drop("max-connections", "%d client connections open (--max-connections): "
+                         "closing a new one from %s", self.server.open_clients,
+                         transport.get_extra_info("peername") or "unix")
+                self.transport.abort()
+                return
+            self.server.open_clients += 1
+            self.counted = True
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -356,6 +390,9 @@ class Stream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self.counted:
+            self.counted = False
+            self.server.open_clients -= 1
         self._error = exc
         if exc is None and hasattr(self, "conn"):
             self.conn.proto.receive_data(b"")  # a plain close is an EOF
@@ -452,6 +489,15 @@ class Stream(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name)
 
 
+def _conn_logger(number: int) -> logging.Logger:
+    """``nbdquorum.nbd.server.connN``, as log.getChild() names it, but not kept
+    in the logging module's table of loggers, which never forgets one: a
+    logger per connection ever made would never be freed."""
+    child = logging.Logger(f"{log.name}.conn{number}")
+    child.parent = log
+    return child
+
+
 class Connection:
     def __init__(self, server: NBDServer, stream: Stream,
                  limits: ClientLimits | None = None) -> None:
@@ -469,11 +515,15 @@ class Connection:
         self._receiving = False  # ... charged as a payload still arriving
         self._room: asyncio.Future[None] | None = None  # a request finished
         peer = stream.get_extra_info("peername") or "unix"
-        self.log = log.getChild(f"conn{server.next_id()}")
+        self.id = server.next_id()
+        self.log = _conn_logger(self.id)
+        #: dropped by the handshake timeout
+        self.expired = False
         self.log.debug("connected from %s", peer)
         tls = server.tls.mode if server.tls is not None and not stream.internal else TLSMode.OFF
         self.proto = ServerConnection(
-            {name: e.info() for name, e in server.exports.items()}, server.default_export, tls
+            {name: e.info() for name, e in server.exports.items()}, server.default_export, tls,
+            scratch=server.scratch,
         )
         self.export: Export | None = None
         self.send_lock = asyncio.Lock()  # serialises drain() on back-pressure
@@ -492,6 +542,9 @@ class Connection:
         # without cancelling the replies and the close below.
         self.stream.write(self.proto.initial_bytes())
         self.read_task = asyncio.create_task(self._read_loop())
+        timeout = self.limits.handshake_timeout if self.limits is not None else 0
+        timer = (asyncio.get_running_loop().call_later(timeout, self._handshake_expired)
+                 if timeout > 0 else None)
         try:
             await asyncio.shield(self.read_task)
         except asyncio.CancelledError:
@@ -499,11 +552,14 @@ class Connection:
             if not self.server.stopping:
                 raise
         except RemoteProtocolError as err:
-            self.log.warning("protocol error from client: %s", err)
+            if not self.expired:
+                self.log.warning("protocol error from client: %s", err)
             self._flush_handshake()
         except (ConnectionError, OSError) as err:
             self.log.debug("connection lost: %s", err)
         finally:
+            if timer is not None:
+                timer.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             if self._ahead is not None:  # a payload that never arrived in full
@@ -517,6 +573,17 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self.stream.wait_closed()
             self.log.debug("closed")
+
+    def _handshake_expired(self) -> None:
+        """The handshake timeout: a client still negotiating is dropped."""
+        if self.proto.phase is Phase.HANDSHAKE and not self.stream.is_closing():
+            self.expired = True
+            log_drop("handshake-timeout", "conn%s: handshake not finished within %gs "
+                     "(--handshake-timeout): dropping the connection from %s",
+                     self.id,
+                     self.limits.handshake_timeout if self.limits is not None else 0,
+                     self.stream.get_extra_info("peername") or "unix")
+            self.stream.transport.abort()
 
     def _flush_handshake(self) -> None:
         out = self.proto.data_to_send()
@@ -821,11 +888,21 @@ class NBDServer:
     def __init__(
         self, exports: Mapping[str, Export], default_export: str, *, budget: int = DEFAULT_BUDGET,
         limits: ClientLimits | None = None, tls: TLSContexts | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.exports = dict(exports)
         #: TLS for client connections (None: off); `TLSContexts.reload` on SIGHUP
         self.tls = tls
         self.default_export = default_export
+        #: client connections accepted here at once (None: no limit; the worker
+        #: pool counts those placed on workers, see `WorkerPool.place`)
+        self.max_connections = max_connections
+        #: client connections open (a worker's forwarding connection is none)
+        self.open_clients = 0
+        #: the receive buffer of every connection between WRITE payloads: the
+        #: event loop fills it and the protocol copies what arrived before the next
+        #: read, so one is enough and an idle connection holds none
+        self.scratch = bytearray(RECEIVE_SCRATCH)
         #: this process's share of the server's memory budget
         self.budget = Budget(budget)
         self.limits = limits or ClientLimits()
@@ -842,6 +919,10 @@ class NBDServer:
     def next_id(self) -> int:
         self._ids += 1
         return self._ids
+
+    def full(self) -> bool:
+        """No room for another client connection (--max-connections)."""
+        return self.max_connections is not None and self.open_clients >= self.max_connections
 
     def _stream(self) -> Stream:
         return Stream(self)

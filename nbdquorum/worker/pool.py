@@ -25,7 +25,7 @@ from typing import Any
 import nbdquorum
 from nbdquorum.block.node import BlockNode
 from nbdquorum.block.quorum import QuorumNode, ReadPattern
-from nbdquorum.nbd.server import Export, NBDServer
+from nbdquorum.nbd.server import Export, NBDServer, log_drop
 from nbdquorum.nbd.stats import WorkerRequests
 from nbdquorum.nbd.tls import TLSConfig
 from nbdquorum.sockets import Listener, bind_tcp, bind_unix
@@ -354,8 +354,19 @@ class WorkerPool:
                 continue
             self.place(conn)
 
+    def clients(self) -> int:
+        """Client connections open over the whole server: here and on the workers."""
+        return self.here + sum(w.conns for w in self.workers)
+
     def place(self, conn: socket.socket) -> None:
-        """Serve a new connection here or on the least-loaded worker (ties: here)."""
+        """Serve a new connection here or on the least-loaded worker (ties: here);
+        beyond --max-connections (counted over every process) it is closed."""
+        limit = self.nbd.max_connections
+        if limit is not None and self.clients() >= limit:
+            log_drop("max-connections", "%d client connections open (--max-connections): "
+                     "closing a new one", self.clients())
+            conn.close()
+            return
         best: Worker | None = None
         load = self.here
         for w in self.workers:

@@ -1568,3 +1568,28 @@ def test_receive_buffer_is_the_payload_once_the_header_is_parsed() -> None:
     (write,), _ = drain(conn)
     assert isinstance(write, Request) and bytes(write.data) == payload
     assert write.data is buf.obj  # the bytes landed in the request's own buffer
+
+
+def test_connections_may_share_one_scratch_buffer() -> None:
+    """Two connections fed alternately through one scratch buffer (as the server's
+    connections are, one event loop) each get their own bytes, payloads included."""
+    shared = bytearray(4096)
+    conns = []
+    for _ in range(2):
+        conn = ServerConnection(EXPORTS, DEFAULT, scratch=shared)
+        _receive_into(conn, u32(FIXED) + opt(Opt.GO, info_data("disk")), 5)
+        assert [type(e) for e in drain(conn)[0]] == [ExportChosen]
+        conns.append(conn)
+    payloads = [bytes([0x11]) * 10_000, bytes([0x22]) * 10_000]
+    wires = [req(Cmd.WRITE, i + 1, 0, len(p), data=p) + req(Cmd.FLUSH, 9)
+             for i, p in enumerate(payloads)]
+    events: list[list[Event]] = [[], []]
+    for i in range(0, len(wires[0]), 333):  # interleaved, parsed between reads
+        for k in (0, 1):
+            _receive_into(conns[k], wires[k][i:i + 333], 333)
+            events[k] += drain(conns[k])[0]
+    for k in (0, 1):
+        write, flush = events[k]
+        assert isinstance(write, Request) and bytes(write.data) == payloads[k]
+        assert isinstance(flush, Request) and flush.cmd == Cmd.FLUSH
+    assert conns[0].receive_buffer().obj is shared  # between payloads: the shared one
