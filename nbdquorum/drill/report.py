@@ -35,7 +35,8 @@ class Result:
     # the remote scenarios (host-loss, rolling)
     kind: str = "replace"  # which table the scenario goes in: replace, host-loss, rolling
     how: str | None = None  # where the remote child ran and how it was lost
-    throughput: dict[str, float | None] = field(default_factory=dict)  # MiB/s per phase
+    #: the client's MiB/s: before the fault, while away, from the return to active
+    throughput: dict[str, float | None] = field(default_factory=dict)
     longest_pass_s: float | None = None  # the client's slowest write pass
     missed_bytes: int | None = None  # what the child lacked when it came back
     reconnect_s: float | None = None  # back -> resyncing
@@ -123,7 +124,8 @@ def _host_loss_table(results: Sequence[Result]) -> list[str]:
         if r.longest_pass_s is not None:
             details.append(f"slowest write pass {r.longest_pass_s:.2f}s")
         if r.throughput.get("catch-up") is not None:
-            details.append(f"{_rate(r.throughput.get('catch-up'))} MiB/s during the catch-up")
+            details.append(f"{_rate(r.throughput.get('catch-up'))} MiB/s from its return "
+                           "to active")
         if r.missed_bytes is not None:
             details.append(f"missed {human(r.missed_bytes)} while away")
         if r.reconnect_s is not None:
