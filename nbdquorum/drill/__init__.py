@@ -19,10 +19,15 @@ all of it before the fault, then its second half again (other bytes) while
 Exit codes: 0 every scenario verified with zero client errors, 1 a scenario
 failed, 2 usage (or a required tool is missing).
 
+The scenarios with children on other hosts (``host-loss``, ``rolling``; not in
+the default run) have their own shape: see remote.py.
+
 The package: this module (the command: its parser and run), scenarios.py (the
-failures and one scenario's run), harness.py (the server subprocess, the QMP
-event watcher, the reading client, the filesystem part), report.py (results
-and the table), common.py (constants, errors, helpers).  The drill talks to
+failures and one scenario's run), remote.py (the runs of the remote scenarios),
+netns.py (another host: a network namespace, a qemu-nbd export), harness.py
+(the server subprocess, the QMP event watcher, the reading and writing
+clients, the filesystem part), report.py (results and the tables), common.py
+(constants, errors, helpers).  The drill talks to
 the server only as a client does (NBD tools, ``ctl``'s QMP client): it starts
 ``python -m nbdquorum serve`` as a subprocess and imports none of its code.
 """
