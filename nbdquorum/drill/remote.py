@@ -259,6 +259,21 @@ class HostLossRun(RemoteRun):
         sources = [self.srcs["degraded"], self.srcs["degraded2"]]
         writer = Writer([self.write_argv(src, lay.degraded_offset, lay.degraded_size)
                          for src in sources], lay.degraded_size, cfg.timeout)
+        recorded = False
+
+        def record_clients(*, hung_stops: bool) -> None:
+            """Count the clients' passes and errors once (also when a step failed)."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            self.record("write (loop: before, during and after the host loss)",
+                        sum(p.seconds for p in writer.passes), writer.errors(),
+                        writer.hung and hung_stops, passes=len(writer.passes))
+            self.record("read (loop, meanwhile)", reader.seconds, reader.errors,
+                        reader.hung and hung_stops, passes=reader.passes)
+
+        stack.callback(record_clients, hung_stops=False)
         stack.callback(reader.kill)
         stack.callback(writer.kill)
         self.say(f"a client writes {human(lay.degraded_size)} at {human(lay.degraded_offset)} "
@@ -325,11 +340,7 @@ class HostLossRun(RemoteRun):
         writer.wait(lambda ps: any(p.start >= t_active for p in ps), cfg.timeout)
         writer.finish()
         reader.finish()
-        self.record("write (loop: before, during and after the host loss)",
-                    sum(p.seconds for p in writer.passes), writer.errors(), writer.hung,
-                    passes=len(writer.passes))
-        self.record("read (loop, meanwhile)", reader.seconds, reader.errors, reader.hung,
-                    passes=reader.passes)
+        record_clients(hung_stops=True)
         self.res.throughput = {
             "before": writer.rate(t_start, t_fault)[0],
             "away": writer.rate(t_detect, t_back)[0],
