@@ -19,10 +19,15 @@ all of it before the fault, then its second half again (other bytes) while
 Exit codes: 0 every scenario verified with zero client errors, 1 a scenario
 failed, 2 usage (or a required tool is missing).
 
+The scenarios with children on other hosts (``host-loss``, ``rolling``; not in
+the default run) have their own shape: see remote.py.
+
 The package: this module (the command: its parser and run), scenarios.py (the
-failures and one scenario's run), harness.py (the server subprocess, the QMP
-event watcher, the reading client, the filesystem part), report.py (results
-and the table), common.py (constants, errors, helpers).  The drill talks to
+failures and one scenario's run), remote.py (the runs of the remote scenarios),
+netns.py (another host: a network namespace, a qemu-nbd export), harness.py
+(the server subprocess, the QMP event watcher, the reading and writing
+clients, the filesystem part), report.py (results and the tables), common.py
+(constants, errors, helpers).  The drill talks to
 the server only as a client does (NBD tools, ``ctl``'s QMP client): it starts
 ``python -m nbdquorum serve`` as a subprocess and imports none of its code.
 """
@@ -55,8 +60,12 @@ from nbdquorum.drill.common import (
     human,
     random_bytes,
 )
+from nbdquorum.drill.remote import HostLossRun, RollingRun
 from nbdquorum.drill.report import Progress, Result, format_report
 from nbdquorum.drill.scenarios import SCENARIOS, Run
+
+#: which run does each kind of scenario
+RUNS: dict[str, type[Run]] = {"replace": Run, "host-loss": HostLossRun, "rolling": RollingRun}
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "and client errors. Exit 0 only if every scenario verified with no "
                     f"client error. Scenarios: {names}.")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS), metavar="NAME",
-                   help="run this scenario (repeat; default: every scenario but quorum-loss)")
+                   help="run this scenario (repeat; default: every scenario but "
+                        "quorum-loss, host-loss and rolling)")
     p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
                    help="size of each scratch image (default 64M)")
     p.add_argument("--dir", metavar="DIR", help="make the scratch directory in DIR "
@@ -81,6 +91,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="keep the scratch directory (images, server logs)")
     p.add_argument("--no-fs", action="store_true",
                    help="skip the filesystem part (nbdfuse, loop device, ext4)")
+    p.add_argument("--no-netns", action="store_true",
+                   help="host-loss: lose the remote host by killing its server, even where "
+                        "a network namespace could make its link go silent")
     p.add_argument("--seed", type=int, default=1, help="seed of the known data (default 1)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"for each step (default {DEFAULT_TIMEOUT:g})")
@@ -122,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         what = "not a directory" if os.path.exists(args.dir) else "no such directory"
         return _usage(f"--dir {args.dir}: {what} (give an existing directory, or leave "
                       "--dir out for the system's temporary directory)")
-    cfg = Config(Layout(size, fs_size), args.seed, args.timeout, fs_reason, qemu_img)
+    cfg = Config(Layout(size, fs_size), args.seed, args.timeout, fs_reason, qemu_img,
+                 no_netns=args.no_netns)
     progress = Progress()
     try:
         base = Path(tempfile.mkdtemp(prefix="nbdquorum-drill-", dir=args.dir))
@@ -137,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                  + ("filesystem: yes" if fs_size else f"filesystem: no ({fs_reason})"))
         srcs = make_sources(base, cfg)
         for name in names:
-            results.append(Run(SCENARIOS[name], base, cfg, srcs, progress).run())
+            sc = SCENARIOS[name]
+            results.append(RUNS[sc.kind](sc, base, cfg, srcs, progress).run())
     except KeyboardInterrupt:
         progress("interrupted: cleaning up")
         return 130
@@ -168,14 +183,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_sources(base: Path, cfg: Config) -> dict[str, Path]:
-    """The known data: before the fault, written while degraded, and what must be read."""
+    """The known data: before the fault, written while degraded, and what must be read.
+
+    ``degraded2`` is a second version of the degraded half (the remote scenarios write
+    the two in turn), ``expect2`` the data region once it is written last; ``static``
+    is the half that is written only before the fault.
+    """
     lay = cfg.layout
     before = random_bytes(cfg.seed, lay.data_size)
     degraded = random_bytes(cfg.seed + 1_000_003, lay.degraded_size)
-    paths = {"before": base / "src-before.bin", "degraded": base / "src-degraded.bin",
-             "expect": base / "src-expect.bin"}
+    degraded2 = random_bytes(cfg.seed + 2_000_003, lay.degraded_size)
+    paths = {name: base / f"src-{name}.bin"
+             for name in ("before", "degraded", "expect", "degraded2", "expect2", "static")}
+    split = lay.degraded_offset - lay.data_offset
     paths["before"].write_bytes(before)
     paths["degraded"].write_bytes(degraded)
-    split = lay.degraded_offset - lay.data_offset
     paths["expect"].write_bytes(before[:split] + degraded)
+    paths["degraded2"].write_bytes(degraded2)
+    paths["expect2"].write_bytes(before[:split] + degraded2)
+    paths["static"].write_bytes(before[:split])
     return paths

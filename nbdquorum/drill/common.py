@@ -23,6 +23,11 @@ MIN_FS_SIZE: Final = 4 * MiB  # ext4 needs a few MiB for its metadata and a jour
 DEFAULT_TIMEOUT: Final = 300.0
 #: server options: quick to fault a child, quick to notice a deleted image
 SERVER_OPTIONS: Final = ("--max-errors", "5", "--child-timeout", "2", "--health-interval", "0.2")
+#: the child timeout of the remote scenarios' servers: a silent link is given up after it
+REMOTE_CHILD_TIMEOUT: Final = 3.0
+#: the remote scenarios' server options (no fault injector: the faults are real)
+REMOTE_SERVER_OPTIONS: Final = ("--max-errors", "5", "--child-timeout",
+                                f"{REMOTE_CHILD_TIMEOUT:g}", "--health-interval", "0.2")
 #: how long the drill waits for a broken child to be faulted before it repairs
 STATE_SETTLE: Final = 1.0
 DETECT_EVENTS: Final = ("QUORUM_REPORT_BAD", "QUORUM_CHILD_STATE_CHANGE")
@@ -73,6 +78,7 @@ class Config:
     timeout: float
     fs_reason: str | None  # why there is no filesystem part
     qemu_img: str
+    no_netns: bool = False  # host-loss: a killed server even where namespaces work
 
 
 def sh(argv: Sequence[str | os.PathLike[str]], *, timeout: float,

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +29,33 @@ from nbdquorum.drill.common import (
 
 
 class Server:
-    """``python -m nbdquorum serve`` as a subprocess, in its own session."""
+    """``python -m nbdquorum serve`` as a subprocess, in its own session.
 
-    def __init__(self, work: Path, sock_dir: Path, images: dict[str, Path]) -> None:
+    ``images`` maps each child's name to its image file or its NBD URI; ``options`` are
+    the server's tuning options; ``fault_injection`` puts each child behind a fault
+    injector (``x-faulty-set``).  ``start()`` may be called again after ``stop()``: the
+    same command line, the same state dir (a restart).
+    """
+
+    def __init__(self, work: Path, sock_dir: Path, images: Mapping[str, Path | str], *,
+                 options: Sequence[str] = SERVER_OPTIONS, fault_injection: bool = True) -> None:
         self.work = work
         self.sock = sock_dir / "nbd.sock"
         self.control = sock_dir / "qmp.sock"
         self.log_path = work / "server.log"
-        self.images = images
+        self.images = dict(images)
+        self.options = tuple(options)
+        self.fault_injection = fault_injection
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "nbdquorum", "serve", "--fault-injection"]
+        argv = [sys.executable, "-m", "nbdquorum", "serve"]
+        if self.fault_injection:
+            argv.append("--fault-injection")
         for name, path in self.images.items():
             argv += ["--child", f"{name}={path}"]
         argv += ["--socket", str(self.sock), "--control", str(self.control),
-                 "--state-dir", str(self.work / "state"), *SERVER_OPTIONS]
+                 "--state-dir", str(self.work / "state"), *self.options]
         return argv
 
     def uri(self) -> str:
@@ -187,6 +199,125 @@ class Reader(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join()
+
+    def kill(self) -> None:
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self.join(10)
+
+
+@dataclass
+class Pass:
+    """One write pass of a Writer: wall-clock start and end, which source, its outcome."""
+
+    start: float
+    end: float
+    source: int
+    ok: bool
+    error: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+class Writer(threading.Thread):
+    """A client that writes one region again and again until told to stop, each pass
+    from the next of ``argvs`` in turn (different data every pass), each pass timed
+    (wall clock, to compare with the server's event timestamps).
+
+    A pass that fails is a client error; one that takes longer than ``timeout`` is a
+    hung client and ends the loop.  ``current`` is (index, start) of the pass running.
+    """
+
+    def __init__(self, argvs: list[list[str]], nbytes: int, timeout: float) -> None:
+        super().__init__(name="drill-writer", daemon=True)
+        self.argvs = argvs
+        self.nbytes = nbytes
+        self.timeout = timeout
+        self.stop = threading.Event()
+        self.passes: list[Pass] = []
+        self.current: tuple[int, float] | None = None
+        self.hung = False
+        self.cond = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            source = n % len(self.argvs)
+            start = time.time()
+            with self.cond:
+                self.current = (n, start)
+                self.cond.notify_all()
+            proc = self.proc = subprocess.Popen(
+                self.argvs[source], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
+            try:
+                out, _ = proc.communicate(timeout=self.timeout)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                rc = -9
+            error = ""
+            if rc != 0:
+                done = subprocess.CompletedProcess(self.argvs[source], rc, out or "", "")
+                error = (last_line(done) if rc != -9
+                         else f"timed out after {self.timeout:g}s")
+            with self.cond:
+                self.passes.append(Pass(start, time.time(), source, rc == 0, error))
+                self.current = None
+                self.cond.notify_all()
+            n += 1
+            if rc == -9:
+                self.hung = True
+                break
+
+    def wait(self, pred: Callable[[list[Pass]], bool], timeout: float) -> bool:
+        """Wait (bounded) until ``pred(passes)`` holds; False if it did not, or the
+        writer stopped."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not pred(self.passes):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return pred(self.passes)
+                self.cond.wait(min(left, 0.5))
+            return True
+
+    def wait_started(self, after: int, timeout: float) -> tuple[int, float] | None:
+        """Wait (bounded) for pass number ``after`` or a later one to be running."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                cur = self.current
+                if cur is not None and cur[0] >= after:
+                    return cur
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return None
+                self.cond.wait(min(left, 0.5))
+
+    def errors(self) -> list[str]:
+        with self.cond:
+            return [p.error for p in self.passes if not p.ok]
+
+    def rate(self, start: float, end: float) -> tuple[float | None, int]:
+        """MiB/s of the passes that ran wholly within [start, end] (wall clock): their
+        bytes over their time; and how many they were."""
+        with self.cond:
+            inside = [p for p in self.passes if p.ok and p.start >= start and p.end <= end]
+        took = sum(p.seconds for p in inside)
+        if not inside or took <= 0:
+            return None, len(inside)
+        return self.nbytes * len(inside) / (1 << 20) / took, len(inside)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(self.timeout + 10)
 
     def kill(self) -> None:
         self.stop.set()

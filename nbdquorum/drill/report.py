@@ -32,6 +32,18 @@ class Result:
     events: list[dict[str, Any]] = field(default_factory=list)
     server_exit: int | None = None
     seconds: float = 0.0
+    # the remote scenarios (host-loss, rolling)
+    kind: str = "replace"  # which table the scenario goes in: replace, host-loss, rolling
+    how: str | None = None  # where the remote child ran and how it was lost
+    #: the client's MiB/s: before the fault, while away, from the return to active
+    throughput: dict[str, float | None] = field(default_factory=dict)
+    longest_pass_s: float | None = None  # the client's slowest write pass
+    missed_bytes: int | None = None  # what the child lacked when it came back
+    reconnect_s: float | None = None  # back -> resyncing
+    catch_up_s: float | None = None  # back -> active
+    catch_up_job_s: float | None = None  # the catch-up job's run time
+    catch_up_bytes: int | None = None  # BLOCK_JOB_COMPLETED len of the catch-up
+    steps: list[dict[str, Any]] = field(default_factory=list)  # rolling: what each step saw
 
     @property
     def verified(self) -> bool:
@@ -55,6 +67,12 @@ class Result:
             "client_ops": self.client_ops, "checks": self.checks, "problems": self.problems,
             "failed_child_state": self.failed_state, "events": self.events,
             "server_exit": self.server_exit, "seconds": round(self.seconds, 3),
+            "kind": self.kind, "how": self.how,
+            "throughput_mib_per_second": self.throughput,
+            "longest_pass_seconds": self.longest_pass_s, "missed_bytes": self.missed_bytes,
+            "reconnect_seconds": self.reconnect_s, "catch_up_seconds": self.catch_up_s,
+            "catch_up_job_seconds": self.catch_up_job_s, "catch_up_bytes": self.catch_up_bytes,
+            "steps": self.steps,
         }
 
 
@@ -69,25 +87,90 @@ class Progress:
         print(f"[{time.monotonic() - self.start:7.2f}s] {msg}", file=self.stream, flush=True)
 
 
-def format_report(results: Sequence[Result], cfg: Config) -> str:
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}s"
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _table(rows: list[list[str]], left: int = 1) -> list[str]:
+    """Columns padded to their widths; the first ``left`` ones flush left, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i])
+                      for i, c in enumerate(row)).rstrip() for row in rows]
+
+
+def _replace_table(results: Sequence[Result]) -> list[str]:
     head = ["SCENARIO", "DETECT", "READ-BACK", "REPAIR", "RESYNC MiB/s", "CLIENT ERRORS",
             "VERIFIED"]
+    return _table([head] + [[r.name, _secs(r.detect_s), _secs(r.op_seconds(READ_BACK)),
+                             _secs(r.repair_s), _rate(r.resync_mib_s), str(r.client_errors),
+                             "yes" if r.verified else "NO"] for r in results])
 
-    def secs(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}s"
 
-    rows = [head] + [[r.name, secs(r.detect_s), secs(r.op_seconds(READ_BACK)), secs(r.repair_s),
-                      "-" if r.resync_mib_s is None else f"{r.resync_mib_s:.1f}",
-                      str(r.client_errors), "yes" if r.verified else "NO"] for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+def _host_loss_table(results: Sequence[Result]) -> list[str]:
+    head = ["SCENARIO", "DETECT", "MiB/s BEFORE", "MiB/s AWAY", "CATCH-UP", "COPIED",
+            "CLIENT ERRORS", "VERIFIED"]
+    lines = _table([head] + [[
+        r.name, _secs(r.detect_s), _rate(r.throughput.get("before")),
+        _rate(r.throughput.get("away")), _secs(r.catch_up_s),
+        "-" if r.catch_up_bytes is None else human(r.catch_up_bytes),
+        str(r.client_errors), "yes" if r.verified else "NO"] for r in results])
+    for r in results:
+        lines.append(f"  {r.name}: {r.how}")
+        details = []
+        if r.longest_pass_s is not None:
+            details.append(f"slowest write pass {r.longest_pass_s:.2f}s")
+        if r.throughput.get("catch-up") is not None:
+            details.append(f"{_rate(r.throughput.get('catch-up'))} MiB/s from its return "
+                           "to active")
+        if r.missed_bytes is not None:
+            details.append(f"missed {human(r.missed_bytes)} while away")
+        if r.reconnect_s is not None:
+            details.append(f"reconnected {r.reconnect_s:.2f}s after its return")
+        if r.catch_up_job_s is not None:
+            details.append(f"catch-up job {r.catch_up_job_s:.2f}s")
+        if details:
+            lines.append(f"  {r.name}: " + ", ".join(details))
+    return lines
+
+
+def _rolling_table(r: Result) -> list[str]:
+    names = sorted({n for st in r.steps for n in st.get("states", {})})
+    rows = [["STEP", *names, "WHAT", "CLIENT"]]
+    for st in r.steps:
+        states = st.get("states", {})
+        rows.append([str(st["step"]), *(str(states.get(n, "-")) for n in names),
+                     str(st["what"]), str(st.get("client", "-"))])
+    return [f"{r.name}: {r.how}", *_table(rows, left=len(rows[0])),
+            f"{r.name}: client errors {r.client_errors}, verified "
+            f"{'yes' if r.verified else 'NO'}"]
+
+
+def format_report(results: Sequence[Result], cfg: Config) -> str:
     lines = []
     lay = cfg.layout
     where = (f"ext4 in the first {human(lay.fs_size)}, random data in the rest"
              if lay.fs_size else f"random data only (no filesystem: {cfg.fs_reason})")
+    if all(r.kind != "replace" for r in results):  # the remote ones make no filesystem
+        where = (f"random data at {human(lay.data_offset)}+{human(lay.data_size)} "
+                 "(the remote scenarios have no filesystem part)")
     lines.append(f"nbdquorum drill: 3 children of {human(lay.size)}; {where}")
-    for row in rows:
-        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
-                               for i, c in enumerate(row)).rstrip())
+    replace = [r for r in results if r.kind == "replace"]
+    if replace:
+        lines += _replace_table(replace)
+    host_loss = [r for r in results if r.kind == "host-loss"]
+    if host_loss:
+        if len(lines) > 1:
+            lines.append("")
+        lines += _host_loss_table(host_loss)
+    for r in results:
+        if r.kind == "rolling":
+            if len(lines) > 1:
+                lines.append("")
+            lines += _rolling_table(r)
     for r in results:
         for p in r.problems:
             lines.append(f"{r.name}: {p}")

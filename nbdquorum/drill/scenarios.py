@@ -54,6 +54,7 @@ class Scenario:
     failed: tuple[str, ...] = ("b",)  # the children it breaks
     qmp_rules: tuple[dict[str, Any], ...] = ()  # x-faulty-set rules, if any
     default: bool = True  # part of the default run
+    kind: str = "replace"  # which run does it (and which report table shows it)
 
 
 SCENARIOS: Final = {
@@ -70,6 +71,12 @@ SCENARIOS: Final = {
         Scenario("quorum-loss", "b and c both fail with EIO: the quorum is lost; this drill "
                  "must fail (client errors, no repair)", failed=("b", "c"),
                  qmp_rules=({"op": "any", "action": "error", "errno": 5},), default=False),
+        Scenario("host-loss", "b is an NBD export on another host (qemu-nbd in a network "
+                 "namespace; a killed server without one) that vanishes mid-write and comes "
+                 "back: it must catch up by itself", default=False, kind="host-loss"),
+        Scenario("rolling", "children on other hosts fail one after another and come back "
+                 "in another order, the server restarting in between: a stale member must "
+                 "never become a source", failed=("b", "c"), default=False, kind="rolling"),
     )
 }
 
@@ -85,7 +92,7 @@ class Run:
         self.sc = sc
         self.cfg = cfg
         self.srcs = srcs
-        self.res = Result(sc.name, sc.what)
+        self.res = Result(sc.name, sc.what, kind=sc.kind)
         self.work = base / sc.name
         self.work.mkdir()
         self.progress = progress
@@ -100,6 +107,7 @@ class Run:
         self.watch: EventWatch | None = None
         self.t_fault: float | None = None
         self.detect_tried = False
+        self._stopped: subprocess.Popen[bytes] | None = None
 
     def say(self, msg: str) -> None:
         self.progress(f"{self.sc.name}: {msg}")
@@ -176,6 +184,9 @@ class Run:
         return self.res
 
     def _stop_server(self) -> None:
+        if self.server.proc is None or self.server.proc is self._stopped:
+            return  # not started, or this very process was stopped (and judged) already
+        self._stopped = self.server.proc
         rc = self.server.stop()
         self.res.server_exit = rc
         if rc is not None and rc != 0:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from .conftest import MiB, nbdquorum_env, require, run
+from .remote import require_netns
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -177,3 +178,127 @@ def test_a_missing_dir_is_refused_not_created(tmp_path: Path) -> None:
     proc = run([sys.executable, "-m", "nbdquorum", "drill", "--dir", str(afile)],
                env=nbdquorum_env())
     assert proc.returncode == 2 and "not a directory" in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- remote children
+
+REMOTE_CHILD_TIMEOUT = 3.0  # the remote scenarios' --child-timeout
+
+
+def state_changes(s: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    return [(e["data"]["previous"], e["data"]["state"]) for e in s["events"]
+            if e["event"] == "QUORUM_CHILD_STATE_CHANGE" and e["data"]["node-name"] == name]
+
+
+def assert_host_loss(s: dict[str, Any]) -> None:
+    """What every host-loss run must show, however the host was lost."""
+    assert s["kind"] == "host-loss"
+    assert s["problems"] == [] and s["client_errors"] == 0, (s["problems"], s["client_ops"])
+    assert s["verified"], s["checks"]
+    assert all(s["checks"].values()) and {"data on a", "data on b", "data on c", "b == a",
+                                          "c == a", "membership", "clean stop",
+                                          "no stale source"} <= set(s["checks"])
+    ops = {op["op"]: op for op in s["client_ops"]}
+    loop = ops["write (loop: before, during and after the host loss)"]
+    assert loop["ok"] and loop["passes"] >= 7, loop  # 3 before, 3 while away, 1 after
+    assert ops["read (loop, meanwhile)"]["ok"]
+    assert ops["read (after the catch-up)"]["ok"]
+    tp = s["throughput_mib_per_second"]
+    assert tp["before"] > 0 and tp["away"] > 0, tp
+    # b came back by itself and caught up on what it missed only: less than the disk
+    assert state_changes(s, "b")[-3:] == [("active", "unreachable"),
+                                          ("unreachable", "resyncing"), ("resyncing", "active")]
+    assert 0 < s["missed_bytes"] <= SIZE // 2, s["missed_bytes"]
+    assert 0 < s["catch_up_bytes"] <= SIZE // 2, s["catch_up_bytes"]
+    assert s["catch_up_seconds"] is not None and s["catch_up_job_seconds"] is not None
+    assert s["server_exit"] == 0
+
+
+def test_host_loss_in_a_network_namespace(tmp_path: Path) -> None:
+    """b's host behind a veth pair goes silent mid-write: found after the child timeout,
+    no client error, b catches up when the link is back. Under CI=true (root) the
+    namespace variant must run."""
+    require_netns()
+    proc = drill(tmp_path, "--size", "16M", "--scenario", "host-loss", "--json",
+                 "--timeout", "60")
+    report = report_of(proc)
+    (s,) = report["scenarios"]
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "in network namespace nbdqd-" in s["how"] and "link cut" in s["how"], s["how"]
+    assert_host_loss(s)
+    # a silent link is noticed by a request that times out, not sooner (one in flight
+    # when the link went down may have been sent a moment before it)
+    assert REMOTE_CHILD_TIMEOUT - 1 <= s["detect_seconds"] < REMOTE_CHILD_TIMEOUT + 10, s
+    assert any(e["event"] == "QUORUM_REPORT_BAD" and e["data"]["node-name"] == "b"
+               and "timed out" in e["data"].get("error", "") for e in s["events"])
+    # the namespace, its veth and its claim are gone
+    netns = s["how"].split("network namespace ")[1].split()[0]
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                       text=True, check=True).stdout
+    dev = netns.replace("nbdqd-", "nqd") + "h"
+    assert dev not in subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                                     text=True, check=True).stdout
+    assert_cleaned_up(tmp_path)
+
+
+def test_host_loss_with_a_killed_server(tmp_path: Path) -> None:
+    """Without a namespace (--no-netns here; no root elsewhere) the host loss is a killed
+    server on 127.0.0.1: the reset is noticed at once. The report is a table."""
+    require("qemu-nbd")
+    proc = drill(tmp_path, "--size", "16M", "--no-fs", "--scenario", "host-loss",
+                 "--no-netns", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = proc.stdout.splitlines()
+    assert "random data at 0 KiB+16.0 MiB" in lines[0], lines[0]
+    assert lines[1].split() == ["SCENARIO", "DETECT", "MiB/s", "BEFORE", "MiB/s", "AWAY",
+                                "CATCH-UP", "COPIED", "CLIENT", "ERRORS", "VERIFIED"]
+    row = lines[2].split()
+    assert row[0] == "host-loss" and row[-2:] == ["0", "yes"], lines
+    assert "(no network namespace: --no-netns); lost: server killed (SIGKILL)" in lines[3]
+    assert "child timeout 3s" in lines[3]
+    assert lines[-1] == "PASS: every scenario verified, no client errors"
+    assert "host-loss: event QUORUM_CHILD_STATE_CHANGE b active -> unreachable" in proc.stderr
+    assert "host-loss: event QUORUM_CHILD_STATE_CHANGE b resyncing -> active" in proc.stderr
+    assert_cleaned_up(tmp_path)
+    proc = drill(tmp_path, "--size", "16M", "--no-fs", "--scenario", "host-loss",
+                 "--no-netns", "--json", "--timeout", "60")
+    (s,) = report_of(proc)["scenarios"]
+    assert_host_loss(s)
+    assert s["detect_seconds"] < REMOTE_CHILD_TIMEOUT, s["detect_seconds"]
+    assert_cleaned_up(tmp_path)
+
+
+def test_rolling_a_stale_member_never_becomes_a_source(tmp_path: Path) -> None:
+    """c misses W1, the server restarts, b dies and the stale c returns: reads fail at
+    threshold 2 (one child in sync), return W1 at threshold 1, and after everyone is
+    back every child holds the last acknowledged writes."""
+    require("qemu-nbd")
+    proc = drill(tmp_path, "--size", "16M", "--no-fs", "--scenario", "rolling", "--json",
+                 "--timeout", "60")
+    report = report_of(proc)
+    (s,) = report["scenarios"]
+    assert proc.returncode == 0 and s["verified"], (s["problems"], proc.stderr[-6000:])
+    assert s["kind"] == "rolling" and s["client_errors"] == 0
+    steps = {st["step"]: st for st in s["steps"]}
+    assert list(steps) == ["0", "1", "2", "3", "3b", "3c", "4"]
+    assert steps["0"]["states"] == {"a": "active", "b": "active", "c": "active"}
+    assert steps["1"]["states"] == {"a": "active", "b": "active", "c": "unreachable"}
+    assert steps["2"]["states"] == {"a": "active", "b": "active", "c": "unreachable"}
+    assert steps["3"]["states"] == {"a": "active", "b": "unreachable", "c": "resyncing"}
+    assert steps["3"]["client"].startswith("read fails, as it must"), steps["3"]
+    assert steps["3b"]["client"] == "read = W1", steps["3b"]
+    assert steps["3c"]["states"] == {"a": "active", "b": "unreachable", "c": "active"}
+    assert steps["4"]["states"] == {"a": "active", "b": "active", "c": "active"}
+    checks = s["checks"]
+    assert all(checks.values()) and {
+        "c recorded stale", "c not in sync at start", "c caught up on W1", "no stale source",
+        "membership", "data on a", "data on b", "data on c", "b == a", "c == a",
+        "clean stop"} <= set(checks), checks
+    # each returning child caught up on what it missed only
+    assert 0 < s["catch_up_bytes"] < SIZE
+    # (c's return happens as the server starts, before the drill's event watch is on)
+    assert ("unreachable", "resyncing") in state_changes(s, "b")
+    for name in ("b", "c"):
+        assert state_changes(s, name)[-1] == ("resyncing", "active")
+    assert any(e["event"] == "QUORUM_FAILURE" for e in s["events"])  # step 3's read
+    assert_cleaned_up(tmp_path)
