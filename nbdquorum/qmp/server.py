@@ -62,7 +62,9 @@ class _Client:
     def __init__(self, number: int, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
         self.conn = conn
         self.writer = writer
-        self.log = log.getChild(f"client{number}")
+        # not log.getChild(): the logging module keeps every logger it names forever
+        self.log = logging.Logger(f"{log.name}.client{number}")
+        self.log.parent = log
         self.quit_requested = False
 
     def write(self, data: bytes) -> None:
