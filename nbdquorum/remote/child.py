@@ -377,12 +377,16 @@ async def connect(address: NBDAddress, link_timeout: float) -> NBDClient:
 
 
 def watch_link(sock: socket.socket, timeout: float) -> None:
-    """A dead link is noticed without I/O (keepalive) and with it (unacknowledged
-    data older than ``timeout`` fails the connection: TCP_USER_TIMEOUT)."""
+    """A dead link is noticed without I/O (keepalive: about 11 s) and with it
+    (data the far end has not acknowledged for that long, or ``timeout`` if
+    shorter, fails the connection: TCP_USER_TIMEOUT)."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPIDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPINTVL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPCNT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+        # with keepalive, the user timeout also decides when failed probes end the
+        # connection: not later than the probes themselves would
+        dead_after = min(timeout, KEEPIDLE + KEEPINTVL * KEEPCNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

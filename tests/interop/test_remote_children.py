@@ -445,3 +445,77 @@ def test_a_child_over_tls_from_tls_creds(
     qmp.close()
     assert srv.stop() == 0
     assert_identical([*images_of(srv), img])
+
+
+# --------------------------------------------------------------------------- more faults
+
+
+@pytest.mark.parametrize("fault", ["kill", "cut"])
+def test_fio_verifies_through_the_quorum_while_the_remote_fails_and_returns(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path, fault: str) -> None:
+    """fio's writes are verified (crc32c) while the remote host's server dies (or its
+    link goes silent) and comes back: no I/O error, no verify error, children identical."""
+    host = remote_host()
+    img = make_image(tmp_path / "far.raw", SIZE)
+    far = qemu_nbd(host, img)
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri})
+    job = fio_verify_start(srv.uri(), tmp_path, runtime=14, size=8 * MiB, name=fault)
+    time.sleep(2)
+    if fault == "kill":
+        far.kill()
+    else:
+        host.cut()
+    wait_state(qmp, "far", "unreachable")
+    time.sleep(1)
+    if fault == "kill":
+        far.restart()
+    else:
+        host.restore()
+    wait_state(qmp, "far", "active", timeout=60)
+    job.result().check()
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img])
+
+
+def test_an_idle_dead_link_is_noticed_without_io(
+        start_remote_quorum: Any, remote_host: Any, tmp_path: Path) -> None:
+    """TCP keepalive (idle 5 s, then 3 probes 2 s apart): a silent link with no request
+    on it is noticed by itself, and the child leaves the vote before a client pays."""
+    host = remote_host()
+    far = qemu_nbd(host, make_image(tmp_path / "far.raw", SIZE))
+    srv, qmp = start(start_remote_quorum, tmp_path, {"far": far.uri},
+                     extra=("--child-timeout", "60"))
+    host.cut()
+    wait_state(qmp, "far", "unreachable", timeout=40)
+    t0 = time.monotonic()
+    qemu_io(srv.uri(), "write -P 0x19 0 64k", "read -P 0x19 0 64k")
+    assert time.monotonic() - t0 < 5, "a client waited on the dead link"
+    host.restore()
+    wait_state(qmp, "far", "active", timeout=60)
+    qmp.close()
+
+
+def test_ctl_adds_and_replaces_with_nbd_uris(
+        start_remote_quorum: Any, local_host: Any, tmp_path: Path) -> None:
+    from .conftest import nbdquorum_cli
+
+    srv, qmp = start(start_remote_quorum, tmp_path, {}, local=3)
+    control = srv.extra[1]
+    qemu_io(srv.uri(), "write -P 0x3c 0 2M")
+    img1 = make_image(tmp_path / "r1.raw", SIZE)
+    img2 = make_image(tmp_path / "r2.raw", SIZE)
+    r1 = qemu_nbd(local_host, img1)
+    r2 = qemu_nbd(local_host, img2)
+    out = nbdquorum_cli("ctl", "--control", control, "add", f"r1={r1.uri}", "--wait",
+                        timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert child(qmp, "r1")["state"] == "active"
+    out = nbdquorum_cli("ctl", "--control", control, "replace", "r1", f"r2={r2.uri}",
+                        timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = [c["node-name"] for c in qmp.cmd("query-quorum-status")[0]["children"]]
+    assert names == ["child0", "child1", "child2", "r2"]
+    qmp.close()
+    assert srv.stop() == 0
+    assert_identical([*images_of(srv), img1, img2])
