@@ -547,6 +547,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
         if pool is not None:
             await pool.shutdown(grace=2 * cfg.child_timeout + 5)
         await nbd.shutdown(grace=2 * cfg.child_timeout + 5)
+        await quorum.settle()  # reads answered early: their slower children are compared
         if qmp is not None:
             await qmp.shutdown()
         await jobs.shutdown()

@@ -49,17 +49,30 @@ class RangeLock:
 
     @asynccontextmanager
     async def hold(self, offset: int, length: int, *, exclusive: bool) -> AsyncIterator[None]:
+        entry = await self.acquire(offset, length, exclusive=exclusive)
+        try:
+            yield
+        finally:
+            self.release(entry)
+
+    async def acquire(self, offset: int, length: int, *, exclusive: bool) -> _Entry:
+        """Wait for the range; the holder must ``release()`` the entry returned
+        (``hold()`` does both; this form lets a hold outlive the task that took it)."""
         entry = _Entry(offset, offset + max(length, 1), exclusive)
         blocked = any(e.conflicts(entry) for e in self._entries)
         self._entries.append(entry)
-        try:
-            if blocked:
-                entry.waiter = asyncio.get_running_loop().create_future()
+        if blocked:
+            entry.waiter = asyncio.get_running_loop().create_future()
+            try:
                 await entry.waiter
-            entry.granted = True
-            yield
-        finally:
-            self._release(entry)
+            except BaseException:
+                self._release(entry)
+                raise
+        entry.granted = True
+        return entry
+
+    def release(self, entry: _Entry) -> None:
+        self._release(entry)
 
     def _release(self, entry: _Entry) -> None:
         entries = self._entries

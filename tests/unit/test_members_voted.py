@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from pathlib import Path
 from typing import Any
@@ -286,3 +287,68 @@ def test_a_different_image_behind_the_same_address_is_copied_in_full() -> None:
     assert q.slots[2].state is ChildState.ACTIVE
     assert copied == BIG, "everything"
     assert bytes(far.buf) == bytes(q.slots[0].node.buf)  # type: ignore[attr-defined]
+
+
+# -- a read answered as soon as its vote is decided ---------------------------------------
+
+
+class SlowNode(MemNode):
+    """An awaited child that answers reads only when the test lets it."""
+
+    def __init__(self, name: str, size: int = SIZE) -> None:
+        super().__init__(name, size)
+        self.gate = asyncio.Event()
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        await self.gate.wait()
+        return await super().pread(offset, length)
+
+
+def test_a_decided_vote_answers_before_a_slow_child_which_is_still_compared(
+        tmp_path: Path) -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    g = Graph(bus)
+    files = [g.open_raw_file(f"f{i}", str(tmp_path / f"f{i}.raw"), create_size=SIZE)
+             for i in range(2)]
+    slow = SlowNode("slow")
+    q = QuorumNode("q0", [*files, slow], vote_threshold=2, bus=bus)
+
+    async def main() -> None:
+        slow.gate.set()
+        await q.pwrite(0, b"\x44" * 8192)
+        slow.gate.clear()
+        slow.buf[10] = 0  # it will lose, late
+        data = await asyncio.wait_for(q.pread(0, 8192), 5)  # the two files decide
+        assert bytes(data) == b"\x44" * 8192
+        assert not [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        # an overlapping write waits for the late comparison (the range lock)
+        write = asyncio.ensure_future(q.pwrite(0, b"\x55" * 512))
+        await asyncio.sleep(0.05)
+        assert not write.done()
+        slow.gate.set()
+        await asyncio.wait_for(write, 5)
+        bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        assert [b["node-name"] for b in bad] == ["slow"]
+        assert q.slots[2].stats.checksum_errors == 1
+
+    run(main())
+    g.close()
+
+
+def test_an_undecided_vote_waits_for_every_child(tmp_path: Path) -> None:
+    g = Graph(EventBus())
+    f = g.open_raw_file("f0", str(tmp_path / "f0.raw"), create_size=SIZE)
+    slow = SlowNode("slow")
+    q = QuorumNode("q0", [f, slow], vote_threshold=2, bus=g.bus)
+
+    async def main() -> None:
+        read = asyncio.ensure_future(q.pread(0, 4096))
+        await asyncio.sleep(0.05)
+        assert not read.done(), "one of two cannot decide a vote at threshold 2"
+        slow.gate.set()
+        assert bytes(await asyncio.wait_for(read, 5)) == bytes(4096)
+
+    run(main())
+    g.close()

@@ -135,6 +135,8 @@ class QuorumNode(BlockNode):
         #: the last scrub's result (jobs/scrub.py), for status displays
         self.last_scrub: dict[str, Any] | None = None
         self._now = _Now(self)
+        #: reads answered early whose slower children are still being followed
+        self._late: set[asyncio.Task[None]] = set()
 
     # -- what Members owns, read here ---------------------------------------------------
     @property
@@ -243,10 +245,17 @@ class QuorumNode(BlockNode):
     # -- read -----------------------------------------------------------------
     async def pread(self, offset: int, length: int) -> Buffer:
         self.last_client_io = time.monotonic()
-        async with self.lock.hold(offset, length, exclusive=False):
+        # The shared range lock; a read answered before its slowest children have
+        # (the vote was already decided) hands it to the task that follows them.
+        held = [await self.lock.acquire(offset, length, exclusive=False)]
+        try:
             if self.read_pattern is ReadPattern.FIFO:
                 return await self._read_fifo(offset, length)
-            return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted)
+            return await self._read_quorum(offset, length, rewrite=self.rewrite_corrupted,
+                                           held=held)
+        finally:
+            if held:
+                self.lock.release(held.pop())
 
     async def read_voted(self, offset: int, length: int) -> Buffer:
         """A voted read for a job that already holds the range lock."""
@@ -279,8 +288,12 @@ class QuorumNode(BlockNode):
 
     async def _read_quorum(
         self, offset: int, length: int, *, rewrite: bool,
-        findings: dict[str, int] | None = None,
+        findings: dict[str, int] | None = None, held: list[Any] | None = None,
     ) -> Buffer:
+        """Read the active children and vote.  With ``held`` (the caller's range
+        lock entry, in a list), the answer may come as soon as the vote is decided:
+        the slower children are then followed in the background, which takes the
+        entry out of the list and releases it when they have answered."""
         voters = self.active()
         if not voters:
             self._failure(offset, length)
@@ -292,11 +305,54 @@ class QuorumNode(BlockNode):
         try:
             reads = await self.voted.read([s.node for s in voters], offset, length,
                                           self.vote_threshold, lent=lent,
-                                          limit=self.child_timeout)
-            win = await self._judge(voters, reads, offset, length, rewrite, findings)
+                                          limit=self.child_timeout, early=bool(held))
+            try:
+                win = await self._judge(voters, reads, offset, length, rewrite, findings)
+            except BaseException:
+                for t in reads.late.values():
+                    t.cancel()
+                raise
+            if reads.late:
+                assert held
+                task = asyncio.get_running_loop().create_task(self._follow_late(
+                    voters, reads.late, win, offset, length, rewrite, held.pop()))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
             return win
         finally:
             self.voted.give_back(lent, win)
+
+    async def settle(self) -> None:
+        """Wait for the background comparisons of reads answered early (each is bounded
+        by the child timeout); for a clean stop, before the children close."""
+        if self._late:
+            _done, pending = await asyncio.wait(set(self._late), timeout=self.child_timeout + 1)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _follow_late(
+        self, voters: list[ChildSlot], late: dict[int, asyncio.Task[Buffer | OSError]],
+        win: Buffer, offset: int, length: int, rewrite: bool, entry: Any,
+    ) -> None:
+        """The children that answered after the vote was decided: compared with the
+        winner, reported and (with rewrite-corrupted) rewritten as if in time.  The
+        read's range lock is held until then, so no write overlaps the comparison."""
+        try:
+            for i, task in late.items():
+                out = await task
+                slot = voters[i]
+                if isinstance(out, OSError):
+                    slot.stats.read_errors += 1
+                    self._report_bad(slot, "read", offset, length, out)
+                    self.members.count_error(slot)
+                    continue
+                await self._handle_losers(voters, {i: out}, win, [i], offset, rewrite, None)
+        except Exception:  # never let a background comparison fail silently
+            log.exception("following the late children of a read at %d+%d", offset, length)
+        finally:
+            self.lock.release(entry)
 
     async def _judge(
         self, voters: list[ChildSlot], reads: Reads, offset: int, length: int, rewrite: bool,
@@ -322,7 +378,8 @@ class QuorumNode(BlockNode):
         return win
 
     async def _handle_losers(
-        self, voters: list[ChildSlot], bufs: list[Buffer | None], win: Buffer,
+        self, voters: list[ChildSlot], bufs: Sequence[Buffer | None] | dict[int, Buffer],
+        win: Buffer,
         losers: list[int], offset: int, rewrite: bool, findings: dict[str, int] | None,
     ) -> None:
         rewrites: list[Awaitable[None]] = []

@@ -29,7 +29,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from nbdquorum import native
@@ -62,6 +62,9 @@ class Reads:
     bufs: list[Buffer | None]  #: per child: its bytes, or None if it failed
     errors: list[OSError | None]  #: per child: its error, or None
     result: VoteResult  #: the vote over ``bufs`` at the threshold asked for
+    #: children still being read when the vote was already decided (``early``):
+    #: index -> the task that gives their bytes or error (the caller follows them)
+    late: dict[int, asyncio.Task[Buffer | OSError]] = field(default_factory=dict)
 
     @property
     def unanimous(self) -> bool:
@@ -92,6 +95,22 @@ async def _timed(aw: Awaitable[T], limit: float | None) -> T:
         return await asyncio.wait_for(aw, limit)
     except TimeoutError:
         raise oserror(errno.ETIMEDOUT, "child did not answer") from None
+
+
+def _decided(bufs: Sequence[Buffer | None], threshold: int, pending: int) -> bool:
+    """Whether the vote over ``bufs`` is won whatever ``pending`` more children say:
+    the winner has ``threshold`` and more than any other version could reach."""
+    if sum(b is not None for b in bufs) < threshold:
+        return False
+    result = native.vote(bufs, threshold)
+    if result.winner is None:
+        return False
+    sizes: dict[int, int] = {}
+    for g in result.groups:
+        if g >= 0:
+            sizes[g] = sizes.get(g, 0) + 1
+    win = sizes.pop(result.groups[result.winner])
+    return win > max(sizes.values(), default=0) + pending
 
 
 class BufferPool:
@@ -205,7 +224,7 @@ class VotedIO:
 
     async def read(self, nodes: Sequence[BlockNode], offset: int, length: int, threshold: int,
                    *, lent: list[bytearray], limit: float | None = None,
-                   fd_limit: float | None = None) -> Reads:
+                   fd_limit: float | None = None, early: bool = False) -> Reads:
         """Read every child and vote at ``threshold``.
 
         ``limit`` (seconds) bounds each awaited (non-descriptor) child; ``fd_limit``
@@ -214,6 +233,12 @@ class VotedIO:
         descriptors pinned and the buffers until then).  Big reads borrow
         buffers from the pool into ``lent``: give them back with
         ``give_back(lent, keep)`` once the winner is sent.
+
+        ``early``: return as soon as the vote is decided, that is when no other
+        version can still reach the winner's count with the children still
+        being read (awaited children only: the descriptors answer together).
+        Those are in ``Reads.late``; the caller must follow them (compare,
+        report) and may not let an overlapping write run until they end.
         """
         directs = _directs(nodes)
         fds = [d.fd if d is not None and d.fd is not None else -1 for d in directs]
@@ -241,15 +266,39 @@ class VotedIO:
             except OSError as err:
                 return err
 
-        grouped_out, outs = await asyncio.gather(c_call(),
-                                                 asyncio.gather(*(one(i) for i in others)))
+        tasks = {i: asyncio.ensure_future(one(i)) for i in others}
         bufs: list[Buffer | None] = [None] * len(nodes)
         errs: list[OSError | None] = [None] * len(nodes)
-        for i, out in zip(others, outs, strict=True):
+
+        def take(i: int, out: Buffer | OSError) -> None:
             if isinstance(out, OSError):
                 errs[i] = out
             else:
                 bufs[i] = out
+
+        try:
+            grouped_out = await c_call()
+            self._fill_grouped(nodes, grouped, grouped_out, bufs, errs)
+            pending = set(tasks.values())
+            while pending:
+                if early and _decided(bufs, threshold, len(pending)):
+                    break
+                _done, pending = await asyncio.wait(pending,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                for i, t in tasks.items():
+                    if t in _done:
+                        take(i, t.result())
+        except BaseException:
+            for t in tasks.values():
+                t.cancel()
+            raise
+        late = {i: t for i, t in tasks.items() if not t.done()}
+        return Reads(bufs, errs, await self.vote(bufs, threshold), late)
+
+    @staticmethod
+    def _fill_grouped(nodes: Sequence[BlockNode], grouped: list[int],
+                      grouped_out: PreadVote | None, bufs: list[Buffer | None],
+                      errs: list[OSError | None]) -> None:
         for i in grouped:
             if grouped_out is None:
                 errs[i] = oserror(errno.ETIMEDOUT, nodes[i].node_name)
@@ -259,7 +308,6 @@ class VotedIO:
                 bufs[i] = raw[i]
             else:
                 errs[i] = oserror(codes[i], nodes[i].node_name)
-        return Reads(bufs, errs, await self.vote(bufs, threshold))
 
     async def _pread_pooled(
         self, directs: Sequence[Direct | None], fds: list[int], offset: int, length: int,
