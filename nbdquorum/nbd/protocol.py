@@ -345,6 +345,11 @@ class ServerConnection:
         with memoryview(self._scratch) as view:
             self.receive_data(view[:n])
 
+    @property
+    def tls_pending(self) -> bool:
+        """StartTLS was returned and tls_started() not called yet."""
+        return self._tls_pending
+
     def tls_started(self) -> None:
         """The TLS handshake that `StartTLS` asked for succeeded: read on, through TLS.
 

@@ -331,6 +331,8 @@ class Stream(asyncio.BufferedProtocol):
         self.internal = internal
         #: the connection runs over TLS (after STARTTLS)
         self.secure = False
+        #: start_tls() has begun: data reaching this protocol comes through TLS
+        self._upgrading = False
         self.transport: asyncio.Transport
         self.conn: Connection
         self.task: asyncio.Task[None] | None = None
@@ -369,6 +371,11 @@ class Stream(asyncio.BufferedProtocol):
         self.task = self._loop.create_task(self.server._run(self.conn))
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._upgrading and self.conn.proto.tls_pending:
+            # Bytes through the TLS layer already: the handshake is done.  (asyncio
+            # hands over what arrived with the handshake's last flight before
+            # start_tls() returns to its caller; uvloop after.)
+            self.conn.proto.tls_started()
         return self.conn.proto.receive_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -425,6 +432,7 @@ class Stream(asyncio.BufferedProtocol):
         """Run the server side of a TLS handshake on this socket; from then on this
         protocol reads and writes through TLS.  Raises OSError (ssl.SSLError,
         ConnectionError) when the handshake fails or times out."""
+        self._upgrading = True  # what this protocol receives from now on is decrypted
         try:
             tls = await self._loop.start_tls(self.transport, self, context, server_side=True,
                                              ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
@@ -742,7 +750,8 @@ class Connection:
         if why is not None:
             self.log.warning("TLS client refused: %s", why)
             raise ConnectionRefusedError(why)
-        self.proto.tls_started()
+        if self.proto.tls_pending:  # not already (see Stream.get_buffer)
+            self.proto.tls_started()
         cipher = self.stream.get_extra_info("cipher")
         self.log.debug("TLS up: %s", cipher[1] if cipher else "?")
 

@@ -4,24 +4,30 @@ of its own.  Afterwards: fio's crc32c verify passed (no acknowledged write
 lost), the children are identical, and nothing was left behind: the server's
 descriptors and resident memory come back to their level after every round.
 
-Transports: plaintext.  The hook for TLS is CHAOS_TRANSPORTS: a transport is a
-set of server arguments and a function that opens a client connection up to
-the point where the NBD option haggling continues (for TLS: after
-NBD_OPT_STARTTLS and the TLS handshake), so every chaos client runs over each.
+Transports (CHAOS_TRANSPORTS): plaintext, and TLS on a server that serves both
+(`--tls on`): a transport is a set of server arguments and a function that opens
+a client connection up to the point where the NBD option haggling continues
+(for TLS: after NBD_OPT_STARTTLS and the TLS handshake), so every chaos client
+runs over each.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from nbdquorum.nbd.tls import client_context
 
 from . import rawnbd
 from .conftest import (
@@ -62,9 +68,66 @@ def _plain(path: Path) -> socket.socket:
     return sock
 
 
-#: TLS joins here once serve has --tls: Transport(["--tls-certificates", DIR, "--tls", "on"],
-#: an opener that sends NBD_OPT_STARTTLS, wraps the socket and returns it)
-CHAOS_TRANSPORTS: dict[str, Transport] = {"plain": Transport([], _plain)}
+_pki_dir: list[Path] = []
+
+
+def pki() -> Path:
+    """The test CA's certificates (tests/interop/tls_certs.py), made once per process."""
+    if not _pki_dir:
+        from .tls_certs import make_certs
+
+        _pki_dir.append(make_certs(Path(tempfile.mkdtemp(prefix="nbdq-chaos-pki-"))))
+    return _pki_dir[0]
+
+
+class _FlagsSent:
+    """A TLS socket on which the client flags already went out (before STARTTLS):
+    the behaviours' first send, which starts with them, is sent without them."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.first = True
+
+    def sendall(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            if data.startswith(FLAGS):
+                data = data[len(FLAGS):]
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def __enter__(self) -> _FlagsSent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def _tls(path: Path) -> socket.socket:
+    """Plaintext greeting and flags, NBD_OPT_STARTTLS, then TLS: the behaviours go on
+    inside it (the server runs --tls on: plaintext clients are served too)."""
+    sock = rawnbd.open_socket(path, timeout=10)
+    try:
+        rawnbd.greeting(sock)
+        sock.sendall(FLAGS + struct.pack(">QII", rawnbd.IHAVEOPT, OPT_STARTTLS, 0))
+        _magic, _opt, _rep, n = struct.unpack(">QIII", rawnbd.recv_exact(sock, 20))
+        rawnbd.recv_exact(sock, n)
+        ctx = client_context(str(pki() / "client"))
+        ctx.check_hostname = False  # a Unix socket; the CA still vouches for the server
+        return _FlagsSent(ctx.wrap_socket(sock))  # type: ignore[return-value]
+    except BaseException:
+        sock.close()
+        raise
+
+
+OPT_STARTTLS = 5
+#: plaintext, and TLS (STARTTLS) on a server that serves both ("{pki}": the test CA)
+CHAOS_TRANSPORTS: dict[str, Transport] = {
+    "plain": Transport([], _plain),
+    "tls": Transport(["--tls", "on", "--tls-certificates", "{pki}/server"], _tls),
+}
 
 FLAGS = struct.pack(">I", rawnbd.FLAG_FIXED_NEWSTYLE | rawnbd.FLAG_NO_ZEROES)
 
@@ -219,8 +282,9 @@ def rss(server: Server) -> int:
 def test_chaos_rounds_lose_nothing_and_leave_nothing_behind(
         start_server: StartServer, transport: str, workers: list[str]) -> None:
     tr = CHAOS_TRANSPORTS[transport]
+    args = [a.replace("{pki}", str(pki())) if "{pki}" in a else a for a in tr.args]
     server = start_server(size=SIZE, extra=[
-        "--handshake-timeout", "1", "--max-connections", "48", *workers, *tr.args])
+        "--handshake-timeout", "1", "--max-connections", "48", *workers, *args])
     path = server.socket
     runtime = int((ROUNDS + 1) * (ROUND_SECONDS + 2)) + 5
     fio = fio_randwrite(server.uri(), server.tmp, FIO_SIZE, "--time_based",
