@@ -205,7 +205,9 @@ class NBDClient:
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
         self._closed: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._read_replies())
+        # kept: asyncio.get_running_loop() is a getpid() system call per use (3.11)
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._read_replies())
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -284,7 +286,7 @@ class NBDClient:
             raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
         self._cookie += 1
         cookie = self._cookie
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut: asyncio.Future[object] = loop.create_future()
         self._pending[cookie] = _Pending(cmd, offset, length, fut)
         header = encode_request(cmd, flags, cookie, offset, length)
