@@ -205,9 +205,7 @@ class NBDClient:
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
         self._closed: BaseException | None = None
-        # kept: asyncio.get_running_loop() is a getpid() system call per use (3.11)
-        self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._read_replies())
+        self._task = asyncio.get_running_loop().create_task(self._read_replies())
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -290,7 +288,7 @@ class NBDClient:
             raise ConnectionResetError(errno.ECONNRESET, "connection lost: transport closed")
         self._cookie += 1
         cookie = self._cookie
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[object] = loop.create_future()
         self._pending[cookie] = _Pending(cmd, offset, length, fut)
         header = encode_request(cmd, flags, cookie, offset, length)
