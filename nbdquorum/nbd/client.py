@@ -162,14 +162,6 @@ async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if rep != Rep.ACK:
         raise NBDClientError(f"server refused TLS (reply {rep:#x}): {message}")
     await writer.start_tls(tls, server_hostname=server_hostname)
-
-
-def _expire(fut: asyncio.Future[object]) -> None:
-    """A request's timeout: its caller gets TimeoutError (the reply is dropped if it comes)."""
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 @dataclass(eq=False)
 class _Pending:
     cmd: Cmd
@@ -272,13 +264,11 @@ class NBDClient:
         return cls(reader, writer, info)
 
     async def call(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
-                   data: Buffer | None = None, *, limit: float | None = None) -> object:
+                   data: Buffer | None = None) -> object:
         """Send one request and await its reply.
 
         Returns the bytes read (READ), the extents (BLOCK_STATUS) or None;
         an error reply raises OSError with the server's errno and message.
-        ``limit``: raise TimeoutError after that many seconds (one timer on the
-        reply: cheaper than ``asyncio.wait_for``, which makes a task per request).
         """
         if self._closed is not None:
             raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
@@ -288,22 +278,16 @@ class NBDClient:
             raise ConnectionResetError(errno.ECONNRESET, "connection lost: transport closed")
         self._cookie += 1
         cookie = self._cookie
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[object] = loop.create_future()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._pending[cookie] = _Pending(cmd, offset, length, fut)
         header = encode_request(cmd, flags, cookie, offset, length)
         if data is not None:
             self.writer.writelines([header, data])
         else:
             self.writer.write(header)
-        timer = None if limit is None else loop.call_later(limit, _expire, fut)
-        try:
-            if self.writer.transport.get_write_buffer_size() > (4 << 20):
-                await asyncio.wait_for(self.writer.drain(), limit)
-            return await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if self.writer.transport.get_write_buffer_size() > (4 << 20):
+            await self.writer.drain()
+        return await fut
 
     async def _read_replies(self) -> None:
         try:

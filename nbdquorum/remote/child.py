@@ -203,8 +203,8 @@ class NBDChild(BlockNode):
             client = await self._ready()
             t0 = time.monotonic()
             try:
-                return await client.call(cmd, offset, length, flags, data,
-                                         limit=self.timeout)
+                return await asyncio.wait_for(client.call(cmd, offset, length, flags, data),
+                                              self.timeout)
             except TimeoutError:
                 self._lost(f"a request took longer than {self.timeout:g}s")
                 raise oserror(errno.ETIMEDOUT, f"{self.address}: no answer") from None
