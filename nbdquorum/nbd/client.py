@@ -272,10 +272,6 @@ class NBDClient:
         """
         if self._closed is not None:
             raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
-        if self.writer.transport.is_closing():
-            # closed under us (a failed send, abort_now) before the reader saw it end:
-            # a lost connection, never a write on a closed transport (RuntimeError)
-            raise ConnectionResetError(errno.ECONNRESET, "connection lost: transport closed")
         self._cookie += 1
         cookie = self._cookie
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
