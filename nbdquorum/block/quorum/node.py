@@ -29,6 +29,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from nbdquorum.block.errors import GraphError
@@ -87,6 +88,18 @@ class _Now(Direct):
         return self.q._try_pwrite_now(offset, data)
 
 
+@dataclass(slots=True)
+class _FastPlan:
+    """The fast paths' view of the membership (see QuorumNode._plan)."""
+
+    voters: list[ChildSlot]
+    read_fds: list[int] | None  # None: some voter has no descriptor
+    threshold: int
+    targets: list[ChildSlot]
+    write_fds: list[int] | None
+    active_targets: int  # targets that count toward the threshold
+
+
 class QuorumNode(BlockNode):
     driver = "quorum"
 
@@ -122,7 +135,9 @@ class QuorumNode(BlockNode):
             read_only=lambda: self.read_only, max_errors=max_errors, report=report,
         )
         self.voted = VotedIO()
+        self._fast: _FastPlan | None = None
         self.members.on_change.append(self.voted.reset)
+        self.members.on_change.append(self._drop_plan)
         self.lock = RangeLock()
         #: seconds a child (on the awaited path) may take before it counts as failed
         self.child_timeout = child_timeout
@@ -457,6 +472,26 @@ class QuorumNode(BlockNode):
         self.members.written(offset, length)  # absent children catch up on it later
 
     # -- serve now (the Direct capability the NBD server tries first) ----------------
+    def _plan(self) -> _FastPlan:
+        """Who the fast paths read and write, and their descriptors: worked out once
+        per membership change (Members' on_change drops it), not per request."""
+        plan = self._fast
+        if plan is None:
+            voters = self.active()
+            fifo = self.read_pattern is ReadPattern.FIFO
+            if fifo:
+                voters = voters[:1]  # fifo reads the first child; errors take the full path
+            targets = self.writable()
+            plan = self._fast = _FastPlan(
+                voters, self.voted.descriptors([s.node for s in voters]),
+                1 if fifo else self.vote_threshold,
+                targets, self.voted.descriptors([s.node for s in targets]),
+                sum(1 for t in targets if t.state is ChildState.ACTIVE))
+        return plan
+
+    def _drop_plan(self) -> None:
+        self._fast = None
+
     def _try_pread_now(self, offset: int, length: int) -> Buffer | None:
         """Serve a small read without awaiting anything, or return None.
 
@@ -466,20 +501,16 @@ class QuorumNode(BlockNode):
         (None) takes the full path, which may redo the read: reads are
         idempotent, and the full path does the reporting and repair.
         """
-        if self.lock.would_block(offset, length, exclusive=False):
+        plan = self._plan()
+        if plan.read_fds is None or self.lock.would_block(offset, length, exclusive=False):
             return None
-        voters = self.active()
-        fifo = self.read_pattern is ReadPattern.FIFO
-        if fifo:
-            voters = voters[:1]  # fifo reads the first child; errors take the full path
-        reads = self.voted.read_now([s.node for s in voters], offset, length,
-                                    1 if fifo else self.vote_threshold)
-        if reads is None or not reads.unanimous:
+        data = self.voted.read_fds_now(plan.read_fds, offset, length, plan.threshold)
+        if data is None:
             return None
         self.last_client_io = time.monotonic()
-        for slot in voters:
+        for slot in plan.voters:
             slot.stats.reads += 1
-        return reads.winner
+        return data
 
     def _try_pwrite_now(self, offset: int, data: Buffer) -> bool:
         """Do a small write without awaiting anything; False: take the full path.
@@ -491,22 +522,28 @@ class QuorumNode(BlockNode):
         raises OSError when fewer than vote-threshold children took it).
         """
         length = len(data)
-        if self.lock.would_block(offset, length, exclusive=True):
+        plan = self._plan()
+        if plan.write_fds is None or self.lock.would_block(offset, length, exclusive=True):
             return False
-        targets = self.writable()
-        if not targets:
-            return False
+        targets = plan.targets
         intent = self.write_intent
         if intent is not None and not intent.mark_now(offset, length):
             return False
         try:
-            errs = self.voted.write_now([s.node for s in targets], offset, data)
-            if errs is None:
+            codes = self.voted.write_fds_now(plan.write_fds, offset, data)
+            if codes is None:
                 return False
             self.last_client_io = time.monotonic()
             for slot in targets:
                 slot.stats.writes += 1
-            self._account_write("write", offset, length, targets, errs)
+            if any(codes):
+                self._account_write("write", offset, length, targets,
+                                    [None if c == 0 else oserror(c, s.node.node_name)
+                                     for c, s in zip(codes, targets, strict=True)])
+            elif plan.active_targets < self.vote_threshold:  # _account_write raises
+                self._account_write("write", offset, length, targets, [None] * len(targets))
+            else:
+                self.members.written(offset, length)
             return True
         finally:
             if intent is not None:

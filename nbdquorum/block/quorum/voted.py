@@ -201,6 +201,32 @@ class VotedIO:
             self._reads_off_until = time.monotonic() + 1.0
         return out
 
+    @staticmethod
+    def descriptors(nodes: Sequence[BlockNode]) -> list[int] | None:
+        """Every node's descriptor, or None unless each has one (for read_fds_now)."""
+        return _fds(_directs(nodes))
+
+    def read_fds_now(self, fds: list[int], offset: int, length: int,
+                     threshold: int) -> Buffer | None:
+        """The quorum's fast path: the bytes, read on the caller's thread, if every
+        descriptor read OK and all agreed; None otherwise (await ``read``)."""
+        if length > INLINE_MAX or not fds:
+            return None
+        done = self._inline_read(fds, offset, length, threshold)
+        if done is None:
+            return None
+        result, bufs, codes = done
+        if result.winner is None or any(codes) or len(result.winners) != len(fds):
+            return None
+        return bufs[result.winner]
+
+    def write_fds_now(self, fds: list[int], offset: int, data: Buffer) -> list[int] | None:
+        """The quorum's fast path: per descriptor 0 or its errno, written on the
+        caller's thread, or None (await ``write``)."""
+        if len(data) > INLINE_MAX or not fds:
+            return None
+        return self._inline_write(fds, offset, data)
+
     def read_now(self, nodes: Sequence[BlockNode], offset: int, length: int,
                  threshold: int) -> Reads | None:
         """Read and vote on the caller's thread if every child is a descriptor, the
