@@ -147,6 +147,8 @@ def test_query_block_jobs_while_a_job_runs(qmp_target: StartTarget, target: str)
     Both through qemu.qmp's client; both answers must have QEMU's BlockJobInfo shape."""
     t = qmp_target(target, extra=["--resync-speed", str(1 << 20)] if target == "nbdquorum"
                    else [])
+    if target == "nbdquorum":  # data for the resync to copy (zero ranges are skipped at once)
+        qemu_io(t.uri, "write -P 0x5c 0 16M", "flush")
 
     async def main() -> dict[str, Any]:
         async with qmp_client(t.qmp) as qmp:

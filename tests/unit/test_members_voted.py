@@ -314,6 +314,7 @@ def test_a_decided_vote_answers_before_a_slow_child_which_is_still_compared(
              for i in range(2)]
     slow = SlowNode("slow")
     q = QuorumNode("q0", [*files, slow], vote_threshold=2, bus=bus)
+    q.answer_early = True
 
     async def main() -> None:
         slow.gate.set()
@@ -342,6 +343,7 @@ def test_an_undecided_vote_waits_for_every_child(tmp_path: Path) -> None:
     f = g.open_raw_file("f0", str(tmp_path / "f0.raw"), create_size=SIZE)
     slow = SlowNode("slow")
     q = QuorumNode("q0", [f, slow], vote_threshold=2, bus=g.bus)
+    q.answer_early = True
 
     async def main() -> None:
         read = asyncio.ensure_future(q.pread(0, 4096))
