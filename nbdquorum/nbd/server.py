@@ -990,6 +990,12 @@ class NBDServer:
         for s in self.servers:
             s.close()
         for conn in list(self.connections):
+            if conn.proto.phase is Phase.HANDSHAKE:
+                # nothing in flight: a client still negotiating (or stuck in its TLS
+                # handshake) is dropped now, not waited for
+                conn.stream.transport.abort()
+                if not conn.stream._lost:
+                    conn.stream.connection_lost(None)
             if conn.read_task is not None:
                 conn.read_task.cancel()
         try:
