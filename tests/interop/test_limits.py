@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import unavailable
+
 from . import rawnbd
 from .conftest import (
     EVENT_TIMEOUT,
@@ -128,7 +130,7 @@ def test_hundreds_of_idle_connections_slow_nobody(
 def test_socket_mode_and_group(start_server: StartServer) -> None:
     group = next((g for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
     if group is None:
-        pytest.skip("no other group on this machine")
+        unavailable("no other group on this machine")
     server = start_server(extra=["--socket-mode", "0660", "--socket-group", group.gr_name,
                                  "--control", "qmp.sock"])
     st = os.stat(server.socket)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbdquorum.sockets import bind_tcp, bind_unix, socket_alive
+from tests.ci import unavailable
 
 
 def test_binds_and_removes_its_file(tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_mode_and_group_are_set_before_the_path_exists(tmp_path: Path, long_name
 
     other = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
     if other is None or (os.getuid() != 0 and other not in os.getgroups()):
-        pytest.skip("no other group this process may give a file")
+        unavailable("no other group this process may give a file")
     # a path too long for the temporary name: bound in place (umask, then chown/chmod)
     name = "s" * (100 - len(str(tmp_path))) if long_name else "s.sock"
     path = tmp_path / name
