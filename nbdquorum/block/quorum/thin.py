@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent, oserror
+from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent
+from nbdquorum.block.quorum.voted import timed
 
 T = TypeVar("T")
 
@@ -97,15 +98,6 @@ def intersect_extents(maps: Sequence[Sequence[Extent]], length: int) -> list[Ext
     return out
 
 
-async def _bounded(aw: Awaitable[T], limit: float | None) -> T:
-    if limit is None:
-        return await aw
-    try:
-        return await asyncio.wait_for(aw, limit)
-    except TimeoutError:
-        raise oserror(errno.ETIMEDOUT, "child did not answer") from None
-
-
 def _covered(m: Sequence[Extent], length: int) -> int:
     return min(length, sum(n for n, _ in m if n > 0))
 
@@ -128,7 +120,7 @@ async def all_zero(nodes: Sequence[BlockNode], offset: int, length: int, *,
             put(end - pos, 0)
             break
         maps = await asyncio.gather(
-            *(_bounded(n.block_status(pos, end - pos), limit) for n in nodes),
+            *(timed(n.block_status(pos, end - pos), limit) for n in nodes),
             return_exceptions=True)
         good: list[Sequence[Extent]] = []
         for m in maps:

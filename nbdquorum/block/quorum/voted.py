@@ -88,7 +88,8 @@ def _fds(directs: Sequence[Direct | None]) -> list[int] | None:
     return None if None in fds else fds  # type: ignore[return-value]
 
 
-async def _timed(aw: Awaitable[T], limit: float | None) -> T:
+async def timed(aw: Awaitable[T], limit: float | None) -> T:
+    """Await a child's I/O for at most ``limit`` seconds (None: no limit); ETIMEDOUT after."""
     if limit is None:
         return await aw
     try:
@@ -288,7 +289,7 @@ class VotedIO:
 
         async def one(i: int) -> Buffer | OSError:
             try:
-                return await _timed(nodes[i].pread(offset, length), limit)
+                return await timed(nodes[i].pread(offset, length), limit)
             except OSError as err:
                 return err
 
@@ -462,7 +463,7 @@ class VotedIO:
 
         async def one(i: int) -> OSError | None:
             try:
-                await _timed(call(nodes[i]), limit)
+                await timed(call(nodes[i]), limit)
             except OSError as err:
                 return err
             return None
