@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_remote  # noqa: E402
 import bench_report  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -60,10 +61,12 @@ class Row:
     iodepth: int
     numjobs: int = 1
     rwmixread: int | None = None
-    images: str = "q3"  # which image set: q3, stale, n2, n5, n8
+    images: str = "q3"  # which image set: q3, stale, n2, n5, n8, remote
     unit: str = "iops"  # headline metric: iops or mbps
     writes: bool = False  # modifies the images
-    group: str = "main"  # main (every target), special (nbdq vs qsd only)
+    #: main (every target), special (nbdq vs qsd only), remote (--remote: the quorums
+    #: with a child on another host, and nbdquorum's all-local quorum for the ratio)
+    group: str = "main"
     full_only: bool = False
     bssplit: str | None = None  # fio --bssplit (mixed request sizes), instead of bs
     #: hostile clients during the row (scripts/nbd_hostile.py): MODE:CLIENTS[:LENGTH]
@@ -108,6 +111,22 @@ ROWS: list[Row] = [
         group="special", tls=True),
     Row("tls-randread-4k-qd32", "TLS: randread 4k QD32", "randread", "4k", 32,
         group="special", tls=True),
+    # a quorum of two local files and one remote child (qemu-nbd over TCP), --remote
+    *[
+        Row(f"remote-{r.id}", f"remote child: {r.label}", r.rw, r.bs, r.iodepth,
+            rwmixread=r.rwmixread, images="remote", unit=r.unit, writes=r.writes,
+            group="remote")
+        for r in [
+            Row("seqread-1m-qd8", "seqread 1M QD8", "read", "1m", 8, unit="mbps"),
+            Row("seqwrite-1m-qd8", "seqwrite 1M QD8", "write", "1m", 8, unit="mbps",
+                writes=True),
+            Row("randread-4k-qd1", "randread 4k QD1", "randread", "4k", 1),
+            Row("randread-4k-qd32", "randread 4k QD32", "randread", "4k", 32),
+            Row("randwrite-4k-qd32", "randwrite 4k QD32", "randwrite", "4k", 32, writes=True),
+            Row("randrw-4k-qd16", "randrw 70/30 4k QD16", "randrw", "4k", 16, rwmixread=70,
+                writes=True),
+        ]
+    ],
 ]
 
 
@@ -120,6 +139,8 @@ class Target:
     mode: str = "quorum"  # quorum, fifo, single
     full_only: bool = False
     extra: tuple[str, ...] = ()  # more server arguments
+    #: a quorum of two local files and the remote child (--remote only)
+    remote: bool = False
 
 
 #: nbdquorum's configuration for this 2-core machine: one worker process, which
@@ -133,7 +154,14 @@ TARGETS: list[Target] = [
     Target("qsd-raw", "qsd one raw file", "qsd", "single", full_only=True),
     Target("nbdkit", "nbdkit one file", "nbdkit", "single", full_only=True),
     Target("nbdq-fifo", "nbdquorum fifo", "nbdq", "fifo", full_only=True, extra=NBDQ_ARGS),
+    Target("nbdq-remote", "nbdquorum, 2 local + 1 remote child", "nbdq", "remote",
+           extra=NBDQ_ARGS, remote=True),
+    Target("qsd-remote", "qsd, 2 local + QEMU's nbd child", "qsd", "remote", remote=True),
 ]
+#: the remote rows' targets: the remote pair, and the all-local quorum for the ratio
+REMOTE_TARGETS = ("nbdq", "nbdq-remote", "qsd-remote")
+#: node name of the remote child in both quorums
+REMOTE_CHILD = "remote"
 
 
 def tls_dirs(out: Path) -> Path:
@@ -152,9 +180,11 @@ def tls_dirs(out: Path) -> Path:
 
 
 def server_argv(t: Target, images: list[Path], sock: Path,
-                tls: Path | None = None) -> list[str]:
+                tls: Path | None = None,
+                site: bench_remote.RemoteSite | None = None,
+                control: Path | None = None) -> list[str]:
     """``tls``: the server certificates' directory (TLS required), None for plaintext."""
-    argv = _server_argv(t, images, sock)
+    argv = _server_argv(t, images, sock, site, control)
     if tls is None:
         return argv
     if t.kind == "nbdq":
@@ -168,14 +198,23 @@ def server_argv(t: Target, images: list[Path], sock: Path,
     raise ValueError(f"no TLS for {t.kind}")
 
 
-def _server_argv(t: Target, images: list[Path], sock: Path) -> list[str]:
+def _server_argv(t: Target, images: list[Path], sock: Path,
+                 site: bench_remote.RemoteSite | None = None,
+                 control: Path | None = None) -> list[str]:
     if t.mode == "single":
         images = images[:1]
+    if t.mode == "remote" and site is None:
+        raise ValueError(f"{t.id} needs the remote site")
     if t.kind == "nbdq":
         argv = [str(VENV_PY), "-m", "nbdquorum", "serve"]
-        for p in images:
-            argv += ["--child", str(p)]
+        for i, p in enumerate(images):
+            argv += ["--child", f"c{i}={p}"]
+        if t.mode == "remote":
+            assert site is not None
+            argv += ["--child", f"{REMOTE_CHILD}={site.uri}"]
         argv += ["--socket", str(sock)]
+        if control is not None:
+            argv += ["--control", str(control)]
         if t.mode == "fifo":
             argv += ["--read-pattern", "fifo"]
         return argv + list(t.extra)
@@ -187,10 +226,14 @@ def _server_argv(t: Target, images: list[Path], sock: Path) -> list[str]:
                      f"driver=file,node-name=f{i},filename={p},cache.direct=off",
                      "--blockdev", f"driver=raw,node-name=c{i},file=f{i}"]
             names.append(f"c{i}")
+        if t.mode == "remote":
+            assert site is not None
+            argv += ["--blockdev", json.dumps(site.qsd_blockdev(REMOTE_CHILD))]
+            names.append(REMOTE_CHILD)
         node = "c0"
         if t.mode != "single":
             q: dict[str, Any] = {"driver": "quorum", "node-name": "q0",
-                                 "vote-threshold": len(images) // 2 + 1, "children": names}
+                                 "vote-threshold": len(names) // 2 + 1, "children": names}
             if t.mode == "fifo":
                 q["read-pattern"] = "fifo"
             argv += ["--blockdev", json.dumps(q)]
@@ -315,7 +358,7 @@ def copy_file(src: Path, dst: Path) -> None:
             fo.write(block)
 
 
-def make_images(d: Path, size: int, ncopies: int, stale: bool) -> None:
+def make_images(d: Path, size: int, ncopies: int, stale: bool, remote: bool = False) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for p in d.glob("*.raw"):
         p.unlink()
@@ -328,6 +371,9 @@ def make_images(d: Path, size: int, ncopies: int, stale: bool) -> None:
     copy_file(d / "c0.raw", d / "single.raw")
     if stale:
         write_random(d / "stale.raw", size)
+    if remote:  # the remote quorum's own copies: its writes never reach c0..c2
+        for name in REMOTE_IMAGES:
+            copy_file(d / "c0.raw", d / name)
     os.sync()
     print(f"bench: {ncopies + 1} identical images{' + stale' if stale else ''} of "
           f"{size >> 20} MiB in {d} ({time.monotonic() - t0:.1f} s)", flush=True)
@@ -363,9 +409,18 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
+#: the remote quorums' two local children, and the image qemu-nbd serves
+REMOTE_IMAGES = ("r0.raw", "r1.raw", "remote.raw")
+
+
 def image_set(d: Path, name: str, target: Target | None = None) -> list[Path]:
+    """The local images of a target on a row (a remote target's remote child is not here)."""
     if target is not None and target.mode == "single":
         return [d / "single.raw"]
+    if name == "remote":
+        if target is not None and target.mode == "remote":
+            return [d / REMOTE_IMAGES[0], d / REMOTE_IMAGES[1]]
+        return [d / f"c{i}.raw" for i in range(3)]
     if name == "q3":
         return [d / f"c{i}.raw" for i in range(3)]
     if name == "stale":
@@ -501,8 +556,9 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     sock = out / "run" / f"{target.id}.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
     certs = tls_dirs(out) if row.tls else None
+    site: bench_remote.RemoteSite | None = args.site
     argv = server_argv(target, image_set(imgdir, row.images, target), sock,
-                       certs / "server" if certs is not None else None)
+                       certs / "server" if certs is not None else None, site)
     fio_env = {**os.environ, "HOME": str(certs / "home")} if certs is not None else None
     fio_out = out / "fio" / f"{row.id}.{target.id}.{rep}.json"
     fio_out.parent.mkdir(parents=True, exist_ok=True)
@@ -519,6 +575,7 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
         prof = start_profilers(args, row, target, pid, out)
         c0, t0 = cpu_seconds(pid), time.monotonic()
         b0, f0 = system_busy_seconds(), children_cpu_seconds()
+        r0 = cpu_seconds(site.pid) if site is not None else 0.0
         with hostile_clients(row, sock, out / "logs" / "hostile.log"):
             fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out), env=fio_env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -526,6 +583,7 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
             st1 = proc_status(pid)
         c1, t1 = cpu_seconds(pid), time.monotonic()
         b1, f1 = system_busy_seconds(), children_cpu_seconds()
+        r1 = cpu_seconds(site.pid) if site is not None else 0.0
         stop_profilers(prof)
     if fio.returncode != 0:
         raise ServerError(f"fio failed ({fio.returncode}) on {row.id}/{target.id}: "
@@ -534,7 +592,12 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     cpu = c1 - c0
     # CPU burnt by anything but this server and this fio (other jobs on a shared
     # machine, and with --profile the profilers): the run's noise indicator
-    other = max(0.0, (b1 - b0) - cpu - (f1 - f0))
+    # (the remote server, running through the remote rows, is not "other")
+    remote_cpu = r1 - r0
+    other = max(0.0, (b1 - b0) - cpu - (f1 - f0) - remote_cpu)
+    if target.mode == "remote":
+        res.update(remote_cpu_s=remote_cpu,
+                   remote_cpu_us_per_op=1e6 * remote_cpu / res["ops"] if res["ops"] else None)
     res.update(
         fio_cpu_s=f1 - f0,
         busy_cores_before=idle_cores,
@@ -551,6 +614,146 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
         processes=st1.get("processes"),
     )
     return res
+
+
+# -- resync onto the remote child ------------------------------------------------
+#: the client load during the resync (and alone, for its unloaded throughput)
+RESYNC_FIO = Row("resync-fio", "randrw 70/30 4k QD16", "randrw", "4k", 16, rwmixread=70,
+                 images="remote", writes=True, group="remote")
+RESYNC_TARGET = next(t for t in TARGETS if t.id == "nbdq-remote")
+
+
+def _fio_snapshots(path: Path) -> list[tuple[float, int]]:
+    """(wall time s, operations so far) of each of fio's --status-interval reports."""
+    text = path.read_text() if path.exists() else ""
+    dec, i, out = json.JSONDecoder(), 0, []
+    while (j := text.find("{", i)) >= 0:
+        try:
+            obj, i = dec.raw_decode(text, j)
+        except ValueError:
+            break
+        job = obj["jobs"][0]
+        out.append((obj["timestamp_ms"] / 1000,
+                    int(job["read"]["total_ios"]) + int(job["write"]["total_ios"])))
+    return out
+
+
+def _wait_synced(qmp: Any, deadline: float) -> None:
+    """Poll until the remote child is active again (its resync done)."""
+    while True:
+        (st,) = qmp.execute("query-quorum-status")
+        child = next(c for c in st["children"] if c["node-name"] == REMOTE_CHILD)
+        if child["state"] == "active":
+            return
+        if child["state"] == "faulted" or time.monotonic() > deadline:
+            raise ServerError(f"resync of {REMOTE_CHILD}: {child['state']}, "
+                              f"{child.get('resync-error') or 'timed out'}")
+        time.sleep(0.02)
+
+
+def resync_once(args: argparse.Namespace, imgdir: Path, out: Path, rep: int,
+                with_fio: bool) -> dict[str, Any]:
+    """One full resync of the remote child (x-quorum-resync full), fio running or not."""
+    from nbdquorum.ctl import QMPClient
+
+    site: bench_remote.RemoteSite = args.site
+    sock, control = out / "run" / "resync.sock", out / "run" / "resync.qmp"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    argv = server_argv(RESYNC_TARGET, image_set(imgdir, "remote", RESYNC_TARGET), sock,
+                       site=site, control=control)
+    fio_out = out / "fio" / f"resync.{'fio' if with_fio else 'alone'}.{rep}.json"
+    fio_out.parent.mkdir(parents=True, exist_ok=True)
+    fio_out.unlink(missing_ok=True)
+    os.sync()
+    wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    with running(argv, sock, out / "logs" / "resync.log") as pid:
+        qmp = QMPClient(str(control), timeout=30)
+        fio = None
+        try:
+            if with_fio:
+                fa = [*fio_argv(RESYNC_FIO, sock, 600, fio_out), "--status-interval=1"]
+                fio = subprocess.Popen(fa, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                time.sleep(2.5)  # fio connected and in its stride: two snapshots
+            c0, r0, t0, w0 = cpu_seconds(pid), cpu_seconds(site.pid), time.monotonic(), time.time()
+            qmp.execute("x-quorum-resync", {"node-name": REMOTE_CHILD, "full": True})
+            _wait_synced(qmp, time.monotonic() + 600)
+            t1, w1 = time.monotonic(), time.time()
+            c1, r1 = cpu_seconds(pid), cpu_seconds(site.pid)
+            if fio is not None:
+                time.sleep(1.2)  # one more snapshot after the end
+        finally:
+            if fio is not None:
+                fio.send_signal(signal.SIGINT)
+                try:
+                    fio.wait(30)
+                except subprocess.TimeoutExpired:
+                    fio.kill()
+                    fio.wait()
+            qmp.close()
+    res: dict[str, Any] = {
+        "bytes": args.size, "seconds": t1 - t0, "mbps": args.size / 1e6 / (t1 - t0),
+        "server_cpu_s_per_gb": (c1 - c0) / (args.size / 1e9),
+        "remote_cpu_s_per_gb": (r1 - r0) / (args.size / 1e9),
+    }
+    if with_fio:
+        snaps = _fio_snapshots(fio_out)
+        # the reports that lie inside the resync: the client's rate while it ran
+        inside = [(t, n) for t, n in snaps if w0 <= t <= w1]
+        if len(inside) >= 2:
+            (ta, na), (tb, nb) = inside[0], inside[-1]
+        else:  # a resync shorter than two reports: the ones around it
+            before = [x for x in snaps if x[0] <= w0][-1:]
+            after = [x for x in snaps if x[0] >= w1][:1]
+            if not before or not after:
+                raise ServerError(f"fio wrote no reports around the resync ({fio_out})")
+            (ta, na), (tb, nb) = before[0], after[0]
+        res.update(fio_iops=(nb - na) / (tb - ta), fio_window_s=tb - ta)
+    return res
+
+
+def fio_alone(args: argparse.Namespace, imgdir: Path, out: Path, rep: int) -> dict[str, Any]:
+    """The resync's client load without a resync: its unloaded throughput."""
+    row = RESYNC_FIO
+    return run_one(row, RESYNC_TARGET, args, imgdir, out, rep)
+
+
+def nbdcopy_once(args: argparse.Namespace, imgdir: Path) -> dict[str, Any]:
+    """nbdcopy copying a local image onto the same remote export (what a resync does)."""
+    site: bench_remote.RemoteSite = args.site
+    src = imgdir / REMOTE_IMAGES[0]  # equal to the remote image: the copy changes nothing
+    os.sync()
+    wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    r0, t0 = cpu_seconds(site.pid), time.monotonic()
+    f0 = children_cpu_seconds()
+    p = subprocess.run(["nbdcopy", "--flush", str(src), site.uri], capture_output=True,
+                       text=True, timeout=600, check=False)
+    t1 = time.monotonic()
+    if p.returncode != 0:
+        raise ServerError(f"nbdcopy failed ({p.returncode}): {p.stderr[-500:]}")
+    return {"bytes": args.size, "seconds": t1 - t0, "mbps": args.size / 1e6 / (t1 - t0),
+            "nbdcopy_cpu_s_per_gb": (children_cpu_seconds() - f0) / (args.size / 1e9),
+            "remote_cpu_s_per_gb": (cpu_seconds(site.pid) - r0) / (args.size / 1e9)}
+
+
+def run_resync(args: argparse.Namespace, imgdir: Path, out: Path) -> dict[str, Any]:
+    """nbdcopy, the resync alone, fio alone, the resync under fio: A B C D, repeated."""
+    runs: dict[str, list[dict[str, Any]]] = {"nbdcopy": [], "resync": [], "fio": [],
+                                             "resync_fio": []}
+    for rep in range(args.repeat):
+        for kind in runs:
+            if kind == "nbdcopy":
+                res = nbdcopy_once(args, imgdir)
+            elif kind == "fio":
+                res = fio_alone(args, imgdir, out, rep)
+            else:
+                res = resync_once(args, imgdir, out, rep, with_fio=kind == "resync_fio")
+            runs[kind].append(res)
+            thr = (f"{res['iops']:9.0f} IOPS" if kind == "fio" else
+                   f"{res['mbps']:7.0f} MB/s in {res['seconds']:5.1f} s"
+                   + (f", fio {res['fio_iops']:7.0f} IOPS over {res['fio_window_s']:.1f} s"
+                      if kind == "resync_fio" else ""))
+            print(f"  resync [{rep + 1}/{args.repeat}] {kind:10} {thr}", flush=True)
+    return {k: {"median": median_result(v), "runs": v} for k, v in runs.items()}
 
 
 # -- profilers ---------------------------------------------------------------------
@@ -648,15 +851,26 @@ def parse_size(text: str) -> int:
 
 
 def select(args: argparse.Namespace) -> tuple[list[Row], list[Target]]:
-    rows = [r for r in ROWS if args.full or not r.full_only]
+    # the remote rows run with --remote (then alone), or when --rows names them
+    if args.remote:
+        rows = [r for r in ROWS if r.group == "remote"]
+    else:
+        rows = [r for r in ROWS if (args.full or not r.full_only) and r.group != "remote"]
     if args.rows:
         wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
         ids = {r.id for r in ROWS}
-        rows = [r for r in ROWS if r.id in wanted
-                or any(w not in ids and w in r.id for w in wanted)]
-        if not rows:
+        remote_ok = args.remote or any("remote" in w for w in wanted)
+        rows = [r for r in ROWS if (r.id in wanted
+                or any(w not in ids and w in r.id for w in wanted))
+                and (r.group != "remote" or remote_ok)]
+        if not rows and not args.resync_only:
             sys.exit(f"bench: no row matches {args.rows!r}; rows: {', '.join(r.id for r in ROWS)}")
-    targets = [t for t in TARGETS if args.full or not t.full_only]
+    if args.resync_only:
+        rows = []
+    remote = any(r.group == "remote" for r in rows) or args.remote
+    targets = [t for t in TARGETS if (args.full or not t.full_only)
+               and (not t.remote or remote)
+               and (not remote or args.rows or args.full or t.id in REMOTE_TARGETS)]
     if args.targets:
         wanted = args.targets.split(",")
         targets = [t for t in TARGETS if t.id in wanted]
@@ -675,8 +889,10 @@ class Plan:
 
 
 def targets_for(row: Row, targets: list[Target]) -> list[Target]:
+    if row.group == "remote":
+        return [t for t in targets if t.id in REMOTE_TARGETS]
     if row.group == "main":
-        return targets
+        return [t for t in targets if not t.remote]
     return [t for t in targets if t.id in ("nbdq", "qsd")]
 
 
@@ -768,10 +984,26 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in the existing results.json "
                          "(re-run rows a disturbed run got wrong); the docs say which")
+    ap.add_argument("--remote", action="store_true",
+                    help="the remote-child rows instead of the default matrix: a quorum of two "
+                         "local files and qemu-nbd over TCP (in a network namespace when root), "
+                         "nbdquorum and qsd, with nbdquorum's all-local quorum for the ratio; "
+                         "then the resync measurement (see --no-resync)")
+    ap.add_argument("--no-resync", action="store_true",
+                    help="with --remote: skip the resync measurement")
+    ap.add_argument("--resync-only", action="store_true",
+                    help="only the resync measurement (nbdcopy, resync alone, fio alone, "
+                         "resync under fio)")
+    ap.add_argument("--remote-where", choices=["netns", "localhost"], default="netns",
+                    help="where qemu-nbd runs: a network namespace when available (default), "
+                         "or 127.0.0.1")
     ap.add_argument("--list", action="store_true", help="list rows and targets, then exit")
     args = ap.parse_args()
     args.size = parse_size(args.size) if args.size else (64 << 20 if args.quick else 1 << 30)
     args.runtime = args.runtime or (3.0 if args.quick else 10.0)
+    if args.resync_only:
+        args.remote = True
+    args.site = None
 
     rows, targets = select(args)
     if args.list:
@@ -780,8 +1012,11 @@ def main() -> int:
         for t in targets:
             print(f"target {t.id:32} {t.label}")
         return 0
+    want_resync = args.remote and not args.no_resync
+    need_site = want_resync or any(t.remote for t in targets)
     for tool in ("fio", "qemu-storage-daemon") + (("nbdkit",) if any(
-            t.kind == "nbdkit" for t in targets) else ()):
+            t.kind == "nbdkit" for t in targets) else ()) + (
+            ("qemu-nbd",) if need_site else ()) + (("nbdcopy",) if want_resync else ()):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (scripts/install-deps installs it)")
 
@@ -799,21 +1034,40 @@ def main() -> int:
     args.warm = fs_type(imgdir) != "tmpfs"
     have = [imgdir / f"c{i}.raw" for i in range(need)] + [imgdir / "stale.raw",
                                                            imgdir / "single.raw"]
+    if need_site:
+        have += [imgdir / n for n in REMOTE_IMAGES]
     if not (args.keep_images and all(p.exists() and p.stat().st_size == args.size for p in have)):
-        make_images(imgdir, args.size, need, stale=True)
+        make_images(imgdir, args.size, need, stale=True, remote=need_site)
 
     digest = code_digest()
     meta = machine_info()
     meta["code_digest"] = digest
     meta.update(image_dir=str(imgdir), image_fs=fs_type(imgdir), size=args.size, runtime_s=args.runtime, repeat=args.repeat, full=args.full,
                 quick=args.quick, argv=sys.argv[1:])
+    if need_site:
+        meta.update(qemu_nbd=tool_version(["qemu-nbd", "--version"]),
+                    nbdcopy=tool_version(["nbdcopy", "--version"]))
+        (out / "logs").mkdir(parents=True, exist_ok=True)
     total = sum(len(targets_for(r, targets)) for r in rows) * args.repeat
     print(f"bench: {len(rows)} rows, {len(targets)} targets, {total} runs of "
           f"{args.runtime:g} s (about {total * (args.runtime + 1.5) / 60:.1f} min)", flush=True)
     plan = Plan(rows, targets)
     t_start = time.monotonic()
+    resync: dict[str, Any] | None = None
     try:
-        run_matrix(plan, args, imgdir, out, total)
+        with contextlib.ExitStack() as stack:
+            if need_site:
+                args.site = stack.enter_context(bench_remote.remote_site(
+                    imgdir / REMOTE_IMAGES[2], out / "logs" / "qemu-nbd.log",
+                    use_netns=args.remote_where == "netns"))
+                meta["remote_where"] = args.site.where
+                print(f"bench: remote child {args.site.uri}: qemu-nbd in {args.site.where}",
+                      flush=True)
+            run_matrix(plan, args, imgdir, out, total)
+            if want_resync:
+                print(f"bench: resync of the remote child ({args.size >> 20} MiB), "
+                      f"{args.repeat} time(s)", flush=True)
+                resync = run_resync(args, imgdir, out)
     finally:
         if not args.keep_images:
             shutil.rmtree(imgdir, ignore_errors=True)
@@ -833,6 +1087,8 @@ def main() -> int:
             for rid, per in plan.results.items()
         },
     }
+    if resync is not None:
+        doc["resync"] = resync
     name = "profile.json" if args.profile else "results.json"
     # this run alone, before anything else can fail: runs are never lost or clobbered
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
