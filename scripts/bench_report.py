@@ -34,8 +34,20 @@ THROUGHPUT_TARGETS = [
     ("seqread-1m-stale", "mbps", 2.0),
 ]
 
+# Children on other hosts (scripts/bench --remote): rows remote-*, a quorum of two
+# local files and one remote child (qemu-nbd over TCP), compared pairwise
+RA, RB = "nbdq-remote", "qsd-remote"  # nbdquorum / qsd, each with the remote child
+RLOCAL = "nbdq"  # nbdquorum's all-local quorum of three, same run
+REMOTE_VS_QSD = 1.5  # nbdq-remote >= 1.5x qsd-remote on every remote row
+REMOTE_VS_LOCAL = 0.6  # nbdq-remote >= 0.6x nbdquorum's all-local quorum
+RESYNC_VS_NBDCOPY = 0.5  # a full resync of the remote child >= 0.5x nbdcopy to it
+RESYNC_FIO_KEEPS = 0.5  # fio during the resync >= 0.5x fio alone
+RESYNC_FIO_LABEL = "fio randrw 70/30 4k QD16"  # bench_run.RESYNC_FIO
+
 SHORT = {
     "nbdq": "nbdquorum",
+    "nbdq-remote": "nbdquorum, remote child",
+    "qsd-remote": "qsd, nbd child",
     "qsd": "qsd quorum3",
     "qsd-fifo": "qsd fifo",
     "qsd-raw": "qsd 1 raw",
@@ -56,6 +68,10 @@ def row_def(doc: dict[str, Any], row: str) -> dict[str, Any]:
 
 def headline(doc: dict[str, Any], row: str) -> str:
     return "mbps" if row_def(doc, row)["unit"] == "mbps" else "iops"
+
+
+def is_remote(row: str) -> bool:
+    return row.startswith("remote-")
 
 
 def ratio(doc: dict[str, Any], row: str, metric: str, a: str = A, b: str = B) -> float | None:
@@ -97,6 +113,8 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
     def add(target: str, status: str, measured: str) -> None:
         out.append({"target": target, "status": status, "measured": measured})
 
+    if not any(not is_remote(r) for r in doc["results"]):  # scripts/bench --remote alone
+        return remote_verdicts(doc)
     for row, metric, bound in THROUGHPUT_TARGETS:
         label = f"{label_of(doc, row)} >= {bound}x qsd"
         r = ratio(doc, row, metric)
@@ -193,6 +211,55 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
             + f"; per added child {lo:.2f} ({n0}-{nm}), {hi:.2f} ({nm}-{n1}){qs}")
     else:
         add(label, "SKIP", "needs --full")
+    if any(is_remote(r) for r in doc["results"]) or doc.get("resync"):
+        out += remote_verdicts(doc)
+    return out
+
+
+def remote_verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """The remote child's targets: vs qsd's nbd child, vs the all-local quorum, resync."""
+    out: list[dict[str, str]] = []
+
+    def add(target: str, status: str, measured: str) -> None:
+        out.append({"target": target, "status": status, "measured": measured})
+
+    rows = [r["id"] for r in doc["rows"] if is_remote(r["id"])]
+    for row in rows:
+        unit = headline(doc, row)
+        ma, mb, ml = med(doc, row, RA), med(doc, row, RB), med(doc, row, RLOCAL)
+        label = label_of(doc, row)
+        r = ratio(doc, row, unit, RA, RB)
+        if r is None or not ma or not mb:
+            add(f"{label}: >= {REMOTE_VS_QSD}x qsd", "SKIP", "not run")
+        else:
+            add(f"{label}: >= {REMOTE_VS_QSD}x qsd", "PASS" if r >= REMOTE_VS_QSD else "FAIL",
+                f"{r:.2f}x ({fmt_thr(ma, unit)} vs {fmt_thr(mb, unit)})")
+        c = ratio(doc, row, "cpu_us_per_op", RA, RB)
+        if c is None or not ma or not mb:
+            add(f"{label}: CPU per op <= qsd", "SKIP", "not run")
+        else:
+            add(f"{label}: CPU per op <= qsd", "PASS" if c <= 1.0 else "FAIL",
+                f"{c:.2f}x ({fmt_cpu(ma, unit)} vs {fmt_cpu(mb, unit)})")
+        r = ratio(doc, row, unit, RA, RLOCAL)
+        if r is None or not ma or not ml:
+            add(f"{label}: >= {REMOTE_VS_LOCAL}x all-local", "SKIP", "not run")
+        else:
+            add(f"{label}: >= {REMOTE_VS_LOCAL}x all-local",
+                "PASS" if r >= REMOTE_VS_LOCAL else "FAIL",
+                f"{r:.2f}x ({fmt_thr(ma, unit)} vs {fmt_thr(ml, unit)})")
+    rs = doc.get("resync")
+    if rs:
+        cp = rs["nbdcopy"]["median"]["mbps"]
+        for kind, what in (("resync", "alone"), ("resync_fio", "under fio")):
+            m = rs[kind]["median"]["mbps"]
+            add(f"full resync of the remote child {what} >= {RESYNC_VS_NBDCOPY}x nbdcopy",
+                "PASS" if m >= RESYNC_VS_NBDCOPY * cp else "FAIL",
+                f"{m / cp:.2f}x ({m:.0f} MB/s vs {cp:.0f} MB/s)")
+        alone, during = rs["fio"]["median"]["iops"], rs["resync_fio"]["median"]["fio_iops"]
+        add(f"fio during the resync >= {RESYNC_FIO_KEEPS}x of fio alone",
+            "PASS" if during >= RESYNC_FIO_KEEPS * alone else "FAIL",
+            f"{during / alone:.2f}x ({during / 1000:.1f}k vs {alone / 1000:.1f}k IOPS, "
+            f"{RESYNC_FIO_LABEL})")
     return out
 
 
@@ -216,11 +283,15 @@ def label_of(doc: dict[str, Any], row: str) -> str:
 # -- text and markdown ---------------------------------------------------------
 def _ordered_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     # bench_run stores the rows in the matrix's order (it runs reads first)
-    return list(doc["rows"])
+    return [r for r in doc["rows"] if not is_remote(r["id"])]
+
+
+def _remote_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in doc["rows"] if is_remote(r["id"])]
 
 
 def _extras(doc: dict[str, Any]) -> list[str]:
-    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B)]
+    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B, RA, RB)]
 
 
 def text_table(doc: dict[str, Any]) -> str:
@@ -258,6 +329,127 @@ def text_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def text_remote_table(doc: dict[str, Any]) -> str:
+    """The remote rows: nbdquorum and qsd with the remote child, and the all-local quorum."""
+    head = (f"{'workload (2 local + 1 remote child)':38} {'nbdq remote':>12} {'qsd remote':>12} "
+            f"{'ratio':>6} {'nbdq local3':>12} {'/local':>7} {'p50 nbdq/qsd us':>16} "
+            f"{'CPU nbdq/qsd':>20} {'cpu':>6} {'qemu-nbd CPU':>14}")
+    lines = [head, "-" * len(head)]
+    for r in _remote_rows(doc):
+        rid, unit = r["id"], r["unit"]
+        key = "mbps" if unit == "mbps" else "iops"
+        ma, mb, ml = med(doc, rid, RA), med(doc, rid, RB), med(doc, rid, RLOCAL)
+
+        def thr(m: dict[str, Any] | None, key: str = key) -> str:
+            if not m:
+                return "-"
+            return f"{m[key]:.0f} MB/s" if key == "mbps" else f"{m[key] / 1000:.1f}k"
+
+        def cpu(m: dict[str, Any] | None, unit: str = unit, k: str = "server") -> str:
+            v = remote_cpu(m, unit, k)
+            return "-" if v is None else f"{v:.2f}" if unit == "mbps" else f"{v:.0f}"
+
+        cu = "s/GB" if unit == "mbps" else "us/op"
+        p50 = f"{ma['p50_us']:.0f}/{mb['p50_us']:.0f}" if ma and mb else "-"
+        lines.append(
+            f"{r['label'].removeprefix('remote child: ')[:38]:38} {thr(ma):>12} {thr(mb):>12} "
+            f"{fmt_ratio(ratio(doc, rid, key, RA, RB)):>6} {thr(ml):>12} "
+            f"{fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)):>7} {p50:>16} "
+            f"{cpu(ma) + '/' + cpu(mb) + ' ' + cu:>20} "
+            f"{fmt_ratio(ratio(doc, rid, 'cpu_us_per_op', RA, RB)):>6} "
+            f"{cpu(ma, k='remote') + '/' + cpu(mb, k='remote'):>14}")
+    return "\n".join(lines)
+
+
+def remote_cpu(m: dict[str, Any] | None, unit: str, who: str = "server") -> float | None:
+    """CPU-s/GB (mbps rows) or us/op of the quorum server (who=server) or of qemu-nbd."""
+    if not m or m.get(f"{who}_cpu_s") is None or not m.get("ops"):
+        return None
+    cpu = float(m[f"{who}_cpu_s"])
+    return cpu / (m["bytes"] / 1e9) if unit == "mbps" else 1e6 * cpu / m["ops"]
+
+
+def md_remote(doc: dict[str, Any]) -> str:
+    """docs/performance.md, "Children on other hosts": the table, resync, verdicts."""
+    meta = doc["meta"]
+    out = [
+        f"Run of {meta['date']} on `{meta['host']}`: {meta['cpu']}, {meta['cores']} cores; "
+        f"{meta['fio']}, {meta['qsd']}, {meta.get('qemu_nbd', 'qemu-nbd')}, "
+        f"{meta.get('nbdcopy', 'nbdcopy')}; nbdquorum {meta['nbdquorum_commit']}. Images "
+        f"{meta['size'] >> 20} MiB on {meta.get('image_fs', '?')}, {meta['runtime_s']:g} s per "
+        f"row, {meta['repeat']} run(s) per row and server (median), command: `scripts/bench "
+        f"{' '.join(meta['argv'])}`. The remote child: qemu-nbd "
+        f"in {meta.get('remote_where', '?')}. {noise_note(doc)}.",
+        "",
+        "| workload | nbdquorum, 2 local + remote | qsd, 2 local + QEMU nbd child | "
+        "nbdquorum, 3 local | nbdq / qsd | nbdq / qsd CPU | remote / local | "
+        "qemu-nbd CPU (nbdq, qsd) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in _remote_rows(doc):
+        rid, unit = r["id"], r["unit"]
+        key = "mbps" if unit == "mbps" else "iops"
+        ma, mb, ml = med(doc, rid, RA), med(doc, rid, RB), med(doc, rid, RLOCAL)
+
+        def cell(m: dict[str, Any] | None, unit: str = unit) -> str:
+            if not m:
+                return ""
+            return f"**{fmt_thr(m, unit)}**, {fmt_lat(m)}, {fmt_cpu(m, unit)}"
+
+        def rcpu(m: dict[str, Any] | None, unit: str = unit) -> str:
+            v = remote_cpu(m, unit, "remote")
+            return "-" if v is None else f"{v:.2f} s/GB" if unit == "mbps" else f"{v:.0f} us/op"
+
+        out.append("| " + " | ".join([
+            r["label"].removeprefix("remote child: "), cell(ma), cell(mb), cell(ml),
+            fmt_ratio(ratio(doc, rid, key, RA, RB)),
+            fmt_ratio(ratio(doc, rid, "cpu_us_per_op", RA, RB)),
+            fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)),
+            f"{rcpu(ma)}, {rcpu(mb)}"]) + " |")
+    rs = doc.get("resync")
+    if rs:
+        m = {k: v["median"] for k, v in rs.items()}
+        out += [
+            "",
+            f"Resync of the remote child ({m['nbdcopy']['bytes'] >> 20} MiB of random data, "
+            f"`x-quorum-resync` with `full`, unlimited speed; medians of {m['nbdcopy']['n']}):",
+            "",
+            "| copy | MB/s | seconds | client |",
+            "|---|---|---|---|",
+            f"| `nbdcopy --flush` local image -> the remote export | "
+            f"**{m['nbdcopy']['mbps']:.0f}** | {m['nbdcopy']['seconds']:.1f} | - |",
+            f"| nbdquorum full resync, no client | **{m['resync']['mbps']:.0f}** | "
+            f"{m['resync']['seconds']:.1f} | - |",
+            f"| nbdquorum full resync, {RESYNC_FIO_LABEL} running | "
+            f"**{m['resync_fio']['mbps']:.0f}** | {m['resync_fio']['seconds']:.1f} | "
+            f"{m['resync_fio']['fio_iops'] / 1000:.1f}k IOPS during the resync, "
+            f"{m['fio']['iops'] / 1000:.1f}k alone |",
+        ]
+    out += ["", "| target | verdict | measured |", "|---|---|---|"]
+    for v in remote_verdicts(doc):
+        out.append(f"| {v['target']} | **{v['status']}** | {v['measured']} |")
+    return "\n".join(out)
+
+
+def text_resync(doc: dict[str, Any]) -> str:
+    rs = doc.get("resync")
+    if not rs:
+        return ""
+    m = {k: v["median"] for k, v in rs.items()}
+    return "\n".join([
+        f"resync of the remote child ({m['nbdcopy']['bytes'] >> 20} MiB, medians of "
+        f"{m['nbdcopy']['n']}):",
+        f"  nbdcopy local -> remote        {m['nbdcopy']['mbps']:7.0f} MB/s "
+        f"({m['nbdcopy']['seconds']:.1f} s)",
+        f"  nbdquorum full resync, alone   {m['resync']['mbps']:7.0f} MB/s "
+        f"({m['resync']['seconds']:.1f} s, {m['resync']['server_cpu_s_per_gb']:.2f} CPU-s/GB)",
+        f"  nbdquorum full resync, fio on  {m['resync_fio']['mbps']:7.0f} MB/s "
+        f"({m['resync_fio']['seconds']:.1f} s)",
+        f"  {RESYNC_FIO_LABEL}: alone {m['fio']['iops']:.0f} IOPS, during the resync "
+        f"{m['resync_fio']['fio_iops']:.0f} IOPS",
+    ])
+
+
 def noise_note(doc: dict[str, Any]) -> str:
     """How much CPU other processes took during the runs (a 2-core box is easily disturbed)."""
     vals = [run.get("other_cpu_pct") for per in doc["results"].values() for r in per.values()
@@ -274,8 +466,20 @@ def noise_note(doc: dict[str, Any]) -> str:
     return s
 
 
+def text_report(doc: dict[str, Any]) -> str:
+    """Every table that has rows, then the verdicts."""
+    parts = []
+    if _ordered_rows(doc):
+        parts.append(text_table(doc))
+    if _remote_rows(doc):
+        parts.append(text_remote_table(doc))
+    if doc.get("resync"):
+        parts.append(text_resync(doc))
+    return "\n\n".join([*parts, text_verdicts(doc)])
+
+
 def text_verdicts(doc: dict[str, Any]) -> str:
-    lines = [noise_note(doc), "verdicts (nbdquorum vs qsd quorum of 3, same run):"]
+    lines = [noise_note(doc), "verdicts (nbdquorum vs qsd, same run):"]
     for v in doc["verdicts"]:
         lines.append(f"  {v['status']:4}  {v['target']}: {v['measured']}")
     n = collections.Counter(v["status"] for v in doc["verdicts"])
@@ -326,9 +530,34 @@ def md_table(doc: dict[str, Any]) -> str:
 
 
 BEGIN, END = "<!-- bench:begin (scripts/bench --write-docs) -->", "<!-- bench:end -->"
+RBEGIN = "<!-- bench-remote:begin (scripts/bench --remote --write-docs) -->"
+REND = "<!-- bench-remote:end -->"
 
 
 def write_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
+    if _remote_rows(doc) or doc.get("resync"):
+        write_remote_docs(doc, md, png.with_name(png.stem + "-remote" + png.suffix))
+    if _ordered_rows(doc):
+        write_main_docs(doc, md, png)
+
+
+def write_remote_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
+    """The block under "Children on other hosts" (the section is made if missing)."""
+    chart_ok = bool(_remote_rows(doc)) and chart(doc, png, remote=True)
+    block = md_remote(doc)
+    if chart_ok:
+        block += f"\n\n![nbdquorum vs qsd with a remote child, side by side]({png.name})"
+    text = md.read_text() if md.exists() else "# Performance\n\n"
+    new = f"{RBEGIN}\n{block}\n{REND}"
+    if RBEGIN in text and REND in text:
+        text = text[: text.index(RBEGIN)] + new + text[text.index(REND) + len(REND):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Children on other hosts\n\n" + new + "\n"
+    md.write_text(text)
+    print(f"bench: wrote {md}" + (f" and {png}" if chart_ok else ""))
+
+
+def write_main_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
     chart_ok = chart(doc, png)
     block = md_table(doc)
     if chart_ok:
@@ -353,7 +582,9 @@ COLORS = {"nbdq": "#1f77b4", "qsd": "#d62728", "qsd-fifo": "#ff9896", "qsd-raw":
 XMIN = 1 / 16
 
 
-def chart(doc: dict[str, Any], png: Path) -> bool:
+def chart(doc: dict[str, Any], png: Path, remote: bool = False) -> bool:
+    """The chart: throughput relative to qsd, CPU per op, peak RSS.  ``remote``: the
+    remote-child rows (nbdquorum and qsd with the remote child, nbdquorum all-local)."""
     try:
         import matplotlib
 
@@ -362,11 +593,15 @@ def chart(doc: dict[str, Any], png: Path) -> bool:
     except ImportError:
         print("bench: matplotlib not installed (.venv/bin/pip install matplotlib): no chart")
         return False
-    rows = [r for r in _ordered_rows(doc) if med(doc, r["id"], A) and med(doc, r["id"], B)]
+    ta, tb = (RA, RB) if remote else (A, B)
+    rows = [r for r in (_remote_rows(doc) if remote else _ordered_rows(doc))
+            if med(doc, r["id"], ta) and med(doc, r["id"], tb)]
     if not rows:
         return False
     tids = [t["id"] for t in doc["targets"]]
-    tids = [A, B] + [t for t in tids if t not in (A, B)]
+    if remote:
+        tids = [RA, RB, RLOCAL]
+    tids = [ta, tb] + [t for t in tids if t not in (ta, tb) and (remote or t not in (RA, RB))]
     nbars = [len([t for t in tids if med(doc, r["id"], t)]) for r in rows]
     fig, axes = plt.subplots(
         1, 3, figsize=(16, 0.9 + 0.26 * sum(max(n, 2) + 1 for n in nbars)),
@@ -377,13 +612,13 @@ def chart(doc: dict[str, Any], png: Path) -> bool:
     for r in rows:
         rid, unit = r["id"], r["unit"]
         key = "mbps" if unit == "mbps" else "iops"
-        mb = med(doc, rid, B)
+        mb = med(doc, rid, tb)
         assert mb
         present = [t for t in tids if med(doc, rid, t)]
         h = 0.8
         ys = [y0 + k for k in range(len(present))]
         yticks.append(y0 + (len(present) - 1) / 2)
-        ylabels.append(r["label"])
+        ylabels.append(r["label"].removeprefix("remote child: "))
         for t, y in zip(present, ys, strict=True):
             m = med(doc, rid, t)
             assert m
@@ -393,19 +628,20 @@ def chart(doc: dict[str, Any], png: Path) -> bool:
             rt = m[key] / mb[key] if mb[key] else 0.0
             rt = max(rt, XMIN)
             axes[0].barh(y, rt - XMIN, left=XMIN, **kw)
-            txt = fmt_thr(m, unit) + (f"  ({rt:.2f}x)" if t == A else "")
+            txt = fmt_thr(m, unit) + (f"  ({rt:.2f}x)" if t == ta else "")
             axes[0].text(rt, y, " " + txt, va="center", fontsize=7,
-                         fontweight="bold" if t == A else None)
-            if t in (A, B) and m.get("cpu_us_per_op") and mb.get("cpu_us_per_op"):
+                         fontweight="bold" if t == ta else None)
+            if t in (ta, tb) and m.get("cpu_us_per_op") and mb.get("cpu_us_per_op"):
                 rc = m["cpu_us_per_op"] / mb["cpu_us_per_op"]
                 axes[1].barh(y, rc, **kw)
-                axes[1].text(rc, y, " " + fmt_cpu(m, unit) + (f"  ({rc:.2f}x)" if t == A else ""),
+                axes[1].text(rc, y, " " + fmt_cpu(m, unit) + (f"  ({rc:.2f}x)" if t == ta else ""),
                              va="center", fontsize=7)
-            if t in (A, B):
+            if t in (ta, tb):
                 axes[2].barh(y, m["vmhwm_mib"], **kw)
                 axes[2].text(m["vmhwm_mib"], y, f" {m['vmhwm_mib']:.0f}", va="center",
                              fontsize=7)
-        bound = next((b for row, _, b in THROUGHPUT_TARGETS if row == rid), None)
+        bound = REMOTE_VS_QSD if remote else next(
+            (b for row, _, b in THROUGHPUT_TARGETS if row == rid), None)
         if bound:
             axes[0].plot([bound, bound], [ys[0] - 0.5, ys[-1] + 0.5], color="black", lw=2)
         y0 += len(present) + 1
@@ -414,7 +650,7 @@ def chart(doc: dict[str, Any], png: Path) -> bool:
         ax.axvline(1.0, color="grey", ls=":", lw=1)
     axes[0].set_yticks(yticks, ylabels)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("throughput relative to qsd quorum of 3, log scale (higher is better)")
+    axes[0].set_xlabel(f"throughput relative to {SHORT[tb]}, log scale (higher is better)")
     axes[1].set_xlabel("server CPU per op (= per GB) relative to qsd (lower is better)")
     axes[2].set_xlabel("server peak RSS, MiB (VmHWM)")
     axes[2].axvline(RSS_BUDGET_MIB, color="black", lw=1, ls="--")
@@ -430,7 +666,9 @@ def chart(doc: dict[str, Any], png: Path) -> bool:
     axes[2].set_xlim(0, max(RSS_BUDGET_MIB, *ax_max(axes[2])) * 1.3)
     axes[0].legend(loc="best", fontsize=8)
     meta = doc["meta"]
-    fig.suptitle(f"nbdquorum vs qemu-storage-daemon quorum over NBD (fio nbd engine, Unix socket), "
+    what = ("a quorum of 2 local files + 1 remote child (qemu-nbd over TCP)" if remote
+            else "quorum")
+    fig.suptitle(f"nbdquorum vs qemu-storage-daemon, {what}, over NBD (fio nbd engine), "
                  f"{meta['date'][:10]}, {meta['cores']} cores {meta['cpu']}, "
                  f"{meta['size'] >> 20} MiB images, {meta['runtime_s']:g} s per row", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -550,9 +788,7 @@ def main() -> int:
     doc["verdicts"] = verdicts(doc)
     if args.chart:
         return 0 if chart(doc, Path(args.chart)) else 1
-    print(text_table(doc))
-    print()
-    print(text_verdicts(doc))
+    print(text_report(doc))
     if args.write_docs:
         write_docs(doc, ROOT / "docs" / "performance.md", ROOT / "docs" / "performance.png")
     return 0

@@ -948,6 +948,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     old["targets"] = [asdict(t) for t in TARGETS if t.id in targets]
     for rid, per in new["results"].items():
         old["results"].setdefault(rid, {}).update(per)
+    if "resync" in new:
+        old["resync"] = new["resync"]
     old["meta"].setdefault("merged", []).append(
         {"date": new["meta"]["date"], "rows": list(new["results"]),
          "code_digest": new["meta"]["code_digest"], "argv": new["meta"]["argv"]})
@@ -1099,9 +1101,7 @@ def main() -> int:
     doc["verdicts"] = bench_report.verdicts(doc)
     (out / name).write_text(json.dumps(doc, indent=1) + "\n")
     print()
-    print(bench_report.text_table(doc))
-    print()
-    print(bench_report.text_verdicts(doc))
+    print(bench_report.text_report(doc))
     print(f"\nbench: raw results in {out / name}")
     if args.profile:
         for line in bench_report.profile_summaries(out / "profile"):
