@@ -411,7 +411,7 @@ def md_remote(doc: dict[str, Any]) -> str:
         m = {k: v["median"] for k, v in rs.items()}
         out += [
             "",
-            f"Resync of the remote child ({m['nbdcopy']['bytes'] >> 20} MiB of random data, "
+            f"Resync of the remote child ({int(m['nbdcopy']['bytes']) >> 20} MiB of random data, "
             f"`x-quorum-resync` with `full`, unlimited speed; medians of {m['nbdcopy']['n']}):",
             "",
             "| copy | MB/s | seconds | client |",
@@ -437,7 +437,7 @@ def text_resync(doc: dict[str, Any]) -> str:
         return ""
     m = {k: v["median"] for k, v in rs.items()}
     return "\n".join([
-        f"resync of the remote child ({m['nbdcopy']['bytes'] >> 20} MiB, medians of "
+        f"resync of the remote child ({int(m['nbdcopy']['bytes']) >> 20} MiB, medians of "
         f"{m['nbdcopy']['n']}):",
         f"  nbdcopy local -> remote        {m['nbdcopy']['mbps']:7.0f} MB/s "
         f"({m['nbdcopy']['seconds']:.1f} s)",
