@@ -158,10 +158,17 @@ def free_port() -> int:
 class RemoteSite:
     """qemu-nbd serving ``image`` over TCP, in a namespace when possible."""
 
-    def __init__(self, image: Path, log: Path, *, use_netns: bool = True) -> None:
+    def __init__(self, image: Path, log: Path, *, use_netns: bool = True,
+                 beside: RemoteSite | None = None) -> None:
         self.image = image
         self.log = log
         self.ns: Namespace | None = None
+        self.owns_ns = beside is None
+        if beside is not None:  # a second server on the same host, the next port
+            self.ns, self.addr, self.where = beside.ns, beside.addr, beside.where
+            self.port = beside.port + 1 if beside.ns is not None else free_port()
+            self.proc = None
+            return
         ok, why = netns_available() if use_netns else (False, "--remote-where localhost")
         if ok:
             self.ns = Namespace()
@@ -222,14 +229,16 @@ class RemoteSite:
 
     def close(self) -> None:
         self.stop()
-        if self.ns is not None:
+        if self.ns is not None and self.owns_ns:
             self.ns.close()
-            self.ns = None
+        self.ns = None
 
 
 @contextlib.contextmanager
-def remote_site(image: Path, log: Path, *, use_netns: bool = True) -> Iterator[RemoteSite]:
-    site = RemoteSite(image, log, use_netns=use_netns)
+def remote_site(image: Path, log: Path, *, use_netns: bool = True,
+                beside: RemoteSite | None = None) -> Iterator[RemoteSite]:
+    """qemu-nbd serving ``image`` (``beside``: on that site's host, the next port)."""
+    site = RemoteSite(image, log, use_netns=use_netns, beside=beside)
     try:
         site.start()
         yield site

@@ -38,6 +38,7 @@ THROUGHPUT_TARGETS = [
 # local files and one remote child (qemu-nbd over TCP), compared pairwise
 RA, RB = "nbdq-remote", "qsd-remote"  # nbdquorum / qsd, each with the remote child
 RLOCAL = "nbdq"  # nbdquorum's all-local quorum of three, same run
+RDIRECT = "remote-direct"  # fio straight to a second qemu-nbd on the remote host
 REMOTE_VS_QSD = 1.5  # nbdq-remote >= 1.5x qsd-remote on every remote row
 REMOTE_VS_LOCAL = 0.6  # nbdq-remote >= 0.6x nbdquorum's all-local quorum
 RESYNC_VS_NBDCOPY = 0.5  # a full resync of the remote child >= 0.5x nbdcopy to it
@@ -48,6 +49,7 @@ SHORT = {
     "nbdq": "nbdquorum",
     "nbdq-remote": "nbdquorum, remote child",
     "qsd-remote": "qsd, nbd child",
+    "remote-direct": "qemu-nbd alone",
     "qsd": "qsd quorum3",
     "qsd-fifo": "qsd fifo",
     "qsd-raw": "qsd 1 raw",
@@ -291,7 +293,7 @@ def _remote_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _extras(doc: dict[str, Any]) -> list[str]:
-    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B, RA, RB)]
+    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B, RA, RB, RDIRECT)]
 
 
 def text_table(doc: dict[str, Any]) -> str:
@@ -333,12 +335,13 @@ def text_remote_table(doc: dict[str, Any]) -> str:
     """The remote rows: nbdquorum and qsd with the remote child, and the all-local quorum."""
     head = (f"{'workload (2 local + 1 remote child)':38} {'nbdq remote':>12} {'qsd remote':>12} "
             f"{'ratio':>6} {'nbdq local3':>12} {'/local':>7} {'p50 nbdq/qsd us':>16} "
-            f"{'CPU nbdq/qsd':>20} {'cpu':>6} {'qemu-nbd CPU':>14}")
+            f"{'CPU nbdq/qsd':>20} {'cpu':>6} {'qemu-nbd CPU':>14} {'qemu-nbd alone':>15}")
     lines = [head, "-" * len(head)]
     for r in _remote_rows(doc):
         rid, unit = r["id"], r["unit"]
         key = "mbps" if unit == "mbps" else "iops"
         ma, mb, ml = med(doc, rid, RA), med(doc, rid, RB), med(doc, rid, RLOCAL)
+        md = med(doc, rid, RDIRECT)
 
         def thr(m: dict[str, Any] | None, key: str = key) -> str:
             if not m:
@@ -357,7 +360,7 @@ def text_remote_table(doc: dict[str, Any]) -> str:
             f"{fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)):>7} {p50:>16} "
             f"{cpu(ma) + '/' + cpu(mb) + ' ' + cu:>20} "
             f"{fmt_ratio(ratio(doc, rid, 'cpu_us_per_op', RA, RB)):>6} "
-            f"{cpu(ma, k='remote') + '/' + cpu(mb, k='remote'):>14}")
+            f"{cpu(ma, k='remote') + '/' + cpu(mb, k='remote'):>14} {thr(md):>15}")
     return "\n".join(lines)
 
 
@@ -383,8 +386,8 @@ def md_remote(doc: dict[str, Any]) -> str:
         "",
         "| workload | nbdquorum, 2 local + remote | qsd, 2 local + QEMU nbd child | "
         "nbdquorum, 3 local | nbdq / qsd | nbdq / qsd CPU | remote / local | "
-        "qemu-nbd CPU (nbdq, qsd) |",
-        "|---|---|---|---|---|---|---|---|",
+        "qemu-nbd CPU (nbdq, qsd) | qemu-nbd alone (fio straight to it) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in _remote_rows(doc):
         rid, unit = r["id"], r["unit"]
@@ -405,7 +408,8 @@ def md_remote(doc: dict[str, Any]) -> str:
             fmt_ratio(ratio(doc, rid, key, RA, RB)),
             fmt_ratio(ratio(doc, rid, "cpu_us_per_op", RA, RB)),
             fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)),
-            f"{rcpu(ma)}, {rcpu(mb)}"]) + " |")
+            f"{rcpu(ma)}, {rcpu(mb)}",
+            cell(med(doc, rid, RDIRECT))]) + " |")
     rs = doc.get("resync")
     if rs:
         m = {k: v["median"] for k, v in rs.items()}
@@ -574,7 +578,8 @@ def write_main_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
 
 # -- the chart -----------------------------------------------------------------
 COLORS = {"nbdq": "#1f77b4", "qsd": "#d62728", "qsd-fifo": "#ff9896", "qsd-raw": "#c7c7c7",
-          "nbdkit": "#98df8a", "nbdq-fifo": "#aec7e8"}
+          "nbdkit": "#98df8a", "nbdq-fifo": "#aec7e8", "nbdq-remote": "#9467bd",
+          "qsd-remote": "#d62728", "remote-direct": "#98df8a"}
 
 
 #: the throughput axis is logarithmic (base 2), so 0.5x, 2x, 5x and 8x are all
@@ -600,7 +605,7 @@ def chart(doc: dict[str, Any], png: Path, remote: bool = False) -> bool:
         return False
     tids = [t["id"] for t in doc["targets"]]
     if remote:
-        tids = [RA, RB, RLOCAL]
+        tids = [RA, RB, RLOCAL, RDIRECT]
     tids = [ta, tb] + [t for t in tids if t not in (ta, tb) and (remote or t not in (RA, RB))]
     nbars = [len([t for t in tids if med(doc, r["id"], t)]) for r in rows]
     fig, axes = plt.subplots(

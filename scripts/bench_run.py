@@ -157,9 +157,14 @@ TARGETS: list[Target] = [
     Target("nbdq-remote", "nbdquorum, 2 local + 1 remote child", "nbdq", "remote",
            extra=NBDQ_ARGS, remote=True),
     Target("qsd-remote", "qsd, 2 local + QEMU's nbd child", "qsd", "remote", remote=True),
+    # the remote server's own ceiling on this machine: fio straight to a second
+    # qemu-nbd on the same host (its own copy, so its writes touch no quorum's child)
+    Target("remote-direct", "qemu-nbd alone, fio straight to it", "direct", "remote",
+           remote=True),
 ]
-#: the remote rows' targets: the remote pair, and the all-local quorum for the ratio
-REMOTE_TARGETS = ("nbdq", "nbdq-remote", "qsd-remote")
+#: the remote rows' targets: the remote pair, the all-local quorum for the ratio, and
+#: the remote server alone
+REMOTE_TARGETS = ("nbdq", "nbdq-remote", "qsd-remote", "remote-direct")
 #: node name of the remote child in both quorums
 REMOTE_CHILD = "remote"
 
@@ -410,7 +415,7 @@ def warm(paths: list[Path]) -> None:
 
 
 #: the remote quorums' two local children, and the image qemu-nbd serves
-REMOTE_IMAGES = ("r0.raw", "r1.raw", "remote.raw")
+REMOTE_IMAGES = ("r0.raw", "r1.raw", "remote.raw", "direct.raw")
 
 
 def image_set(d: Path, name: str, target: Target | None = None) -> list[Path]:
@@ -507,11 +512,13 @@ def hostile_clients(row: Row, sock: Path, log: Path) -> Iterator[None]:
 
 
 # -- fio -------------------------------------------------------------------------
-def fio_argv(row: Row, sock: Path, runtime: float, out: Path) -> list[str]:
+def fio_argv(row: Row, sock: Path, runtime: float, out: Path, uri: str | None = None
+             ) -> list[str]:
     size = f"--bssplit={row.bssplit}" if row.bssplit else f"--bs={row.bs}"
+    local = f"nbd{'s' if row.tls else ''}+unix:///disk?socket={sock}"
     argv = [
         "fio", f"--name={row.id}", "--ioengine=nbd",
-        f"--uri=nbd{'s' if row.tls else ''}+unix:///disk?socket={sock}",
+        f"--uri={uri or local}",
         f"--rw={row.rw}", size, f"--iodepth={row.iodepth}",
         f"--numjobs={row.numjobs}", "--group_reporting", "--time_based",
         f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
@@ -557,8 +564,11 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     sock.parent.mkdir(parents=True, exist_ok=True)
     certs = tls_dirs(out) if row.tls else None
     site: bench_remote.RemoteSite | None = args.site
-    argv = server_argv(target, image_set(imgdir, row.images, target), sock,
-                       certs / "server" if certs is not None else None, site)
+    direct: bench_remote.RemoteSite | None = args.direct_site if target.kind == "direct" else None
+    if target.kind == "direct" and direct is None:
+        raise ServerError("no second remote server for remote-direct")
+    argv = [] if direct else server_argv(target, image_set(imgdir, row.images, target), sock,
+                                         certs / "server" if certs is not None else None, site)
     fio_env = {**os.environ, "HOME": str(certs / "home")} if certs is not None else None
     fio_out = out / "fio" / f"{row.id}.{target.id}.{rep}.json"
     fio_out.parent.mkdir(parents=True, exist_ok=True)
@@ -570,20 +580,24 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     t_wait = time.monotonic()
     idle_cores = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     waited = time.monotonic() - t_wait
-    with running(argv, sock, log) as pid:
+    serving = (contextlib.nullcontext(direct.pid) if direct is not None
+               else running(argv, sock, log))
+    with serving as pid:
         st0 = proc_status(pid)
         prof = start_profilers(args, row, target, pid, out)
         c0, t0 = cpu_seconds(pid), time.monotonic()
         b0, f0 = system_busy_seconds(), children_cpu_seconds()
-        r0 = cpu_seconds(site.pid) if site is not None else 0.0
+        r0 = cpu_seconds(site.pid) if site is not None and direct is None else 0.0
         with hostile_clients(row, sock, out / "logs" / "hostile.log"):
-            fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out), env=fio_env,
+            fio = subprocess.run(fio_argv(row, sock, args.runtime, fio_out,
+                                          direct.uri if direct is not None else None),
+                                 env=fio_env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  timeout=args.runtime + 60, check=False)
             st1 = proc_status(pid)
         c1, t1 = cpu_seconds(pid), time.monotonic()
         b1, f1 = system_busy_seconds(), children_cpu_seconds()
-        r1 = cpu_seconds(site.pid) if site is not None else 0.0
+        r1 = cpu_seconds(site.pid) if site is not None and direct is None else 0.0
         stop_profilers(prof)
     if fio.returncode != 0:
         raise ServerError(f"fio failed ({fio.returncode}) on {row.id}/{target.id}: "
@@ -595,7 +609,7 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     # (the remote server, running through the remote rows, is not "other")
     remote_cpu = r1 - r0
     other = max(0.0, (b1 - b0) - cpu - (f1 - f0) - remote_cpu)
-    if target.mode == "remote":
+    if target.mode == "remote" and direct is None:
         res.update(remote_cpu_s=remote_cpu,
                    remote_cpu_us_per_op=1e6 * remote_cpu / res["ops"] if res["ops"] else None)
     res.update(
@@ -1005,7 +1019,7 @@ def main() -> int:
     args.runtime = args.runtime or (3.0 if args.quick else 10.0)
     if args.resync_only:
         args.remote = True
-    args.site = None
+    args.site = args.direct_site = None
 
     rows, targets = select(args)
     if args.list:
@@ -1063,6 +1077,10 @@ def main() -> int:
                     imgdir / REMOTE_IMAGES[2], out / "logs" / "qemu-nbd.log",
                     use_netns=args.remote_where == "netns"))
                 meta["remote_where"] = args.site.where
+                if any(t.kind == "direct" for t in targets):
+                    args.direct_site = stack.enter_context(bench_remote.remote_site(
+                        imgdir / REMOTE_IMAGES[3], out / "logs" / "qemu-nbd-direct.log",
+                        beside=args.site))
                 print(f"bench: remote child {args.site.uri}: qemu-nbd in {args.site.where}",
                       flush=True)
             run_matrix(plan, args, imgdir, out, total)
