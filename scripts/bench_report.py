@@ -628,7 +628,8 @@ def chart(doc: dict[str, Any], png: Path, remote: bool = False) -> bool:
             m = med(doc, rid, t)
             assert m
             kw = {"color": COLORS.get(t, "grey"), "height": h,
-                  "label": None if t in labelled else SHORT.get(t, t)}
+                  "label": None if t in labelled else (
+                      "nbdquorum, 3 local" if remote and t == RLOCAL else SHORT.get(t, t))}
             labelled.add(t)
             rt = m[key] / mb[key] if mb[key] else 0.0
             rt = max(rt, XMIN)
