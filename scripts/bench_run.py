@@ -212,8 +212,8 @@ def _server_argv(t: Target, images: list[Path], sock: Path,
         raise ValueError(f"{t.id} needs the remote site")
     if t.kind == "nbdq":
         argv = [str(VENV_PY), "-m", "nbdquorum", "serve"]
-        for i, p in enumerate(images):
-            argv += ["--child", f"c{i}={p}"]
+        for i, p in enumerate(images):  # named when the remote child needs a known name
+            argv += ["--child", f"c{i}={p}" if t.mode == "remote" else str(p)]
         if t.mode == "remote":
             assert site is not None
             argv += ["--child", f"{REMOTE_CHILD}={site.uri}"]
