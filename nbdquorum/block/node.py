@@ -8,6 +8,7 @@ Offsets and lengths are bytes; callers (the NBD server, jobs) validate ranges.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import os
@@ -36,7 +37,8 @@ class Direct:
 
     ``try_pread``/``try_pwrite`` answer at once or decline (None/False) when
     that would block or is not the common case; the caller then awaits the
-    node as usual.  A node whose bytes are a file descriptor 1:1 says so with
+    node as usual.  ``soon_pread``/``soon_pwrite`` start the request now and
+    give a future (no task, no coroutine per request), or decline (None).  A node whose bytes are a file descriptor 1:1 says so with
     ``fd``: the quorum's Voted I/O groups such children into one GIL-free C
     call, holding ``pin()`` so the descriptor stays open meanwhile.
     """
@@ -50,6 +52,16 @@ class Direct:
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
         """Raises OSError like pwrite() when the write was done but failed."""
         return False
+
+    def soon_pread(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
+        """Start a read now, without a task: a future of what pread() gives (its
+        bytes, or OSError), or None to decline (the caller then awaits pread)."""
+        return None
+
+    def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
+        """Start a write now, without a task: a future of pwrite()'s outcome, or
+        None to decline."""
+        return None
 
     def pin(self) -> None:
         """Keep ``fd`` open until the matching unpin() (a request is using it)."""

@@ -47,6 +47,15 @@ class RangeLock:
         probe = _Entry(offset, offset + max(length, 1), exclusive)
         return any(e.conflicts(probe) for e in self._entries)
 
+    def try_acquire(self, offset: int, length: int, *, exclusive: bool) -> _Entry | None:
+        """The range at once, or None if the request would have to wait."""
+        entry = _Entry(offset, offset + max(length, 1), exclusive)
+        if any(e.conflicts(entry) for e in self._entries):
+            return None
+        entry.granted = True
+        self._entries.append(entry)
+        return entry
+
     @asynccontextmanager
     async def hold(self, offset: int, length: int, *, exclusive: bool) -> AsyncIterator[None]:
         entry = await self.acquire(offset, length, exclusive=exclusive)

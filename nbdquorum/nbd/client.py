@@ -162,6 +162,16 @@ async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if rep != Rep.ACK:
         raise NBDClientError(f"server refused TLS (reply {rep:#x}): {message}")
     await writer.start_tls(tls, server_hostname=server_hostname)
+#: requests are written at once when this many payload bytes wait
+_CORK_MAX = 256 << 10
+
+
+def _expire(fut: asyncio.Future[object]) -> None:
+    """A request's time limit passed: its caller gets TimeoutError (a late reply is dropped)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 @dataclass(eq=False)
 class _Pending:
     cmd: Cmd
@@ -197,7 +207,12 @@ class NBDClient:
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
         self._closed: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._read_replies())
+        #: kept: asking asyncio for the loop costs a getpid() system call on Python 3.11
+        self._loop = asyncio.get_running_loop()
+        self._out: list[Buffer] = []  # requests not written yet (see submit)
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._task = self._loop.create_task(self._read_replies())
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -264,26 +279,68 @@ class NBDClient:
         return cls(reader, writer, info)
 
     async def call(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
-                   data: Buffer | None = None) -> object:
+                   data: Buffer | None = None, *, limit: float | None = None) -> object:
         """Send one request and await its reply.
 
         Returns the bytes read (READ), the extents (BLOCK_STATUS) or None;
         an error reply raises OSError with the server's errno and message.
+        ``limit``: raise TimeoutError after that many seconds (one timer on the
+        reply; ``asyncio.wait_for`` would add a task per request).
+        """
+        fut = self.submit(cmd, offset, length, flags, data)
+        timer = None if limit is None else self._loop.call_later(limit, _expire, fut)
+        try:
+            if self.writer.transport.get_write_buffer_size() > (4 << 20):
+                await asyncio.wait_for(self.writer.drain(), limit)
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def submit(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
+               data: Buffer | None = None, *, limit: float | None = None,
+               ) -> asyncio.Future[object]:
+        """Send one request now; its reply (or error) arrives in the future returned.
+
+        The request is written at once (no back-pressure wait: for callers that
+        bound their own requests in flight).  ``limit``: the future fails with
+        TimeoutError after that many seconds.
         """
         if self._closed is not None:
             raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
+        if self.writer.transport.is_closing():
+            # closed under us (a failed send, abort_now) before the reader saw it end:
+            # a lost connection, never a write on a closed transport
+            raise ConnectionResetError(errno.ECONNRESET, "connection lost: transport closed")
         self._cookie += 1
         cookie = self._cookie
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[object] = self._loop.create_future()
         self._pending[cookie] = _Pending(cmd, offset, length, fut)
-        header = encode_request(cmd, flags, cookie, offset, length)
+        self._out.append(encode_request(cmd, flags, cookie, offset, length))
         if data is not None:
-            self.writer.writelines([header, data])
+            self._out.append(data)
+            self._out_bytes += len(data)
+        if self._out_bytes >= _CORK_MAX:
+            self._flush()
+        elif not self._flush_scheduled:
+            # the requests of one loop iteration leave in one write (a system call and
+            # a TCP segment for many small requests instead of one each)
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        if limit is not None:
+            timer = self._loop.call_later(limit, _expire, fut)
+            fut.add_done_callback(lambda _f: timer.cancel())
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out, self._out_bytes = self._out, [], 0
+        if not out or self.writer.transport.is_closing():
+            return  # a closed connection: the reader fails what is pending
+        if len(out) == 1:
+            self.writer.write(out[0])
         else:
-            self.writer.write(header)
-        if self.writer.transport.get_write_buffer_size() > (4 << 20):
-            await self.writer.drain()
-        return await fut
+            self.writer.writelines(out)
 
     async def _read_replies(self) -> None:
         try:
@@ -406,6 +463,7 @@ class NBDClient:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            self._flush()  # requests before the DISC
             self.writer.write(encode_request(Cmd.DISC, 0, 0, 0, 0))
             await self.writer.drain()
         self._task.cancel()

@@ -268,6 +268,8 @@ class ServerConnection:
         self.meta_contexts: dict[int, str] = {}
         #: the chosen export, with the flags as advertised; None during the handshake
         self.export: ExportInfo | None = None
+        #: (command, flags) pairs validate() found valid for this export
+        self._valid_kinds: set[tuple[int, int]] = set()
         self._client_flags: ClientFlag | None = None
         self._meta_export: str | None = None  # export the meta contexts were set for
         self._buf = bytearray()
@@ -459,14 +461,35 @@ class ServerConnection:
         info = self.export
         if info is None:
             raise LocalProtocolError("validate() before the transmission phase")
+        key = (req.cmd, req.flags)
+        if key not in self._valid_kinds:  # checked once per (command, flags) pair
+            bad = self._check_kind(info, req.cmd, req.flags)
+            if bad:
+                return bad
+            self._valid_kinds.add(key)  # only valid pairs: a handful, never unbounded
+        cmd = req.cmd
+        if cmd == Cmd.FLUSH:
+            return NbdErrno.EINVAL if req.offset or req.length else 0
+        if req.length == 0:
+            return NbdErrno.EINVAL  # unspecified by the spec; nbdkit refuses it too
+        if req.offset % info.min_block or req.length % info.min_block:
+            return NbdErrno.EINVAL
+        if req.offset + req.length > info.size:
+            return NbdErrno.ENOSPC if cmd in _ENOSPC_PAST_END else NbdErrno.EINVAL
+        if cmd in _DATA_CMDS and req.length > info.max_block:
+            return NbdErrno.EOVERFLOW if req.flags & CmdFlag.DF else NbdErrno.EINVAL
+        return 0
+
+    def _check_kind(self, info: ExportInfo, cmd_value: int, flags_value: int) -> int:
+        """The checks of validate() that depend only on the command and its flags."""
         try:
-            cmd = Cmd(req.cmd)
+            cmd = Cmd(cmd_value)
         except ValueError:
             return NbdErrno.EINVAL  # unknown command
         allowed = _CMD_FLAGS.get(cmd)
         if allowed is None:
             return NbdErrno.EINVAL  # DISC (never a Request) and RESIZE
-        flags = int(req.flags)
+        flags = int(flags_value)
         if flags & ~int(allowed):
             return NbdErrno.EINVAL  # unknown flag, or one foreign to the command
         for flag, offered in _FLAG_NEEDS.items():
@@ -477,18 +500,8 @@ class ServerConnection:
         needs = _CMD_NEEDS.get(cmd)
         if needs is not None and not info.flags & needs:
             return NbdErrno.EINVAL  # command the client was not offered
-        if cmd is Cmd.FLUSH:
-            return NbdErrno.EINVAL if req.offset or req.length else 0
         if cmd is Cmd.BLOCK_STATUS and not (self.structured and self.meta_contexts):
             return NbdErrno.EINVAL
-        if req.length == 0:
-            return NbdErrno.EINVAL  # unspecified by the spec; nbdkit refuses it too
-        if req.offset % info.min_block or req.length % info.min_block:
-            return NbdErrno.EINVAL
-        if req.offset + req.length > info.size:
-            return NbdErrno.ENOSPC if cmd in _ENOSPC_PAST_END else NbdErrno.EINVAL
-        if cmd in _DATA_CMDS and req.length > info.max_block:
-            return NbdErrno.EOVERFLOW if req.flags & CmdFlag.DF else NbdErrno.EINVAL
         return 0
 
     # -- Input buffer --------------------------------------------------------------
@@ -600,6 +613,7 @@ class ServerConnection:
         if self._meta_export != key:
             self.meta_contexts.clear()  # contexts were negotiated for another export
         self.export = info
+        self._valid_kinds.clear()
         return ExportChosen(key, info)
 
     def _opt_export_name(self, option: int, data: bytes) -> Event | None:

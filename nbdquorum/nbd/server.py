@@ -513,6 +513,9 @@ class Connection:
         self.stream = stream
         #: None: unbounded (a worker's forwarding connection)
         self.limits = limits
+        #: the loop, kept: asking asyncio for it costs a getpid() system call on
+        #: Python 3.11, several per request otherwise
+        self._loop = asyncio.get_running_loop()
         #: reply bytes not yet sent above which requests wait
         self.backlog = limits.backlog if limits is not None else WRITE_HIGH
         self.inflight = 0  # requests admitted and not yet answered
@@ -539,6 +542,8 @@ class Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
+        #: requests started on the node's soon path (_serve_soon), not yet answered
+        self.soon: set[asyncio.Future[Any]] = set()
         self.read_task: asyncio.Task[Any] | None = None
         #: an event (or error) serve_inline() took but left to the read loop
         self._held: object = None
@@ -549,9 +554,9 @@ class Connection:
         # The read loop is its own task so that shutdown can stop reading
         # without cancelling the replies and the close below.
         self.stream.write(self.proto.initial_bytes())
-        self.read_task = asyncio.create_task(self._read_loop())
+        self.read_task = self._loop.create_task(self._read_loop())
         timeout = self.limits.handshake_timeout if self.limits is not None else 0
-        timer = (asyncio.get_running_loop().call_later(timeout, self._handshake_expired)
+        timer = (self._loop.call_later(timeout, self._handshake_expired)
                  if timeout > 0 else None)
         try:
             await asyncio.shield(self.read_task)
@@ -568,8 +573,8 @@ class Connection:
         finally:
             if timer is not None:
                 timer.cancel()
-            if self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.tasks or self.soon:
+                await asyncio.gather(*self.tasks, *self.soon, return_exceptions=True)
             if self._ahead is not None:  # a payload that never arrived in full
                 self._finish(self._ahead, receiving=self._receiving)
                 self._ahead = None
@@ -659,7 +664,7 @@ class Connection:
                 await self.stream.drain()
             elif lim is not None and (self.inflight >= lim.requests
                                       or (self.held and self.held + cost > lim.bytes)):
-                self._room = asyncio.get_running_loop().create_future()
+                self._room = self._loop.create_future()
                 try:
                     await self._room
                 finally:
@@ -724,7 +729,9 @@ class Connection:
                     ahead = self._cost(ev.cmd, ev.length)
                     if not self._admit_now(ahead):
                         await self._admit(ahead)
-                task = asyncio.create_task(self._serve(ev, ahead))
+                if self._serve_soon(ev, ahead):
+                    continue
+                task = self._loop.create_task(self._serve(ev, ahead))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(ev, StartTLS):
@@ -774,7 +781,7 @@ class Connection:
         self._out_bytes += sum(len(b) for b in iov)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_out)
+            self._loop.call_soon(self._flush_out)
         if self._out_bytes >= BIG_PAYLOAD:
             self._flush_out()
 
@@ -829,6 +836,57 @@ class Connection:
                 self.stats.record(req.cmd, t0)
             return True
         return False
+
+    def _serve_soon(self, req: Request, cost: int) -> bool:
+        """Start a small READ or WRITE on the node's soon path (a future, no task),
+        answered from its callback; False sends it down the full path."""
+        fut: asyncio.Future[Any] | None
+        if req.cmd == Cmd.READ:
+            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+                return False
+            d = self.export.node.direct()
+            fut = None if d is None else d.soon_pread(req.offset, req.length)
+        elif req.cmd == Cmd.WRITE and not req.flags:
+            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+                return False
+            d = self.export.node.direct()
+            fut = None if d is None else d.soon_pwrite(req.offset, req.data)
+        else:
+            return False
+        if fut is None:
+            return False
+        self.soon.add(fut)
+        fut.add_done_callback(functools.partial(self._soon_done, req, cost, clock()))
+        return True
+
+    def _soon_done(self, req: Request, cost: int, t0: int, fut: asyncio.Future[Any]) -> None:
+        self.soon.discard(fut)
+        try:
+            err = fut.exception() if not fut.cancelled() else ConnectionAbortedError()
+            reply: object
+            if err is None:
+                if req.cmd == Cmd.READ:
+                    reply = ReadReply(req.cookie, [DataChunk(req.offset, fut.result())])
+                    if cost > req.length:  # voted: the reply holds one buffer
+                        self._finish(cost - req.length, request=False)
+                        cost = req.length
+                else:
+                    reply = SimpleReply(req.cookie)
+            elif isinstance(err, OSError):
+                self.log.info("%s at %d+%d failed: %s", Cmd(req.cmd).name, req.offset,
+                              req.length, err)
+                reply = ErrorReply(req.cookie, to_nbd_errno(err, req.flags),
+                                   str(err.strerror or err))
+            else:
+                self.log.error("internal error serving %s: %r", req, err)
+                reply = ErrorReply(req.cookie, NbdErrno.EIO, "internal server error")
+            self._queue(reply)
+        except Exception:
+            self.log.exception("internal error answering %s", req)
+        finally:
+            self._finish(cost)
+            if self.stats is not None:
+                self.stats.record(req.cmd, t0)
 
     async def _serve(self, req: Request, cost: int) -> None:
         t0 = clock()

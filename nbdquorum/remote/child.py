@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from nbdquorum.block.node import BlockNode, Buffer, Caps, Extent, Unreachable, oserror
+from nbdquorum.block.node import BlockNode, Buffer, Caps, Direct, Extent, Unreachable, oserror
 from nbdquorum.nbd.client import NBDClient, NBDClientError
 from nbdquorum.nbd.constants import Cmd, CmdFlag, TransmissionFlag
 from nbdquorum.nbd.tls import client_context
@@ -90,6 +90,7 @@ class NBDChild(BlockNode):
         self._closed = False
         #: connections made (the first and every reconnection), for status and tests
         self.connects = 0
+        self._soon = _Soon(self)
 
     # -- the link -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -203,8 +204,8 @@ class NBDChild(BlockNode):
             client = await self._ready()
             t0 = time.monotonic()
             try:
-                return await asyncio.wait_for(client.call(cmd, offset, length, flags, data),
-                                              self.timeout)
+                return await client.call(cmd, offset, length, flags, data,
+                                         limit=self.timeout)
             except TimeoutError:
                 self._lost(f"a request took longer than {self.timeout:g}s")
                 raise oserror(errno.ETIMEDOUT, f"{self.address}: no answer") from None
@@ -219,6 +220,59 @@ class NBDChild(BlockNode):
                 if self._waiting_window() <= 0:
                     raise oserror(errno.ECONNRESET, f"{self.address}: {err}") from err
                 # within reconnect-delay: sent again once the link is back
+
+    def _submit(self, cmd: Cmd, offset: int, length: int, flags: int = 0,
+                data: Buffer | None = None) -> asyncio.Future[Any] | None:
+        """The task-free form of ``_call`` for the quorum's soon path: the request
+        goes out now and the future returned gives its result or OSError, with
+        ``_call``'s failure handling; None (take ``_call``) when not connected or
+        the request needs splitting."""
+        client = self._client
+        if client is None or length > self._max_request:
+            return None
+        try:
+            sent = client.submit(cmd, offset, length, flags, data, limit=self.timeout)
+        except ConnectionError:
+            return None
+        out: asyncio.Future[Any] = client._loop.create_future()
+
+        def settle(f: asyncio.Future[object]) -> None:
+            if out.done():
+                return
+            err = f.exception()
+            if err is None:
+                _chain(f, out, cmd, length)
+            elif isinstance(err, TimeoutError):
+                self._lost(f"a request took longer than {self.timeout:g}s")
+                out.set_exception(oserror(errno.ETIMEDOUT, f"{self.address}: no answer"))
+            elif isinstance(err, ConnectionError):
+                if self._client is client:
+                    self._lost(f"connection lost: {err}")
+                if self._waiting_window() <= 0:
+                    out.set_exception(oserror(errno.ECONNRESET, f"{self.address}: {err}"))
+                    return
+                # within reconnect-delay: sent again once the link is back
+                again = client._loop.create_task(self._call(cmd, offset, length, flags, data))
+                again.add_done_callback(lambda g: _chain(g, out, cmd, length))
+            else:
+                out.set_exception(err)
+
+        t0 = time.monotonic()
+
+        def given_up(f: asyncio.Future[Any]) -> None:
+            # the quorum's own child timeout fired first (it cancels): the link is as dead
+            if f.cancelled():
+                sent.cancel()
+                if (self._client is client
+                        and time.monotonic() - t0 >= self.timeout * 0.99):
+                    self._lost(f"a request took longer than {self.timeout:g}s")
+
+        sent.add_done_callback(settle)
+        out.add_done_callback(given_up)
+        return out
+
+    def direct(self) -> Direct:
+        return self._soon
 
     # -- BlockNode ---------------------------------------------------------------------------
     def size(self) -> int:
@@ -390,3 +444,33 @@ def watch_link(sock: socket.socket, timeout: float) -> None:
         dead_after = min(timeout, KEEPIDLE + KEEPINTVL * KEEPCNT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any], cmd: Cmd, length: int) -> None:
+    """Pass a finished request's outcome on (a READ's bytes as pread returns them)."""
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+        return
+    err = src.exception()
+    if err is not None:
+        dst.set_exception(err)
+        return
+    out = src.result()
+    if cmd == Cmd.READ and not isinstance(out, bytes | bytearray | memoryview):
+        out = bytes(length)
+    dst.set_result(None if cmd != Cmd.READ else out)
+
+
+class _Soon(Direct):
+    """An NBD child's offer to start small reads and writes without a task."""
+
+    def __init__(self, child: NBDChild) -> None:
+        self.child = child
+
+    def soon_pread(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
+        return self.child._submit(Cmd.READ, offset, length)
+
+    def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
+        return self.child._submit(Cmd.WRITE, offset, len(data), 0, data)

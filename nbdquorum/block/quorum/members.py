@@ -319,6 +319,10 @@ class Members:
         come back).  ``counts`` False: the error says nothing of the child
         (its link was already known to be down), only its health is looked at.
         """
+        if slot.state is ChildState.UNREACHABLE:
+            # a request that was under way when the link went down: that loss was
+            # counted once already (every request in flight fails with it)
+            counts = False
         if counts:
             slot.error_count += 1
         if slot.state is ChildState.FAULTED:

@@ -87,6 +87,12 @@ class _Now(Direct):
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
         return self.q._try_pwrite_now(offset, data)
 
+    def soon_pread(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
+        return self.q._try_pread_soon(offset, length)
+
+    def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
+        return self.q._try_pwrite_soon(offset, data)
+
 
 @dataclass(slots=True)
 class _FastPlan:
@@ -98,6 +104,33 @@ class _FastPlan:
     targets: list[ChildSlot]
     write_fds: list[int] | None
     active_targets: int  # targets that count toward the threshold
+    #: the soon paths (some child without a descriptor, each with a Direct):
+    #: the descriptors, -1 for the others; None when not that case
+    soon_read_fds: list[int] | None = None
+    soon_write_fds: list[int] | None = None
+
+
+def _soon_fds(nodes: Sequence[BlockNode]) -> list[int] | None:
+    """Descriptors (-1 for a node without one) when some node has none and every
+    node offers a Direct (the soon paths); else None."""
+    fds = []
+    for n in nodes:
+        d = n.direct()
+        if d is None:
+            return None
+        fds.append(-1 if d.fd is None else d.fd)
+    return fds if fds and min(fds) < 0 else None
+
+
+def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())  # type: ignore[arg-type]
+    else:
+        dst.set_result(src.result())
 
 
 class QuorumNode(BlockNode):
@@ -153,10 +186,11 @@ class QuorumNode(BlockNode):
         #: reads answered early whose slower children are still being followed
         self._late: set[asyncio.Task[None]] = set()
         #: answer a read as soon as its vote is decided (slower children compared in
-        #: the background, under the read's range lock).  Off by default for now: a
-        #: hung child is then reported only when its timeout expires, after the
-        #: client has its answer, which the drills and operators do not expect yet.
-        self.answer_early = False
+        #: the background, under the read's range lock, reported and rewritten as if
+        #: in time).  A hung child is then reported when its timeout expires, after
+        #: the client has its answer; with every child local the vote is decided
+        #: by all of them together (one C call), so this matters for remote children.
+        self.answer_early = True
 
     # -- what Members owns, read here ---------------------------------------------------
     @property
@@ -492,7 +526,9 @@ class QuorumNode(BlockNode):
                 voters, self.voted.descriptors([s.node for s in voters]),
                 1 if fifo else self.vote_threshold,
                 targets, self.voted.descriptors([s.node for s in targets]),
-                sum(1 for t in targets if t.state is ChildState.ACTIVE))
+                sum(1 for t in targets if t.state is ChildState.ACTIVE),
+                None if fifo else _soon_fds([s.node for s in voters]),
+                _soon_fds([s.node for s in targets]))
         return plan
 
     def _drop_plan(self) -> None:
@@ -554,6 +590,130 @@ class QuorumNode(BlockNode):
         finally:
             if intent is not None:
                 intent.done(offset, length)
+
+    def _try_pread_soon(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
+        """Start a small read without a task when some voter is on another host
+        (the descriptors read on the event loop, the others through their soon
+        path), or None (take the full path).  The shared range lock is held
+        until every child has answered; a read that is not unanimous is judged
+        by the full path's code (reports, repair) in a task."""
+        plan = self._plan()
+        fds = plan.soon_read_fds
+        if fds is None:
+            return None
+        entry = self.lock.try_acquire(offset, length, exclusive=False)
+        if entry is None:
+            return None
+        voters = plan.voters
+        nodes = [s.node for s in voters]
+        soon = self.voted.read_soon(nodes, fds, offset, length, plan.threshold,
+                                    self.child_timeout)
+        if soon is None:
+            self.lock.release(entry)
+            return None
+        self.last_client_io = time.monotonic()
+        for slot in voters:
+            slot.stats.reads += 1
+        loop = self.voted.running_loop()
+        out: asyncio.Future[Buffer] = loop.create_future()
+        early = soon.early() if self.answer_early else None
+        if early is not None:
+            out.set_result(early[0])  # the others are compared when they answer
+
+        def judged(task: asyncio.Future[Buffer]) -> None:
+            self.lock.release(entry)
+            _pass_on(task, out)
+
+        def voted(f: asyncio.Future[Reads]) -> None:
+            reads = f.result() if f.exception() is None else None
+            if reads is not None and reads.unanimous:
+                self.lock.release(entry)
+                if not out.done():
+                    out.set_result(reads.winner)  # type: ignore[arg-type]
+                return
+            if reads is None:
+                judged(f)  # type: ignore[arg-type]
+            elif early is not None:
+                task = loop.create_task(self._follow_soon(voters, reads, early[0], early[1],
+                                                          offset, length, entry))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+            else:
+                loop.create_task(self._judge(voters, reads, offset, length,
+                                             self.rewrite_corrupted, None)
+                                 ).add_done_callback(judged)
+
+        soon.out.add_done_callback(voted)
+        return out
+
+    async def _follow_soon(self, voters: list[ChildSlot], reads: Reads, win: Buffer,
+                           late: list[int], offset: int, length: int, entry: Any) -> None:
+        """A soon-path read answered early whose later children were not unanimous
+        with it: each is reported and (with rewrite-corrupted) rewritten, as
+        _follow_late does on the full path; the range lock is released after."""
+        try:
+            for i in late:
+                err, buf = reads.errors[i], reads.bufs[i]
+                slot = voters[i]
+                if err is not None:
+                    slot.stats.read_errors += 1
+                    self._report_bad(slot, "read", offset, length, err)
+                    self.members.count_error(slot)
+                elif buf is not None:
+                    await self._handle_losers(voters, {i: buf}, win, [i], offset,
+                                              self.rewrite_corrupted, None)
+        except Exception:  # never let a background comparison fail silently
+            log.exception("following the late children of a read at %d+%d", offset, length)
+        finally:
+            self.lock.release(entry)
+
+    def _try_pwrite_soon(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
+        """Start a small write without a task when some child is on another host,
+        or None (take the full path).  The exclusive range lock and the
+        write-intent mark are held until every child has answered; the outcome
+        is judged as on the full path."""
+        plan = self._plan()
+        fds = plan.soon_write_fds
+        if fds is None:
+            return None
+        length = len(data)
+        entry = self.lock.try_acquire(offset, length, exclusive=True)
+        if entry is None:
+            return None
+        intent = self.write_intent
+        if intent is not None and not intent.mark_now(offset, length):
+            self.lock.release(entry)
+            return None
+        targets = plan.targets
+        started = self.voted.write_soon([s.node for s in targets], fds, offset, data,
+                                        self.child_timeout)
+        if started is None:
+            if intent is not None:
+                intent.done(offset, length)
+            self.lock.release(entry)
+            return None
+        self.last_client_io = time.monotonic()
+        for slot in targets:
+            slot.stats.writes += 1
+        out: asyncio.Future[None] = self.voted.running_loop().create_future()
+
+        def written(f: asyncio.Future[list[OSError | None]]) -> None:
+            try:
+                err = f.exception()
+                if err is None:
+                    self._account_write("write", offset, length, targets, f.result())
+                    out.set_result(None)
+                else:
+                    out.set_exception(err)
+            except BaseException as err:
+                out.set_exception(err)
+            finally:
+                if intent is not None:
+                    intent.done(offset, length)
+                self.lock.release(entry)
+
+        started.add_done_callback(written)
+        return out
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         await self._write_all("write", offset, len(data),

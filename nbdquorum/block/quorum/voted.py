@@ -30,7 +30,7 @@ import errno
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nbdquorum import native
 from nbdquorum.block import aio
@@ -168,6 +168,193 @@ class BufferPool:
                 return
 
 
+class _Gather:
+    """Collects the futures of one request's children (no task): each outcome goes
+    to ``bufs``/``errs`` by index (``got`` keeps the raw ones), and ``out`` gets
+    ``result()`` once all have answered or ``limit`` seconds passed (the rest:
+    ETIMEDOUT)."""
+
+    __slots__ = ("bufs", "errs", "expired", "got", "left", "make", "out", "started", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, started: dict[int, asyncio.Future[Any]],
+                 bufs: list[Buffer | None] | None, errs: list[OSError | None],
+                 limit: float | None, make: Callable[[], Any],
+                 got: dict[int, Any] | None = None) -> None:
+        self.out: asyncio.Future[Any] = loop.create_future()
+        self.started = started
+        self.bufs = bufs
+        self.errs = errs
+        self.make = make
+        self.got = got
+        self.left = len(started)
+        self.expired = False
+        self.timer = (loop.call_later(limit, self._expire)
+                      if limit is not None and started else None)
+        if not started:
+            self._finish()
+        for i, f in started.items():
+            f.add_done_callback(lambda f, i=i: self._one(i, f))  # type: ignore[misc]
+
+    def _one(self, i: int, f: asyncio.Future[Any]) -> None:
+        if self.out.done():
+            if not f.cancelled():
+                f.exception()  # retrieved: the request was already given up
+            return
+        if f.cancelled():
+            err: BaseException | None = (
+                oserror(errno.ETIMEDOUT, "child did not answer") if self.expired
+                else oserror(errno.ECANCELED, "child request cancelled"))
+        else:
+            err = f.exception()
+        if err is None:
+            value = f.result()
+            if self.got is not None:
+                self.got[i] = value
+            if self.bufs is not None and i >= 0:
+                self.bufs[i] = value
+        elif i >= 0:
+            self.errs[i] = err if isinstance(err, OSError) else oserror(errno.EIO, str(err))
+        elif self.got is not None:
+            self.got[i] = err if isinstance(err, OSError) else oserror(errno.EIO, str(err))
+        self.left -= 1
+        if self.left == 0 or (self.expired and self._pool_done()):
+            self._finish()
+
+    def _pool_done(self) -> bool:
+        """A write on the pool is never abandoned (its buffer and descriptors are busy)."""
+        f = self.started.get(-1)
+        return f is None or f.done()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for i, f in self.started.items():
+            if not f.done() and i >= 0:
+                self.errs[i] = oserror(errno.ETIMEDOUT, "child did not answer")
+                # the child hears of it first (its callbacks run before this
+                # request's): a lost link is then unreachable, not an error to count
+                f.cancel()
+        if self._pool_done():
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.out.done():
+            return
+        try:
+            self.out.set_result(self.make())
+        except BaseException as err:
+            self.out.set_exception(err)
+
+
+class SoonReads(_Gather):
+    """The children of one read started on the soon path (VotedIO.read_soon)."""
+
+    __slots__ = ("threshold",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, started: dict[int, asyncio.Future[Any]],
+                 bufs: list[Buffer | None], errs: list[OSError | None], limit: float | None,
+                 make: Callable[[], Any], threshold: int) -> None:
+        self.threshold = threshold
+        super().__init__(loop, started, bufs, errs, limit, make)
+
+    def early(self) -> tuple[Buffer, list[int]] | None:
+        """The winner and the children still being read, if those that answered all
+        agree, none failed, and no version the others could send can still win;
+        else None (wait for ``out``)."""
+        bufs = self.bufs
+        assert bufs is not None
+        if not self.left or any(self.errs):
+            return None
+        have = [b for b in bufs if b is not None]
+        if len(have) < self.threshold or len(have) <= self.left:
+            return None
+        first = have[0]
+        if any(self.diff(first, b) for b in have[1:]):
+            return None
+        # not yet taken in (a future may be done with its callback still queued)
+        return first, [i for i in self.started if bufs[i] is None and self.errs[i] is None]
+
+    @staticmethod
+    def diff(a: Buffer, b: Buffer) -> bool:
+        if isinstance(a, bytes | bytearray) and isinstance(b, bytes | bytearray):
+            return a != b  # a memcmp
+        return native.diff_span(a, b) is not None
+
+
+class _Calls:
+    """The awaited (non-descriptor) children's I/O of one request: one task each,
+    started at once, and one timer for all of them (``limit`` seconds; a child
+    still busy then gets ETIMEDOUT and its task is cancelled)."""
+
+    __slots__ = ("expired", "tasks", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 calls: dict[int, Awaitable[Any]], limit: float | None) -> None:
+        self.expired = False
+        self.tasks: dict[int, asyncio.Task[Any]] = {
+            i: loop.create_task(self._one(aw)) for i, aw in calls.items()}
+        self.timer = (loop.call_later(limit, self._expire)
+                      if limit is not None and self.tasks else None)
+
+    async def _one(self, aw: Awaitable[Any]) -> Any:
+        try:
+            return await aw
+        except OSError as err:
+            return err
+        except asyncio.CancelledError:
+            if self.expired:
+                return oserror(errno.ETIMEDOUT, "child did not answer")
+            raise
+
+    def _expire(self) -> None:
+        self.expired = True
+        for t in self.tasks.values():
+            t.cancel()
+
+    def _take(self, i: int, out: Any, bufs: list[Buffer | None] | None,
+              errs: list[OSError | None]) -> None:
+        if isinstance(out, OSError):
+            errs[i] = out
+        elif bufs is not None:
+            bufs[i] = out
+
+    async def all(self, bufs: list[Buffer | None] | None, errs: list[OSError | None]) -> None:
+        """Wait for every child (each bounded by the timer)."""
+        for i, t in self.tasks.items():
+            self._take(i, await t, bufs, errs)
+        self._stop_timer()
+
+    async def until_decided(self, bufs: list[Buffer | None], errs: list[OSError | None],
+                            threshold: int) -> None:
+        """Wait until the vote over ``bufs`` is decided whatever the children still
+        being read say (or all have answered); the rest are ``late()``."""
+        pending = {t for t in self.tasks.values() if not t.done()}
+        for i, t in self.tasks.items():
+            if t.done():
+                self._take(i, t.result(), bufs, errs)
+        while pending and not _decided(bufs, threshold, len(pending)):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for i, t in self.tasks.items():
+                if t in done:
+                    self._take(i, t.result(), bufs, errs)
+        if not pending:
+            self._stop_timer()
+
+    def late(self) -> dict[int, asyncio.Task[Any]]:
+        """The children not collected yet (their timer keeps running)."""
+        return {i: t for i, t in self.tasks.items() if not t.done()}
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def cancel(self) -> None:
+        self._stop_timer()
+        for t in self.tasks.values():
+            t.cancel()
+
+
 class VotedIO:
     """Reads-and-votes and writes-to-all over a list of children (see the module doc)."""
 
@@ -180,6 +367,7 @@ class VotedIO:
         self._reads_off_until = 0.0
         self._writes_off_until = 0.0
         self.pool = BufferPool()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def reset(self) -> None:
         """The children changed: ask their file systems again."""
@@ -279,48 +467,123 @@ class VotedIO:
             if done is None:  # the C call timed out
                 return self._all_failed(nodes, errno.ETIMEDOUT)
             return self._reads(nodes, done)
-        # mixed: one C call for the descriptors, the others awaited alongside it
+        # mixed: the awaited children's requests go out first, then the descriptors
+        # are read (on the event loop when small and cached, else one C call on the
+        # pool), then the awaited children are collected under one timer
+        loop = self.running_loop()
         others = [i for i in range(len(nodes)) if fds[i] < 0]
-
-        async def c_call() -> PreadVote | None:
-            if not grouped:
-                return None
-            return await self._pread_pooled(directs, fds, offset, length, 1, lent, fd_limit)
-
-        async def one(i: int) -> Buffer | OSError:
-            try:
-                return await timed(nodes[i].pread(offset, length), limit)
-            except OSError as err:
-                return err
-
-        tasks = {i: asyncio.ensure_future(one(i)) for i in others}
+        calls = _Calls(loop, {i: nodes[i].pread(offset, length) for i in others}, limit)
         bufs: list[Buffer | None] = [None] * len(nodes)
         errs: list[OSError | None] = [None] * len(nodes)
-
-        def take(i: int, out: Buffer | OSError) -> None:
-            if isinstance(out, OSError):
-                errs[i] = out
-            else:
-                bufs[i] = out
-
         try:
-            grouped_out = await c_call()
-            self._fill_grouped(nodes, grouped, grouped_out, bufs, errs)
-            pending = set(tasks.values())
-            while pending:
-                if early and _decided(bufs, threshold, len(pending)):
-                    break
-                _done, pending = await asyncio.wait(pending,
-                                                    return_when=asyncio.FIRST_COMPLETED)
-                for i, t in tasks.items():
-                    if t in _done:
-                        take(i, t.result())
+            if grouped:
+                done = (self._inline_read(fds, offset, length, 1)
+                        if length <= INLINE_MAX else None)
+                if done is None:
+                    done = await self._pread_pooled(directs, fds, offset, length, 1, lent,
+                                                    fd_limit)
+                self._fill_grouped(nodes, grouped, done, bufs, errs)
+            if early:
+                await calls.until_decided(bufs, errs, threshold)
+            else:
+                await calls.all(bufs, errs)
         except BaseException:
-            for t in tasks.values():
-                t.cancel()
+            calls.cancel()
             raise
-        late = {i: t for i, t in tasks.items() if not t.done()}
+        late = calls.late()
         return Reads(bufs, errs, await self.vote(bufs, threshold), late)
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, remembered: asking asyncio costs a getpid() system call on
+        Python 3.11, several per request otherwise."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def read_soon(self, nodes: Sequence[BlockNode], fds: list[int], offset: int,
+                  length: int, threshold: int, limit: float | None,
+                  ) -> SoonReads | None:
+        """Read and vote without a task: the descriptors (``fds``, -1 for the
+        others) on the caller's thread from the page cache, every other child
+        through its ``soon_pread``; ``.out`` gives the Reads once all have
+        answered (a child past ``limit`` seconds gets ETIMEDOUT), and
+        ``early()`` the winner already decided by those that have.  None when a
+        small request cannot start that way (nothing was read: await ``read``)."""
+        if length > INLINE_MAX:
+            return None
+        n = len(nodes)
+        bufs: list[Buffer | None] = [None] * n
+        errs: list[OSError | None] = [None] * n
+        if any(fd >= 0 for fd in fds):
+            done = self._inline_read(fds, offset, length, 1)
+            if done is None:
+                return None
+            _, raw, codes = done
+            for i, fd in enumerate(fds):
+                if fd >= 0:
+                    if codes[i] == 0:
+                        bufs[i] = raw[i]
+                    else:
+                        errs[i] = oserror(codes[i], nodes[i].node_name)
+        started: dict[int, asyncio.Future[Any]] = {}
+        for i, fd in enumerate(fds):
+            if fd < 0:
+                d = nodes[i].direct()
+                f = None if d is None else d.soon_pread(offset, length)
+                if f is None:
+                    return None  # what already started is dropped when it answers
+                started[i] = f
+        return SoonReads(self.running_loop(), started, bufs, errs, limit,
+                         lambda: Reads(bufs, errs, native.vote(bufs, threshold)), threshold)
+
+    def write_soon(self, nodes: Sequence[BlockNode], fds: list[int], offset: int,
+                   data: Buffer, limit: float | None,
+                   ) -> asyncio.Future[list[OSError | None]] | None:
+        """Write every child without a task: the others' ``soon_pwrite`` first, then
+        the descriptors (on the caller's thread when the page cache takes it, else
+        one C call on the pool); the future gives per child its error or None.
+        None when the request cannot start that way (nothing was written)."""
+        if len(data) > INLINE_MAX:
+            return None
+        n = len(nodes)
+        errs: list[OSError | None] = [None] * n
+        started: dict[int, asyncio.Future[Any]] = {}
+        for i, fd in enumerate(fds):
+            if fd < 0:
+                d = nodes[i].direct()
+                f = None if d is None else d.soon_pwrite(offset, data)
+                if f is None:
+                    if not started:
+                        return None  # nothing written yet
+                    errs[i] = oserror(errno.ENOTCONN, nodes[i].node_name)
+                    continue
+                started[i] = f
+        loop = self.running_loop()
+        grouped = [i for i, fd in enumerate(fds) if fd >= 0]
+        if grouped:
+            codes = self._inline_write(fds, offset, data)
+            if codes is None:  # the page cache pushed back: the pool, as one more child
+                directs = _directs(nodes)
+                started[-1] = loop.create_task(
+                    self._pwrite_pooled(directs, fds, offset, data, False))
+            else:
+                for i in grouped:
+                    if codes[i] != 0:
+                        errs[i] = oserror(codes[i], nodes[i].node_name)
+
+        def result() -> list[OSError | None]:
+            pooled = got.get(-1)
+            if pooled is not None:
+                for i in grouped:
+                    if isinstance(pooled, OSError):
+                        errs[i] = pooled
+                    elif pooled[i] != 0:
+                        errs[i] = oserror(pooled[i], nodes[i].node_name)
+            return errs
+
+        got: dict[int, Any] = {}
+        return _Gather(loop, started, None, errs, limit, result, got).out
 
     @staticmethod
     def _fill_grouped(nodes: Sequence[BlockNode], grouped: list[int],
@@ -346,7 +609,7 @@ class VotedIO:
             d.pin()
         mine: list[bytearray] = []
         bufs = self.pool.take(len(fds), length, mine)
-        fut = asyncio.get_running_loop().run_in_executor(
+        fut = self.running_loop().run_in_executor(
             aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
 
         def finished(f: asyncio.Future[PreadVote]) -> None:  # the thread is done
@@ -452,32 +715,28 @@ class VotedIO:
             return self._errors(nodes, codes)
         in_c = set(grouped)
         others = [i for i in range(len(nodes)) if i not in in_c]
-
-        async def c_call() -> list[int] | OSError | None:
-            if not grouped or data is None:
-                return None
-            try:
-                return await self._pwrite_pooled(directs, fds, offset, data, fua)
-            except OSError as err:
-                return err
-
-        async def one(i: int) -> OSError | None:
-            try:
-                await timed(call(nodes[i]), limit)
-            except OSError as err:
-                return err
-            return None
-
-        grouped_out, outs = await asyncio.gather(c_call(),
-                                                 asyncio.gather(*(one(i) for i in others)))
+        loop = self.running_loop()
+        calls = _Calls(loop, {i: call(nodes[i]) for i in others}, limit)
         errs: list[OSError | None] = [None] * len(nodes)
-        for i, out in zip(others, outs, strict=True):
-            errs[i] = out
-        for i in grouped:
-            if isinstance(grouped_out, OSError):
-                errs[i] = grouped_out
-            elif grouped_out is not None and grouped_out[i] != 0:
-                errs[i] = oserror(grouped_out[i], nodes[i].node_name)
+        try:
+            if grouped and data is not None:
+                got: list[int] | None = None
+                if not fua and length <= INLINE_MAX:
+                    got = self._inline_write(fds, offset, data)
+                try:
+                    if got is None:
+                        got = await self._pwrite_pooled(directs, fds, offset, data, fua)
+                except OSError as err:
+                    for i in grouped:
+                        errs[i] = err
+                else:
+                    for i in grouped:
+                        if got[i] != 0:
+                            errs[i] = oserror(got[i], nodes[i].node_name)
+            await calls.all(None, errs)
+        except BaseException:
+            calls.cancel()
+            raise
         return errs
 
     async def _pwrite_pooled(self, directs: Sequence[Direct | None], fds: list[int],
