@@ -126,6 +126,7 @@ def test_a_connection_is_freed_when_it_ends(tmp_path: Path, loop_kind: str, tls:
                     f"{len(left)} of {len(streams)} ended but not freed "
                     f"(lost: {[s._lost for s in left]})")
             await asyncio.sleep(0.05)
+        assert nbd.open_clients == 0, f"{what}: a --max-connections place not given back"
 
     async def main() -> None:
         nbd = Tracking({"disk": Export("disk", q)}, "disk", tls=contexts, max_connections=1,
