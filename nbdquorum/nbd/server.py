@@ -347,11 +347,13 @@ class Stream(asyncio.BufferedProtocol):
         self._closed: asyncio.Future[None] = self._loop.create_future()
         #: counted in the server's open_clients (until connection_lost)
         self.counted = False
+        self._ended = False  # the connection's task is over (`ended`)
 
     # -- protocol callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self.server.stopping:
+            self._ended = True  # no connection to run: let go once the socket is closed
             transport.close()
             return
         if not self.internal:
@@ -359,6 +361,7 @@ class Stream(asyncio.BufferedProtocol):
                 log_drop("max-connections", "%d client connections open (--max-connections): "
                          "closing a new one from %s", self.server.open_clients,
                          transport.get_extra_info("peername") or "unix")
+                self._ended = True
                 self.transport.abort()
                 return
             self.server.open_clients += 1
@@ -396,6 +399,8 @@ class Stream(asyncio.BufferedProtocol):
         return not self.conn.proto.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
         self._lost = True
         if self.counted:
             self.counted = False
@@ -408,6 +413,31 @@ class Stream(asyncio.BufferedProtocol):
             self._drain_waiter.set_result(None)
         if not self._closed.done():
             self._closed.set_result(None)
+        if self._ended:
+            self._release()
+
+    def ended(self) -> None:
+        """The connection's task is over (its replies sent, its socket closed)."""
+        self._ended = True
+        if self._lost:
+            self._release()
+
+    def _release(self) -> None:
+        """Connection over and socket closed: drop the references that close cycles,
+        so that reference counting frees the connection now, not the cycle collector
+        (which runs rarely here: runtime.run_loop).
+
+        Over TLS that is some 300 KiB a connection (the TLS layer's 256 KiB read
+        buffer, OpenSSL's state): a few hundred short connections held that way
+        are a hundred MiB.  The cycles: this protocol <-> its `Connection`; this
+        protocol -> the TLS transport -> its SSLProtocol -> our bound get_buffer
+        and buffer_updated (asyncio's and uvloop's TLS layers keep them after
+        connection_lost); the error raised by `wait_data` -> its traceback -> the
+        frame of this protocol's method.
+        """
+        self.__dict__.pop("transport", None)
+        self.__dict__.pop("conn", None)
+        self._error = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -437,10 +467,19 @@ class Stream(asyncio.BufferedProtocol):
             tls = await self._loop.start_tls(self.transport, self, context, server_side=True,
                                              ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except BaseException as err:
+            # asyncio's start_tls() frame is in the error's traceback and holds the
+            # future that holds the error: a cycle that would keep the connection
+            # (and its TLS layer) for the collector.  Its frames tell nothing anyway.
+            err.__traceback__ = None
             if not self._lost:  # the TLS layer never started: nobody else tells us
                 self.connection_lost(err if isinstance(err, Exception) else None)
             raise
-        if tls is None:
+        if tls is None or tls.get_extra_info("cipher") is None:
+            # The socket closed before the handshake finished (the handshake timeout
+            # aborted it, the client left): the loop's start_tls() returns then, as
+            # if done, and the TLS layer never tells this protocol it was lost.
+            if not self._lost:
+                self.connection_lost(None)
             raise ConnectionResetError("connection closed during the TLS handshake")
         self.transport = tls
         self.secure = True
@@ -690,7 +729,10 @@ class Connection:
             if self._held is not None:
                 ev, self._held = self._held, None
                 if isinstance(ev, BaseException):
-                    raise ev
+                    try:
+                        raise ev
+                    finally:
+                        ev = None  # this frame is in its traceback: no cycle
             else:
                 if self._ahead is None and self.export is not None:
                     peek = self.proto.peek_request()
@@ -1003,6 +1045,9 @@ class NBDServer:
             self.connections.discard(conn)
             if not self.connections:
                 self._idle.set()
+            # the read task's error holds frames of the connection (a cycle)
+            conn.read_task = None
+            conn.stream.ended()
 
     def clients(self) -> int:
         """Client connections open (a worker's forwarding connection is none)."""
