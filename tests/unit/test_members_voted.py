@@ -354,3 +354,158 @@ def test_an_undecided_vote_waits_for_every_child(tmp_path: Path) -> None:
 
     run(main())
     g.close()
+
+
+# --------------------------------------------------------------------------- the soon path
+
+
+class SoonNode(MemNode):
+    """A child without a descriptor that offers the soon path (as an NBD child does):
+    its requests start at once and finish when the test lets them (``gate``), or
+    never (``hang``), or fail (``fail``)."""
+
+    def __init__(self, name: str, size: int = SIZE) -> None:
+        super().__init__(name, size)
+        self.gate = asyncio.Event()
+        self.started = 0
+        self.fail: int | None = None
+        self._soon = _SoonOffer(self)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def direct(self) -> Any:
+        return self._soon
+
+    def start(self, op: Any) -> asyncio.Future[Any]:
+        self.started += 1
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Any] = loop.create_future()
+
+        async def later() -> None:
+            await self.gate.wait()
+            if out.done():
+                return
+            if self.fail is not None:
+                out.set_exception(OSError(self.fail, "soon child failed"))
+            else:
+                out.set_result(await op())
+
+        task = loop.create_task(later())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return out
+
+
+class _SoonOffer:
+    fd = None
+
+    def __init__(self, node: SoonNode) -> None:
+        self.node = node
+
+    def soon_pread(self, offset: int, length: int) -> asyncio.Future[Any]:
+        return self.node.start(lambda: MemNode.pread(self.node, offset, length))
+
+    def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[Any]:
+        return self.node.start(lambda: MemNode.pwrite(self.node, offset, data))
+
+
+def _soon_quorum(tmp_path: Path, *, threshold: int = 2,
+                 timeout: float = 5.0) -> tuple[Graph, QuorumNode, SoonNode, list[Event]]:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    g = Graph(bus)
+    files = [g.open_raw_file(f"f{i}", str(tmp_path / f"f{i}.raw"), create_size=SIZE)
+             for i in range(2)]
+    far = SoonNode("far")
+    q = QuorumNode("q0", [*files, far], vote_threshold=threshold, bus=bus,
+                   child_timeout=timeout)
+    return g, q, far, seen
+
+
+def test_soon_reads_are_answered_when_decided_and_the_late_child_still_compared(
+        tmp_path: Path) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path)
+
+    async def main() -> None:
+        far.gate.set()
+        done = q.direct().soon_pwrite(0, b"\x44" * 8192)
+        assert done is not None, "a mixed quorum takes the soon path"
+        await asyncio.wait_for(done, 5)
+        assert bytes(far.buf[:8192]) == b"\x44" * 8192
+        far.gate.clear()
+        far.buf[10] = 0  # it will lose, late
+        read = q.direct().soon_pread(0, 8192)
+        assert read is not None
+        assert bytes(await asyncio.wait_for(read, 5)) == b"\x44" * 8192  # the files decide
+        assert not [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        # the range stays locked until the late child answered: a write declines the
+        # soon path and waits on the full path
+        assert q.direct().soon_pwrite(0, b"\x55" * 512) is None
+        write = asyncio.ensure_future(q.pwrite(0, b"\x55" * 512))
+        await asyncio.sleep(0.05)
+        assert not write.done()
+        far.gate.set()
+        await asyncio.wait_for(write, 5)
+        bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        assert [b["node-name"] for b in bad] == ["far"]
+        assert q.slots[2].stats.checksum_errors == 1
+
+    run(main())
+    g.close()
+
+
+def test_a_soon_read_waits_for_an_undecided_vote(tmp_path: Path) -> None:
+    g, q, far, _seen = _soon_quorum(tmp_path, threshold=3)
+    assert far.started == 0
+
+    async def main() -> None:
+        read = q.direct().soon_pread(0, 4096)
+        assert read is not None
+        await asyncio.sleep(0.05)
+        assert not read.done(), "two of three cannot decide a vote at threshold 3"
+        far.gate.set()
+        assert bytes(await asyncio.wait_for(read, 5)) == bytes(4096)
+
+    run(main())
+    g.close()
+
+
+def test_a_soon_child_that_never_answers_is_given_up_after_the_child_timeout(
+        tmp_path: Path) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, threshold=3, timeout=0.2)
+    far.fail = errno.EIO  # (when let go at the end: too late to matter)
+
+    async def main() -> None:
+        read = q.direct().soon_pread(0, 4096)
+        assert read is not None
+        with pytest.raises(OSError) as err:  # three needed, one hangs: no quorum
+            await asyncio.wait_for(read, 5)
+        assert err.value.errno == errno.ETIMEDOUT
+        bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        assert bad and bad[0]["node-name"] == "far"
+        assert q.lock.would_block(0, 4096, exclusive=True) is False, "the range is free"
+        far.gate.set()
+        await asyncio.sleep(0.01)
+
+    run(main())
+    g.close()
+
+
+def test_a_soon_write_a_child_fails_is_acknowledged_and_recorded_for_it(
+        tmp_path: Path) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path)
+
+    async def main() -> None:
+        far.fail = errno.EIO
+        far.gate.set()
+        done = q.direct().soon_pwrite(65536, b"\x66" * 4096)
+        assert done is not None
+        await asyncio.wait_for(done, 5)  # two of three took it: acknowledged
+        bad = [e.data for e in seen if e.name == "QUORUM_REPORT_BAD"]
+        assert [(b["node-name"], b["type"]) for b in bad] == [("far", "write")]
+        assert q.slots[2].stats.write_errors == 1
+        sync = q.slots[2].sync  # it catches up there later
+        assert sync is not None and sync.dirty_bytes() >= 4096
+
+    run(main())
+    g.close()
