@@ -115,7 +115,8 @@ def test_flipped_reads_are_outvoted(nbdq: StartNbdq) -> None:
 
 
 def test_hung_child_times_out_and_reads_succeed(nbdq: StartNbdq) -> None:
-    """``hang`` with --child-timeout 1: the read completes within the budget."""
+    """``hang`` with --child-timeout 1: the two others decide the vote, so the read is
+    answered without waiting; the hung child is reported when its timeout expires."""
     timeout = 1.0
     srv = nbdq(extra=[*FAULTY, "--child-timeout", str(timeout)])
     qemu_io(srv.uri, "write -P 0x6d 0 1M", "flush")
@@ -124,8 +125,9 @@ def test_hung_child_times_out_and_reads_succeed(nbdq: StartNbdq) -> None:
     t0 = time.monotonic()
     qemu_io(srv.uri, "read -P 0x6d 0 64k")
     elapsed = time.monotonic() - t0
-    assert timeout * 0.9 <= elapsed < timeout + 4, f"the read took {elapsed:.2f}s"
-    bad = q.wait_event("QUORUM_REPORT_BAD", 5, node_name="child2")["data"]
+    assert elapsed < timeout + 4, f"the read took {elapsed:.2f}s"
+    bad = q.wait_event("QUORUM_REPORT_BAD", timeout + 5, node_name="child2")["data"]
+    assert time.monotonic() - t0 >= timeout * 0.9, "reported only once its timeout expired"
     assert bad["error"] == ETIMEDOUT_TEXT and bad["type"] == "read"
     assert q.child("child2")["read-errors"] == 1
     # healing releases the hang; reads are fast again
