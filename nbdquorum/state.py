@@ -98,6 +98,7 @@ class StateStore:
                 "rewrite-corrupted": q.rewrite_corrupted,
                 "next-child-index": q.next_child_index,
                 "size": q.size(),
+                "events": q.members.events,
             },
             "children": [
                 {
@@ -108,6 +109,7 @@ class StateStore:
                     "state": str(s.state),
                     "sync": s.sync.to_hex() if s.sync is not None else None,
                     "catch-up": s.catch_up,
+                    "generation": s.generation,
                 }
                 for s in q.slots
             ],
@@ -133,6 +135,7 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
     region = int(state.get("region", DEFAULT_REGION))
     by_name = {c["node-name"]: c for c in state["children"]}
     records = []
+    generations: list[int | None] = []
     for slot in q.slots:
         rec = by_name[slot.node.node_name]
         st = ChildState(rec["state"])
@@ -141,8 +144,13 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
             sync = (RegionBitmap.from_hex(q.size(), region, rec["sync"]) if rec.get("sync")
                     else RegionBitmap(q.size(), region, fill=True))
         records.append((slot, str(rec["child"]), st, sync))
+        gen = rec.get("generation")
+        generations.append(int(gen) if gen is not None else None)
         slot.catch_up = bool(rec.get("catch-up", False))
-    q.members.restore(records, int(state["quorum"].get("next-child-index", len(q.slots))))
+    events = state["quorum"].get("events")
+    q.members.restore(records, int(state["quorum"].get("next-child-index", len(q.slots))),
+                      events=int(events) if events is not None else None,
+                      generations=generations)
     for d in state.get("departed", []):
         q.members.departed[str(d["filename"])] = RegionBitmap.from_hex(q.size(), region,
                                                                       d["sync"])

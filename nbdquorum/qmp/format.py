@@ -68,6 +68,7 @@ def quorum_status(q: QuorumNode) -> dict[str, Any]:
         "read-pattern": str(q.read_pattern),
         "rewrite-corrupted": q.rewrite_corrupted,
         "size": q.size(),
+        "events": q.members.events,
         "children": [
             {
                 "child": s.name,
@@ -77,6 +78,7 @@ def quorum_status(q: QuorumNode) -> dict[str, Any]:
                 "errors": s.error_count,
                 "unsynced-bytes": s.sync.dirty_bytes() if s.sync is not None else 0,
                 "resync-failures": s.resync_failures,
+                "generation": s.generation,
                 **({"resync-error": s.resync_error} if s.resync_error else {}),
                 **child_stats(s.stats),
             }

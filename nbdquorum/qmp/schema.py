@@ -293,7 +293,7 @@ struct(
     "QuorumChildStatus",
     {"child": "str", "node-name": "str", "filename": "str", "state": "QuorumChildState",
      "errors": "int", "unsynced-bytes": "int", "resync-failures": "int",
-     "*resync-error": "str", "reads": "int", "writes": "int", "read-errors": "int",
+     "generation": "int", "*resync-error": "str", "reads": "int", "writes": "int", "read-errors": "int",
      "write-errors": "int", "flush-errors": "int", "checksum-errors": "int",
      "repaired-bytes": "int"},
     "One child of a quorum in query-quorum-status. Counters count since the server "
@@ -306,6 +306,9 @@ struct(
                     "joined; reaching the limit faults the child",
           "unsynced-bytes": "bytes its resync still has to copy (0 when in sync)",
           "resync-failures": "resync attempts that failed in a row (the server retries)",
+          "generation": "md's event count for this child: the quorum's `events` when it "
+                        "last held every acknowledged write; behind the newest, it is "
+                        "stale and never a source (kept in the state dir)",
           "resync-error": "the last failed resync's error, while there is one",
           "reads": "read requests sent to it",
           "writes": "write, zero and trim requests sent to it",
@@ -318,14 +321,16 @@ struct(
 struct(
     "QuorumStatus",
     {"node-name": "str", "vote-threshold": "int", "read-pattern": "QuorumReadPattern",
-     "rewrite-corrupted": "bool", "size": "int", "children": ["QuorumChildStatus"],
-     "last-scrub": "QuorumScrubResult"},
+     "rewrite-corrupted": "bool", "size": "int", "events": "int",
+     "children": ["QuorumChildStatus"], "last-scrub": "QuorumScrubResult"},
     "One quorum in query-quorum-status (and `nbdquorum ctl status --json`). " + _GROWS,
     docs={"node-name": "the quorum's node-name",
           "vote-threshold": "children that must agree",
           "read-pattern": "`quorum` or `fifo`",
           "rewrite-corrupted": "whether children that lose a read vote are rewritten",
           "size": "the virtual size in bytes",
+          "events": "md's event count: one more at every membership or child-state "
+                    "change (kept in the state dir)",
           "children": "its children, in edge order",
           "last-scrub": "the last scrub's result; `null` until a scrub has ended"},
 )

@@ -49,6 +49,72 @@ def test_state_roundtrip_keeps_edges_states_and_sync(tmp_path: Path) -> None:
     g2.close()
 
 
+def test_generations_follow_md_event_counts_and_survive_a_restart(tmp_path: Path) -> None:
+    """md's event count: every membership or state change is one more event; an active
+    child's generation follows it, an absent one's stays where it left."""
+    g, q = quorum(tmp_path)
+    m = q.members
+    start = m.events
+    m.start_resync(q.slots[2], [(0, 1)])  # it misses a write: behind from now on
+    assert m.events == start + 1
+    assert [s.generation for s in q.slots] == [start + 1, start + 1, start]
+    assert m.stale() == [q.slots[2]]
+    m.start_resync(q.slots[1], [(0, 1)])  # one after another, in any order
+    assert [s.generation for s in q.slots] == [start + 2, start + 1, start]
+    store = StateStore(tmp_path / "st")
+    store.save(q)
+    state = store.load()
+    assert state is not None and state["quorum"]["events"] == start + 2
+    assert [c["generation"] for c in state["children"]] == [start + 2, start + 1, start]
+    g.close()
+    g2, q2 = quorum(tmp_path)
+    restore(q2, state)  # the server restarted in between
+    assert q2.members.events == start + 2
+    assert [s.generation for s in q2.slots] == [start + 2, start + 1, start]
+    assert [s.state for s in q2.slots] == [ChildState.ACTIVE, ChildState.RESYNCING,
+                                           ChildState.RESYNCING]
+    q2.members.resynced(q2.slots[2])  # caught up: current again
+    assert q2.slots[2].generation == q2.members.events
+    assert q2.members.stale() == [q2.slots[1]]
+    g2.close()
+
+
+def test_a_record_of_an_active_child_behind_the_newest_generation_is_never_a_source(
+        tmp_path: Path) -> None:
+    """A state file that says a child is active at an older generation (it cannot have
+    been written whole): that child is copied in full before it votes again."""
+    g, q = quorum(tmp_path)
+    store = StateStore(tmp_path / "st")
+    store.save(q)
+    state = store.load()
+    assert state is not None
+    g.close()
+    newest = state["children"][0]["generation"]
+    state["children"][1]["generation"] = newest - 1
+    g2, q2 = quorum(tmp_path)
+    restore(q2, state)
+    assert q2.slots[1].state is ChildState.RESYNCING
+    assert q2.slots[1].sync is not None and q2.slots[1].sync.dirty_bytes() == SIZE
+    assert [s.state for s in (q2.slots[0], q2.slots[2])] == [ChildState.ACTIVE] * 2
+    g2.close()
+
+
+def test_a_record_without_generations_is_taken_as_it_is(tmp_path: Path) -> None:
+    g, q = quorum(tmp_path)
+    store = StateStore(tmp_path / "st")
+    store.save(q)
+    state = store.load()
+    assert state is not None
+    g.close()
+    del state["quorum"]["events"]
+    for c in state["children"]:
+        del c["generation"]
+    g2, q2 = quorum(tmp_path)
+    restore(q2, state)  # a state dir of an earlier version
+    assert [s.state for s in q2.slots] == [ChildState.ACTIVE] * 3
+    g2.close()
+
+
 def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.path.write_text("{not json")

@@ -83,6 +83,9 @@ class ChildSlot:
     #: the resync is a catch-up of a returning image (only what it missed): the
     #: job checks first that it is the same image (else it copies everything)
     catch_up: bool = False
+    #: md's event count for this child: the quorum's event count when it last held
+    #: every acknowledged write (kept current while active, frozen when it leaves)
+    generation: int = 0
 
 
 @dataclass
@@ -146,6 +149,9 @@ class Members:
         #: so the same image can come back with a catch-up (md's write-intent
         #: bitmap for an absent member); the oldest go first beyond DEPARTED_MAX
         self.departed: dict[str, RegionBitmap] = {}
+        #: md's event count: one more at every membership or child-state change
+        #: (persisted; a child whose generation is behind it is stale)
+        self.events = 0
 
     # -- reading ------------------------------------------------------------------------
     def active(self) -> list[ChildSlot]:
@@ -363,20 +369,34 @@ class Members:
             self._need_resync(slot)
 
     def restore(self, records: Sequence[tuple[ChildSlot, str, ChildState, RegionBitmap | None]],
-                next_child_index: int) -> None:
+                next_child_index: int, *, events: int | None = None,
+                generations: Sequence[int | None] = ()) -> None:
         """Put back what was recorded before a restart (persistence), before serving.
 
-        Each record is (slot, edge name, state, sync bitmap or None).  Nothing
-        is reported: these are the states the children already had.
+        Each record is (slot, edge name, state, sync bitmap or None), with the
+        recorded event count and each child's generation when the record has
+        them.  Nothing is reported: these are the states the children already
+        had.  A child recorded active whose generation is behind the newest is
+        stale (a record that cannot have been written whole): it is copied in
+        full before it votes again, never used as a source.
         """
-        for slot, edge, state, sync in records:
+        gens = list(generations) + [None] * (len(records) - len(generations))
+        newest = max((g for g in gens if g is not None), default=None)
+        for (slot, edge, state, sync), gen in zip(records, gens, strict=True):
             slot.name = edge
             slot.state = state
+            slot.generation = gen if gen is not None else (newest or 0)
+            if state is ChildState.ACTIVE and newest is not None and slot.generation < newest:
+                log.error("child %s: generation %d is behind the quorum's %d: stale, "
+                          "copying it in full", slot.node.node_name, slot.generation, newest)
+                slot.state = state = ChildState.RESYNCING
+                sync = RegionBitmap(self.size, fill=True)
             if state in (ChildState.RESYNCING, ChildState.UNREACHABLE):
                 slot.sync = sync if sync is not None else RegionBitmap(self.size, fill=True)
             else:
                 slot.sync = None
         self.next_child_index = next_child_index
+        self.events = max(events or 0, newest or 0)
 
     def _set_state(self, slot: ChildSlot, state: ChildState) -> None:
         if slot.state is state:
@@ -447,5 +467,14 @@ class Members:
             fn(slot)
 
     def _changed(self) -> None:
+        self.events += 1
+        for s in self.slots:
+            if s.state is ChildState.ACTIVE:
+                s.generation = self.events
         for fn in list(self.on_change):
             fn()
+
+    def stale(self) -> list[ChildSlot]:
+        """Children behind the newest generation: never a source until caught up."""
+        newest = max((s.generation for s in self.slots), default=0)
+        return [s for s in self.slots if s.generation < newest]
