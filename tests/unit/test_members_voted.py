@@ -509,3 +509,24 @@ def test_a_soon_write_a_child_fails_is_acknowledged_and_recorded_for_it(
 
     run(main())
     g.close()
+
+
+def test_reads_answered_early_are_bounded_so_a_slow_child_cannot_pile_them_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbdquorum.block.quorum import node as node_mod
+
+    monkeypatch.setattr(node_mod, "LATE_MAX", 2 * 65536)
+    g, q, far, _seen = _soon_quorum(tmp_path)
+
+    async def main() -> None:
+        reads = [q.direct().soon_pread(i * 65536, 65536) for i in range(3)]
+        assert all(r is not None for r in reads)
+        await asyncio.sleep(0.05)
+        assert [r.done() for r in reads] == [True, True, False]  # type: ignore[union-attr]
+        far.gate.set()  # the slow child answers: the third read has its vote
+        assert bytes(await asyncio.wait_for(reads[2], 5)) == bytes(65536)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert q._late_bytes == 0
+
+    run(main())
+    g.close()

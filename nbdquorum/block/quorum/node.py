@@ -133,6 +133,10 @@ def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
         dst.set_result(src.result())
 
 
+#: bytes of reads answered early (their slower children still being read) at most
+LATE_MAX = 4 << 20
+
+
 class QuorumNode(BlockNode):
     driver = "quorum"
 
@@ -185,6 +189,10 @@ class QuorumNode(BlockNode):
         self._now = _Now(self)
         #: reads answered early whose slower children are still being followed
         self._late: set[asyncio.Task[None]] = set()
+        #: bytes of reads answered early whose slower children are still being read:
+        #: beyond LATE_MAX a read waits for every child again, so that a slow child
+        #: cannot pile up requests (and their buffers) without end
+        self._late_bytes = 0
         #: answer a read as soon as its vote is decided (slower children compared in
         #: the background, under the read's range lock, reported and rewritten as if
         #: in time).  A hung child is then reported when its timeout expires, after
@@ -360,7 +368,7 @@ class QuorumNode(BlockNode):
             reads = await self.voted.read([s.node for s in voters], offset, length,
                                           self.vote_threshold, lent=lent,
                                           limit=self.child_timeout,
-                                          early=bool(held) and self.answer_early)
+                                          early=bool(held) and self._may_answer_early(length))
             try:
                 win = await self._judge(voters, reads, offset, length, rewrite, findings)
             except BaseException:
@@ -371,11 +379,25 @@ class QuorumNode(BlockNode):
                 assert held
                 task = asyncio.get_running_loop().create_task(self._follow_late(
                     voters, reads.late, win, offset, length, rewrite, held.pop()))
-                self._late.add(task)
-                task.add_done_callback(self._late.discard)
+                self._late_started(task, length)
             return win
         finally:
             self.voted.give_back(lent, win)
+
+    def _may_answer_early(self, length: int) -> bool:
+        return self.answer_early and self._late_bytes + length <= LATE_MAX
+
+    def _late_started(self, task: asyncio.Future[Any], length: int) -> None:
+        """A read was answered early; ``task`` ends when its slower children have."""
+        self._late_bytes += length
+        if isinstance(task, asyncio.Task):
+            self._late.add(task)
+
+        def ended(t: asyncio.Future[Any]) -> None:
+            self._late_bytes -= length
+            self._late.discard(t)
+
+        task.add_done_callback(ended)
 
     async def settle(self) -> None:
         """Wait for the background comparisons of reads answered early (each is bounded
@@ -616,9 +638,10 @@ class QuorumNode(BlockNode):
             slot.stats.reads += 1
         loop = self.voted.running_loop()
         out: asyncio.Future[Buffer] = loop.create_future()
-        early = soon.early() if self.answer_early else None
+        early = soon.early() if self._may_answer_early(length) else None
         if early is not None:
             out.set_result(early[0])  # the others are compared when they answer
+            self._late_started(soon.out, length)
 
         def judged(task: asyncio.Future[Buffer]) -> None:
             self.lock.release(entry)
