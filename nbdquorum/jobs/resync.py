@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 IDENTITY_SAMPLES = 8
 #: regions looked at, at most, to find those samples (blank ones do not count)
 IDENTITY_CANDIDATES = 64
+#: regions a resync copies at once (each under its own range lock)
+DEPTH = 4
 #: regions one block-status query of the job covers (1 GiB of 1 MiB regions); a run of
 #: regions that every voter reads as zero is brought in sync in one step of that size
 WINDOW = 1024
@@ -144,25 +146,48 @@ class ResyncJob(Job):
         return matched > 0
 
     async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
-        """Copy every region still dirty, until none is (writes may dirty more)."""
-        while bm.count():
-            for first, nbits in bm.runs():
-                for bit in range(first, first + nbits, WINDOW):
-                    self._check_member()
-                    take = min(WINDOW, first + nbits - bit)
-                    off, n = _span(bm, bit, take)
-                    # where every voter reads zero, asked without the lock: it only
-                    # says how big the steps are; each step asks again under the lock
-                    hint = await q.zero_extents(off, n)
-                    for step, count, zero in _steps(hint, bm, bit, take):
-                        if zero:
-                            await self._step(q, slot, bm, step, count)
-                        else:
-                            for one in range(step, step + count):
-                                if bm.test(one):
-                                    await self._step(q, slot, bm, one, 1)
-            if bm.count():  # writes failed on the child meanwhile: more to do
-                self.total += bm.dirty_bytes()
+        """Copy every region still dirty, until none is (writes may dirty more).
+
+        Up to DEPTH steps run at once, each under the exclusive range lock of its
+        own regions: a child on another host is then copied with several requests
+        in flight instead of one round trip at a time."""
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def start(bit: int, count: int) -> None:
+            while len(inflight) >= DEPTH:
+                await _one_done(inflight)
+            if not self._resume.is_set():  # paused: nothing new starts
+                await self._resume.wait()
+            self._check_member()
+            task = asyncio.get_running_loop().create_task(self._step(q, slot, bm, bit, count))
+            inflight.add(task)
+
+        try:
+            while bm.count():
+                for first, nbits in bm.runs():
+                    for bit in range(first, first + nbits, WINDOW):
+                        self._check_member()
+                        take = min(WINDOW, first + nbits - bit)
+                        off, n = _span(bm, bit, take)
+                        # where every voter reads zero, asked without the lock: it only
+                        # says how big the steps are; each step asks again under the lock
+                        hint = await q.zero_extents(off, n)
+                        for step, count, zero in _steps(hint, bm, bit, take):
+                            if zero:
+                                await start(step, count)
+                            else:
+                                for one in range(step, step + count):
+                                    if bm.test(one):
+                                        await start(one, 1)
+                while inflight:
+                    await _one_done(inflight)
+                if bm.count():  # writes failed on the child meanwhile: more to do
+                    self.total += bm.dirty_bytes()
+        finally:
+            for t in inflight:
+                t.cancel()
+            if inflight:
+                await asyncio.wait(inflight)
 
     async def _step(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap, bit: int,
                     count: int) -> None:
@@ -195,6 +220,15 @@ class ResyncJob(Job):
             retry = self.on_retry
             if retry is not None:
                 asyncio.get_running_loop().call_later(delay, retry, self.quorum, slot)
+
+
+async def _one_done(inflight: set[asyncio.Task[None]]) -> None:
+    """Wait for one of the steps in flight; its error (if any) ends the job."""
+    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        inflight.discard(t)
+    for t in done:
+        t.result()
 
 
 class ResyncManager:
