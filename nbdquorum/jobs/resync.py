@@ -148,13 +148,14 @@ class ResyncJob(Job):
     async def _copy_dirty(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap) -> None:
         """Copy every region still dirty, until none is (writes may dirty more).
 
-        Up to DEPTH steps run at once, each under the exclusive range lock of its
-        own regions: a child on another host is then copied with several requests
-        in flight instead of one round trip at a time."""
+        Up to DEPTH steps run at once (one with a speed limit), each under the
+        exclusive range lock of its own regions: a child on another host is then
+        copied with several requests in flight instead of one round trip at a time."""
         inflight: set[asyncio.Task[None]] = set()
 
         async def start(bit: int, count: int) -> None:
-            while len(inflight) >= DEPTH:
+            # a speed limit paces one step at a time (it sleeps after each copy)
+            while len(inflight) >= (1 if self.speed > 0 else DEPTH):
                 await _one_done(inflight)
             if not self._resume.is_set():  # paused: nothing new starts
                 await self._resume.wait()
