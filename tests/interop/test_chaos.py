@@ -16,7 +16,9 @@ server's certificate).
 from __future__ import annotations
 
 import contextlib
+import atexit
 import random
+import shutil
 import socket
 import ssl
 import struct
@@ -84,7 +86,9 @@ def pki() -> Path:
     if not _pki_dir:
         from .tls_certs import make_certs
 
-        _pki_dir.append(make_certs(Path(tempfile.mkdtemp(prefix="nbdq-chaos-pki-"))))
+        where = Path(tempfile.mkdtemp(prefix="nbdq-chaos-pki-"))
+        atexit.register(shutil.rmtree, where, True)  # nothing left behind in /tmp
+        _pki_dir.append(make_certs(where))
     return _pki_dir[0]
 
 
