@@ -15,8 +15,8 @@ server's certificate).
 
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import random
 import shutil
 import socket
