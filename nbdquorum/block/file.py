@@ -108,6 +108,10 @@ class FileNode(BlockNode):
         self._pins = 0  # in-flight requests using self.fd
         self._close_pending = False
         self._direct = FileDirect(self)
+        #: a range block status found to be all data, [start, end): asked again, it
+        #: is answered without lseek; any punch or zeroing forgets it
+        self._data_run: tuple[int, int] | None = None
+        self._holes_made = 0  # bumped by every punch/zero (a run found meanwhile is dropped)
 
     def pin(self) -> None:
         self._pins += 1
@@ -203,6 +207,7 @@ class FileNode(BlockNode):
     def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         from nbdquorum import native
 
+        self._forget_data_run()
         done = False
         if may_trim:
             done = native.punch_hole(self.fd, offset, length)
@@ -214,6 +219,13 @@ class FileNode(BlockNode):
             write_zeroes(self.fd, offset, length)
         if fua:
             os.fdatasync(self.fd)
+        self._forget_data_run()
+
+    def _forget_data_run(self) -> None:
+        """Holes may appear (a punch): what block status knew of the data is void.
+        (Writes only turn holes into data: they leave a known data run true.)"""
+        self._holes_made += 1
+        self._data_run = None
 
     async def cache(self, offset: int, length: int) -> None:
         self._check_open()
@@ -235,7 +247,16 @@ class FileNode(BlockNode):
         end = offset + length
         out: list[Extent] = []
         pos = offset
+        gen = self._holes_made
         while pos < end:
+            run = self._data_run
+            if run is not None and run[0] <= pos < run[1]:
+                # known data (see _data_run): no lseek, which on tmpfs walks every
+                # page up to the next hole, gigabytes for a full image
+                n = min(run[1], end) - pos
+                out.append((n, 0))
+                pos += n
+                continue
             try:
                 data = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError as err:
@@ -255,6 +276,9 @@ class FileNode(BlockNode):
                 hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
             except OSError:
                 hole = end
+            else:
+                if hole > pos and gen == self._holes_made:
+                    self._data_run = (pos, hole)
             n = min(max(hole, pos + 1), end) - pos
             out.append((n, 0))
             pos += n

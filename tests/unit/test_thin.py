@@ -437,3 +437,41 @@ def test_fragmented_data_is_read_in_few_voted_reads_and_copied_exactly() -> None
     assert len(kids[0].of("read")) == 1  # one voted read for the region, not 64
     assert job.copied.written == 64 * BLK
     run(same_bytes(kids[0], new))
+
+
+def test_file_block_status_remembers_a_data_run_and_forgets_it_at_a_punch(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On tmpfs lseek(SEEK_HOLE) walks every page up to the next hole: a resync asking
+    region by region of a full image was quadratic.  A run found to be data is
+    answered again without lseek; a punch (a hole may appear) forgets it."""
+    import os
+
+    from nbdquorum.block.file import FileNode
+
+    path = tmp_path / "f.raw"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    node = FileNode("f", str(path))
+    calls: list[int] = []
+    real = os.lseek
+
+    def counting(fd: int, pos: int, how: int) -> int:
+        calls.append(how)
+        return real(fd, pos, how)
+
+    async def main() -> None:
+        await node.pwrite(0, b"\x01" * (2 << 20))
+        monkeypatch.setattr(os, "lseek", counting)
+        assert await node.block_status(0, 1 << 20) == [(1 << 20, 0)]
+        asked = len(calls)
+        assert asked > 0
+        assert await node.block_status(1 << 20, 1 << 20) == [(1 << 20, 0)]
+        assert len(calls) == asked, "the data run was known"
+        await node.trim(0, 1 << 20)  # a hole where the run was
+        status = await node.block_status(0, 2 << 20)
+        assert len(calls) > asked
+        assert status[0] == (1 << 20, STATE_HOLE | STATE_ZERO)
+        assert status[1:] == [(1 << 20, 0)]
+
+    run(main())
+    node.close()
