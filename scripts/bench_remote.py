@@ -5,148 +5,29 @@ netns`` it runs in a network namespace of its own behind a veth pair ("another
 host" as far as TCP can tell: the packets cross a link, not the loopback);
 otherwise on 127.0.0.1.  ``RemoteSite.where`` says which, for the results.
 
-Safety, as in the interop tests' harness (tests/interop/remote.py), whose
-registry and names this shares so that either cleans up after the other: each
-namespace takes a /30 out of 10.213.0.0/16, claimed atomically through a file
-in the registry; a blackhole route for the /30 (metric 4242, under the
-connected route) is installed *first*, so packets for it can never follow the
-default route off the machine, even after the veth is gone.  Traffic goes only
-to the namespace made here.  Everything is removed at the end (and by the next
-run of either tool if this process died).
-
-It also holds the resync measurement (``measure_resync``): nbdcopy copying a
-local image to the remote export, nbdquorum's full resync of the remote child
-alone, fio alone, and the resync with fio running.
+The namespace is the drill's (nbdquorum/drill/netns.py), with its safety rules: a
+/30 out of 10.213.0.0/16 claimed atomically through the registry the interop
+tests share, a blackhole guard route installed *first* so that packets for it
+can never leave the machine, traffic only to the namespace made here, and
+everything removed at the end (or by the next run if this process died).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-POOL_PREFIX = "10.213"
-POOL_SIZE = 16384
-GUARD_METRIC = 4242
-NETNS_PREFIX = "nbdq-"
-DEV_PREFIX = "nq"
-REGISTRY = Path("/run/nbdquorum-test-netns") if os.access("/run", os.W_OK) else Path(
-    tempfile.gettempdir()) / "nbdquorum-test-netns"
+from nbdquorum.drill.netns import Namespace, netns_support
+
 NBD_PORT = 10809
 EXPORT = "disk"
-
-
-def _run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _ip(*args: str) -> None:
-    r = _run(["ip", *args])
-    if r.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {(r.stderr or r.stdout).strip()}")
-
-
-def netns_available() -> tuple[bool, str]:
-    if os.geteuid() != 0:
-        return False, "not root"
-    if not shutil.which("ip"):
-        return False, "no ip(8)"
-    probe = f"{NETNS_PREFIX}{os.getpid()}-probe"
-    r = _run(["ip", "netns", "add", probe])
-    _run(["ip", "netns", "del", probe])
-    if r.returncode != 0:
-        return False, (r.stderr or r.stdout).strip()
-    return True, ""
-
-
-class Namespace:
-    """A network namespace behind a veth pair, with its /30 and guard route."""
-
-    def __init__(self) -> None:
-        pid = os.getpid()
-        self.name = f"{NETNS_PREFIX}{pid}-b"
-        self.host_dev = f"{DEV_PREFIX}{pid}-bh"
-        self.ns_dev = f"{DEV_PREFIX}{pid}-bn"
-        self._claim: Path | None = None
-        self._guarded = False
-        self.network, self.host_addr, self.addr = self._claim_subnet(pid)
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-
-    def _claim_subnet(self, pid: int) -> tuple[str, str, str]:
-        REGISTRY.mkdir(mode=0o700, exist_ok=True)
-        start = (pid * 16 + 15) % POOL_SIZE
-        for k in range(256):
-            index = (start + k) % POOL_SIZE
-            base = index * 4
-            a, b = base // 256, base % 256
-            network = f"{POOL_PREFIX}.{a}.{b}/30"
-            host_addr, ns_addr = f"{POOL_PREFIX}.{a}.{b + 1}", f"{POOL_PREFIX}.{a}.{b + 2}"
-            path = REGISTRY / str(index)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": pid, "netns": self.name, "host_dev": self.host_dev,
-                           "network": network}, f)
-            self._claim = path
-            routes = _run(["ip", "-4", "route", "show", "match", ns_addr]).stdout
-            if any(not line.startswith("default") for line in routes.splitlines()):
-                path.unlink()  # somebody routes it outside the registry: not ours
-                self._claim = None
-                continue
-            return network, host_addr, ns_addr
-        raise RuntimeError(f"no free /30 in {POOL_PREFIX}.0.0/16")
-
-    def _create(self) -> None:
-        _ip("route", "add", "blackhole", self.network, "metric", str(GUARD_METRIC))
-        self._guarded = True
-        _ip("netns", "add", self.name)
-        _ip("link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev)
-        _ip("link", "set", self.ns_dev, "netns", self.name)
-        _ip("addr", "add", f"{self.host_addr}/30", "dev", self.host_dev)
-        _ip("-n", self.name, "addr", "add", f"{self.addr}/30", "dev", self.ns_dev)
-        _ip("-n", self.name, "link", "set", "lo", "up")
-        _ip("link", "set", self.host_dev, "up")
-        _ip("-n", self.name, "link", "set", self.ns_dev, "up")
-
-    def prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.name]
-
-    def close(self) -> None:
-        r = _run(["ip", "netns", "pids", self.name])
-        for p in r.stdout.split() if r.returncode == 0 else []:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(p), signal.SIGKILL)
-        time.sleep(0.2)
-        _run(["ip", "netns", "del", self.name])
-        _run(["ip", "link", "del", self.host_dev])
-        # the guard goes once no socket of ours can still send to the namespace
-        # (at exit at the latest), then the claim
-        atexit.register(self._release)
-
-    def _release(self) -> None:
-        if self._guarded:
-            _run(["ip", "route", "del", "blackhole", self.network, "metric", str(GUARD_METRIC)])
-            self._guarded = False
-        if self._claim is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._claim.unlink()
-            self._claim = None
 
 
 def free_port() -> int:
@@ -169,8 +50,8 @@ class RemoteSite:
             self.port = beside.port + 1 if beside.ns is not None else free_port()
             self.proc = None
             return
-        ok, why = netns_available() if use_netns else (False, "--remote-where localhost")
-        if ok:
+        why = netns_support() if use_netns else "--remote-where localhost"
+        if why is None:
             self.ns = Namespace()
             self.addr, self.port = self.ns.addr, NBD_PORT
             self.where = (f"network namespace {self.ns.name} behind a veth pair "
