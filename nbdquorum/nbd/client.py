@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
+import math
 import os
 import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from nbdquorum.coretypes import Buffer, Extent
 from nbdquorum.nbd.constants import (
@@ -56,6 +59,8 @@ from nbdquorum.nbd.wire import (
     U32,
     unpack_block_status,
 )
+
+log = logging.getLogger(__name__)
 
 
 class NBDClientError(ConnectionError):
@@ -164,24 +169,272 @@ async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     await writer.start_tls(tls, server_hostname=server_hostname)
 #: requests are written at once when this many payload bytes wait
 _CORK_MAX = 256 << 10
+#: replies are read into a buffer of this size ...
+_SCRATCH = 256 << 10
+#: ... but the data of a READ chunk longer than this goes from the socket straight
+#: into the request's own buffer (no copy through the reply buffer)
+_DIRECT_MIN = 64 << 10
+#: the longest reply chunk kept whole in the reply buffer (block status, errors)
+_CHUNK_MAX = 64 << 20
+_EOF = "closed by the server"
+
+#: a request's outcome handed to a callback: (result, None) or (None, error)
+Done = Callable[[object, "BaseException | None"], None]
 
 
-def _expire(fut: asyncio.Future[object]) -> None:
-    """A request's time limit passed: its caller gets TimeoutError (a late reply is dropped)."""
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-@dataclass(eq=False)
 class _Pending:
-    cmd: Cmd
-    offset: int
-    length: int
-    future: asyncio.Future[object]
-    data: Buffer | None = None
-    covered: int = 0  # bytes of a READ that data/hole chunks have filled
-    extents: list[Extent] = field(default_factory=list)
-    error: tuple[int, str] | None = None
+    """One request in flight: what was asked, what its reply has filled in so far,
+    and who hears the outcome (a future, or a callback called from the reply parser)."""
+
+    __slots__ = (
+        "cmd",
+        "covered",
+        "data",
+        "deadline",
+        "done",
+        "error",
+        "extents",
+        "future",
+        "length",
+        "offset",
+    )
+
+    def __init__(self, cmd: Cmd, offset: int, length: int,
+                 future: asyncio.Future[object] | None = None, done: Done | None = None,
+                 deadline: float = math.inf) -> None:
+        self.cmd = cmd
+        self.offset = offset
+        self.length = length
+        self.future = future
+        self.done = done
+        self.deadline = deadline
+        self.data: Buffer | None = None
+        self.covered = 0  # bytes of a READ that data/hole chunks have filled
+        self.extents: list[Extent] | None = None
+        self.error: tuple[int, str] | None = None
+
+    @property
+    def settled(self) -> bool:
+        f = self.future
+        return f.done() if f is not None else self.done is None
+
+
+def _settle(p: _Pending, result: object, err: BaseException | None) -> None:
+    """Tell the request's owner its outcome, once (a later one is dropped: a reply
+    after the time limit, a time limit after the owner cancelled)."""
+    f = p.future
+    if f is not None:
+        if f.done():
+            return
+        if err is None:
+            f.set_result(result)
+        else:
+            f.set_exception(err)
+        return
+    done = p.done
+    if done is None:
+        return
+    p.done = None
+    try:
+        done(result, err)
+    except Exception:  # the owner's bug must not break the parsing of other replies
+        log.exception("NBD client: a request's callback failed")
+
+
+def _place(p: _Pending, off: int, n: int) -> int:
+    """Check a data/hole chunk lies inside the READ; its start in the buffer."""
+    start = off - p.offset
+    if p.cmd != Cmd.READ or start < 0 or n < 0 or start + n > p.length:
+        raise NBDClientError(f"chunk {off}+{n} outside the request {p.offset}+{p.length}")
+    p.covered += n
+    if p.data is None and start == 0 and n == p.length:
+        return start  # the whole request in one chunk: kept without a copy
+    if not isinstance(p.data, bytearray):
+        old, p.data = p.data, bytearray(p.length)  # zero-filled: holes need no more
+        if old is not None:
+            p.data[:len(old)] = old
+    return start
+
+
+def _chunk(p: _Pending, rtype: int, payload: bytes) -> None:
+    """One structured reply chunk's payload, applied to its request."""
+    if rtype == ReplyType.OFFSET_DATA:
+        (off,) = OFFSET.unpack_from(payload)
+        body = memoryview(payload)[OFFSET.size:]
+        start = _place(p, off, len(body))
+        if isinstance(p.data, bytearray):
+            p.data[start:start + len(body)] = body
+        else:
+            p.data = body
+    elif rtype == ReplyType.OFFSET_HOLE:
+        off, n = HOLE.unpack_from(payload)
+        start = _place(p, off, n)
+        if not isinstance(p.data, bytearray):  # a hole over the whole request
+            p.data = bytearray(p.length)
+        else:
+            p.data[start:start + n] = bytes(n)
+    elif rtype == ReplyType.BLOCK_STATUS:
+        if p.extents is None:
+            p.extents = []
+        p.extents.extend(parse_extents(payload))
+    elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+        p.error = parse_error(payload)
+    elif rtype != ReplyType.NONE:
+        raise NBDClientError(f"unexpected reply chunk type {rtype}")
+
+
+def _finish(p: _Pending) -> None:
+    """The request's reply is complete: its outcome to its owner."""
+    if p.error is not None:
+        code, msg = p.error
+        _settle(p, None, OSError(code or errno.EIO, msg or os.strerror(code or errno.EIO)))
+    elif p.cmd == Cmd.READ and p.covered != p.length:
+        _settle(p, None, OSError(errno.EIO, f"the server answered {p.covered} of {p.length} bytes read"))
+    elif p.extents:
+        _settle(p, p.extents, None)
+    else:
+        _settle(p, p.data, None)
+
+
+class ReplyReader:
+    """The transmission phase's replies, parsed without I/O.
+
+    Bytes go where ``buffer()`` says, then ``filled(n)`` parses what came; every
+    request whose reply is complete leaves ``pending`` and is finished.  Replies
+    are parsed out of one reply buffer, many per call; the data of a large READ
+    chunk is read straight into the request's own buffer instead.  A reply that
+    breaks the protocol raises NBDClientError (the connection cannot go on).
+    """
+
+    def __init__(self, pending: dict[int, _Pending], *, structured: bool = True) -> None:
+        self.pending = pending
+        self.structured = structured
+        self._buf = bytearray(_SCRATCH)
+        self._view = memoryview(self._buf)
+        self._start = 0  # parsed up to here
+        self._end = 0  # filled up to here
+        self._need = 0  # bytes from _start the next reply needs before it can be parsed
+        # the rest of a READ's data, read straight into its buffer
+        self._direct: memoryview | None = None
+        self._direct_cookie = 0
+        self._direct_last = False  # ... and it ends the reply
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes from the server go (never empty)."""
+        if self._direct is not None:
+            return self._direct
+        return self._view[self._end:]
+
+    def filled(self, n: int) -> None:
+        """``n`` bytes were put where ``buffer()`` said."""
+        direct = self._direct
+        if direct is not None:
+            if n < len(direct):
+                self._direct = direct[n:]
+                return
+            self._direct = None
+            if self._direct_last:
+                _finish(self.pending.pop(self._direct_cookie))
+            return
+        self._end += n
+        self._parse()
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+        elif self._direct is None and (len(self._buf) - end < 16384
+                                       or start + self._need > len(self._buf)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Move the unparsed bytes to the front, growing the buffer for a long reply."""
+        start, end = self._start, self._end
+        size = max(len(self._buf), self._need + 16384)
+        if size > len(self._buf):
+            # (no release(): the event loop may still hold the part it filled)
+            buf = bytearray(size)
+            buf[:end - start] = self._buf[start:end]
+            self._buf = buf
+            self._view = memoryview(buf)
+        else:
+            self._buf[:end - start] = self._buf[start:end]
+        self._start, self._end = 0, end - start
+
+    def _parse(self) -> None:
+        buf, view, pending = self._buf, self._view, self.pending
+        while True:
+            s = self._start
+            avail = self._end - s
+            if avail < SIMPLE_REPLY.size:
+                self._need = SIMPLE_REPLY.size
+                return
+            magic, code, cookie = SIMPLE_REPLY.unpack_from(buf, s)
+            if magic == SIMPLE_REPLY_MAGIC:  # structured: all but READ and BLOCK_STATUS
+                p = pending.get(cookie)
+                if p is None:
+                    raise NBDClientError(f"reply to unknown cookie {cookie}")
+                body = s + SIMPLE_REPLY.size
+                if code:
+                    p.error = (code, "")
+                elif p.cmd == Cmd.READ and not self.structured:  # the data follows
+                    n = p.length
+                    if avail - SIMPLE_REPLY.size >= n:
+                        p.data = bytes(view[body:body + n])
+                        p.covered = n
+                        body += n
+                    elif n > _DIRECT_MIN:
+                        self._start = body
+                        self._go_direct(p, cookie, p.offset, n, last=True)
+                        return
+                    else:
+                        self._need = SIMPLE_REPLY.size + n
+                        return
+                self._start = body
+                del pending[cookie]
+                _finish(p)
+                continue
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise NBDClientError(f"bad reply magic {magic:#x}")
+            if avail < CHUNK.size:
+                self._need = CHUNK.size
+                return
+            _, flags, rtype, cookie, length = CHUNK.unpack_from(buf, s)
+            p = pending.get(cookie)
+            if p is None:
+                raise NBDClientError(f"reply to unknown cookie {cookie}")
+            body = s + CHUNK.size
+            if avail - CHUNK.size >= length:
+                self._start = body + length
+                _chunk(p, rtype, bytes(view[body:body + length]))
+                if flags & ReplyFlag.DONE:
+                    del pending[cookie]
+                    _finish(p)
+                continue
+            if rtype == ReplyType.OFFSET_DATA and length > _DIRECT_MIN:
+                if avail < CHUNK.size + OFFSET.size:
+                    self._need = CHUNK.size + OFFSET.size
+                    return
+                (off,) = OFFSET.unpack_from(buf, body)
+                self._start = body + OFFSET.size
+                self._go_direct(p, cookie, off, length - OFFSET.size,
+                                last=bool(flags & ReplyFlag.DONE))
+                return
+            if length > _CHUNK_MAX:
+                raise NBDClientError(f"a reply chunk of {length} bytes")
+            self._need = CHUNK.size + length
+            return
+
+    def _go_direct(self, p: _Pending, cookie: int, off: int, n: int, *, last: bool) -> None:
+        """The rest of this data chunk goes straight into the request's buffer."""
+        start = _place(p, off, n)
+        if not isinstance(p.data, bytearray):
+            p.data = bytearray(p.length)
+        dst = memoryview(p.data)[start:start + n]
+        have = self._end - self._start  # all of it belongs to this chunk
+        dst[:have] = self._view[self._start:self._end]
+        self._start = self._end = 0
+        self._direct = dst[have:]
+        self._direct_cookie = cookie
+        self._direct_last = last
 
 
 @dataclass(frozen=True)
@@ -196,13 +449,18 @@ class ExportInfo:
     structured: bool = True
 
 
-class NBDClient:
-    """One NBD connection with many requests in flight."""
+class NBDClient(asyncio.BufferedProtocol):
+    """One NBD connection with many requests in flight.
+
+    After the handshake (``connect``) it is the connection's protocol: replies are
+    parsed as they arrive (``ReplyReader``), with no task and no coroutine per
+    reply.  Time limits share one timer, armed for the earliest deadline.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  info: ExportInfo) -> None:
-        self.reader = reader
         self.writer = writer
+        self.transport = writer.transport
         self.info = info
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
@@ -212,7 +470,19 @@ class NBDClient:
         self._out: list[Buffer] = []  # requests not written yet (see submit)
         self._out_bytes = 0
         self._flush_scheduled = False
-        self._task = self._loop.create_task(self._read_replies())
+        self._replies = ReplyReader(self._pending, structured=info.structured)
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        # from here on the replies come to this object, not to the handshake's stream
+        leftover = bytes(getattr(reader, "_buffer", b""))
+        self.transport.set_protocol(self)
+        if leftover:
+            self._feed(leftover)
+        if reader.at_eof() or self.transport.is_closing():
+            self.connection_lost(None)
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -278,24 +548,20 @@ class NBDClient:
         info = ExportInfo(info.size, info.flags, max_block, base_allocation, structured)
         return cls(reader, writer, info)
 
+
+    # -- requests -------------------------------------------------------------------------
     async def call(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
                    data: Buffer | None = None, *, limit: float | None = None) -> object:
         """Send one request and await its reply.
 
         Returns the bytes read (READ), the extents (BLOCK_STATUS) or None;
         an error reply raises OSError with the server's errno and message.
-        ``limit``: raise TimeoutError after that many seconds (one timer on the
-        reply; ``asyncio.wait_for`` would add a task per request).
+        ``limit``: raise TimeoutError after that many seconds.
         """
-        fut = self.submit(cmd, offset, length, flags, data)
-        timer = None if limit is None else self._loop.call_later(limit, _expire, fut)
-        try:
-            if self.writer.transport.get_write_buffer_size() > (4 << 20):
-                await asyncio.wait_for(self.writer.drain(), limit)
-            return await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
+        fut = self.submit(cmd, offset, length, flags, data, limit=limit)
+        if self._paused and self.transport.get_write_buffer_size() > (4 << 20):
+            await asyncio.wait_for(self._drain(), limit)
+        return await fut
 
     def submit(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,
                data: Buffer | None = None, *, limit: float | None = None,
@@ -304,19 +570,32 @@ class NBDClient:
 
         The request is written at once (no back-pressure wait: for callers that
         bound their own requests in flight).  ``limit``: the future fails with
-        TimeoutError after that many seconds.
+        TimeoutError after that many seconds (a late reply is dropped).
         """
+        fut: asyncio.Future[object] = self._loop.create_future()
+        self._send(_Pending(cmd, offset, length, fut), flags, data, limit)
+        return fut
+
+    def send(self, cmd: Cmd, offset: int, length: int, flags: int, data: Buffer | None,
+             done: Done, *, limit: float | None = None) -> None:
+        """``submit`` without a future: ``done(result, error)`` is called once, from
+        the reply parser (or the time limit, or the connection's end)."""
+        self._send(_Pending(cmd, offset, length, None, done), flags, data, limit)
+
+    def _send(self, p: _Pending, flags: int, data: Buffer | None, limit: float | None) -> None:
         if self._closed is not None:
-            raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self._closed}")
-        if self.writer.transport.is_closing():
-            # closed under us (a failed send, abort_now) before the reader saw it end:
+            raise ConnectionResetError(errno.ECONNRESET, f"connection lost: {self.lost_reason}")
+        if self.transport.is_closing():
+            # closed under us (a failed send, abort_now) before its end reached us:
             # a lost connection, never a write on a closed transport
             raise ConnectionResetError(errno.ECONNRESET, "connection lost: transport closed")
-        self._cookie += 1
-        cookie = self._cookie
-        fut: asyncio.Future[object] = self._loop.create_future()
-        self._pending[cookie] = _Pending(cmd, offset, length, fut)
-        self._out.append(encode_request(cmd, flags, cookie, offset, length))
+        self._cookie = cookie = self._cookie + 1
+        if limit is not None:
+            p.deadline = at = self._loop.time() + limit
+            if at < self._timer_at:
+                self._arm(at)
+        self._pending[cookie] = p
+        self._out.append(REQUEST.pack(REQUEST_MAGIC, flags, p.cmd, cookie, p.offset, p.length))
         if data is not None:
             self._out.append(data)
             self._out_bytes += len(data)
@@ -327,148 +606,129 @@ class NBDClient:
             # a TCP segment for many small requests instead of one each)
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        if limit is not None:
-            timer = self._loop.call_later(limit, _expire, fut)
-            fut.add_done_callback(lambda _f: timer.cancel())
-        return fut
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out, self._out_bytes = self._out, [], 0
-        if not out or self.writer.transport.is_closing():
-            return  # a closed connection: the reader fails what is pending
+        if not out or self.transport.is_closing():
+            return  # a closed connection: its end fails what is pending
         if len(out) == 1:
-            self.writer.write(out[0])
+            self.transport.write(out[0])
         else:
-            self.writer.writelines(out)
+            self.transport.writelines(out)
 
-    async def _read_replies(self) -> None:
+    # -- time limits: one timer for the earliest deadline -----------------------------------
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._expire)
+        self._timer_at = at
+
+    def _expire(self) -> None:
+        """Fail the requests past their time limit (their late replies are dropped)."""
+        self._timer, self._timer_at = None, math.inf
+        now = self._loop.time()
+        nearest = math.inf
+        for p in list(self._pending.values()):
+            if p.deadline <= now:
+                _settle(p, None, TimeoutError())
+            elif p.deadline < nearest and not p.settled:
+                nearest = p.deadline
+        if nearest < math.inf and self._closed is None:
+            self._arm(nearest)
+
+    # -- asyncio.BufferedProtocol: the replies ------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._replies.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            read = self.reader.readexactly
-            while True:
-                head = await read(SIMPLE_REPLY.size)
-                simple = parse_reply_start(head)
-                if simple is not None:  # structured: for everything but READ and BLOCK_STATUS
-                    code, cookie, _ = simple
-                    p = self._pending.pop(cookie, None)
-                    if p is None:
-                        raise NBDClientError(f"reply to unknown cookie {cookie}")
-                    if code:
-                        p.error = (code, "")
-                    elif p.cmd == Cmd.READ and not self.info.structured:
-                        p.data = await read(p.length)  # simple replies carry the data
-                        p.covered = p.length
-                    self._finish(p)
-                    continue
-                flags, rtype, cookie, length = parse_chunk_header(head + await read(CHUNK.size - SIMPLE_REPLY.size))
-                payload = await read(length) if length else b""
-                p = self._pending.get(cookie)
-                if p is None:
-                    raise NBDClientError(f"reply to unknown cookie {cookie}")
-                self._chunk(p, rtype, payload)
-                if flags & ReplyFlag.DONE:
-                    del self._pending[cookie]
-                    self._finish(p)
-        except asyncio.CancelledError:
-            self._fail_all(ConnectionError("client closed"))
-            raise
-        except Exception as err:  # EOF, a broken reply (struct.error, ValueError, ...)
-            self._fail_all(err)
+            self._replies.filled(nbytes)
+        except Exception as err:  # a broken reply (NBDClientError, struct.error, ...)
+            if self._closed is None:
+                self._closed = err
+            self.transport.abort()
 
-    @staticmethod
-    def _place(p: _Pending, off: int, n: int) -> int:
-        """Check a data/hole chunk lies inside the READ; its start in the buffer."""
-        start = off - p.offset
-        if p.cmd != Cmd.READ or start < 0 or n < 0 or start + n > p.length:
-            raise NBDClientError(f"chunk {off}+{n} outside the request {p.offset}+{p.length}")
-        p.covered += n
-        if p.data is None and start == 0 and n == p.length:
-            return start  # the whole request in one chunk: kept without a copy
-        if not isinstance(p.data, bytearray):
-            old, p.data = p.data, bytearray(p.length)  # zero-filled: holes need no more
-            if old is not None:
-                p.data[:len(old)] = old
-        return start
+    def _feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._closed is None:
+            dst = self.get_buffer(len(view))
+            n = min(len(dst), len(view))
+            dst[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
-    @classmethod
-    def _chunk(cls, p: _Pending, rtype: int, payload: bytes) -> None:
-        if rtype == ReplyType.OFFSET_DATA:
-            (off,) = OFFSET.unpack_from(payload)
-            body = memoryview(payload)[OFFSET.size:]
-            start = cls._place(p, off, len(body))
-            if isinstance(p.data, bytearray):
-                p.data[start:start + len(body)] = body
-            else:
-                p.data = body
-        elif rtype == ReplyType.OFFSET_HOLE:
-            off, n = HOLE.unpack_from(payload)
-            start = cls._place(p, off, n)
-            if not isinstance(p.data, bytearray):  # a hole over the whole request
-                p.data = bytearray(p.length)
-            else:
-                p.data[start:start + n] = bytes(n)
-        elif rtype == ReplyType.BLOCK_STATUS:
-            p.extents.extend(parse_extents(payload))
-        elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-            p.error = parse_error(payload)
-        elif rtype != ReplyType.NONE:
-            raise NBDClientError(f"unexpected reply chunk type {rtype}")
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost fails what is pending
 
-    @staticmethod
-    def _finish(p: _Pending) -> None:
-        if p.future.done():
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(exc if exc is not None else ConnectionResetError(errno.ECONNRESET, _EOF))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
+
+    async def _drain(self) -> None:
+        if not self._paused or self._closed is not None:
             return
-        if p.error is not None:
-            code, msg = p.error
-            p.future.set_exception(OSError(code or errno.EIO, msg or os.strerror(code or errno.EIO)))
-        elif p.cmd == Cmd.READ and p.covered != p.length:
-            p.future.set_exception(OSError(
-                errno.EIO, f"the server answered {p.covered} of {p.length} bytes read"))
-        elif p.extents:
-            p.future.set_result(p.extents)
-        else:
-            p.future.set_result(p.data)
+        if self._drained is None:
+            self._drained = self._loop.create_future()
+        await asyncio.shield(self._drained)
 
     def _fail_all(self, err: BaseException) -> None:
-        self._closed = err
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            if not p.future.done():
-                p.future.set_exception(
-                    ConnectionResetError(errno.ECONNRESET, f"connection lost: {err}"))
+        if self._closed is None:
+            self._closed = err
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, -math.inf  # never armed again
+        reason = self.lost_reason
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for p in pending:
+            _settle(p, None, ConnectionResetError(errno.ECONNRESET, f"connection lost: {reason}"))
+        self.resume_writing()
+        if not self._ended.done():
+            self._ended.set_result(None)
 
+    # -- the connection's end -----------------------------------------------------------------
     @property
     def lost_reason(self) -> str | None:
         """Why the connection ended (None while it lives)."""
         if self._closed is None:
             return None
-        if isinstance(self._closed, asyncio.IncompleteReadError):
-            return "closed by the server"
-        return str(self._closed) or type(self._closed).__name__
+        return str(self._closed) if str(self._closed) else type(self._closed).__name__
 
     def abort_now(self) -> None:
         """Drop the connection at once: no DISC, no waiting (a dead link)."""
-        self._task.cancel()
-        self.writer.transport.abort()
+        if self._closed is None:
+            self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
+        self.transport.abort()
 
     async def abort(self) -> None:
         self.abort_now()
         with contextlib.suppress(BaseException):
-            await self._task
+            await asyncio.shield(self._ended)
 
     @property
-    def closed(self) -> asyncio.Task[None]:
+    def closed(self) -> asyncio.Future[None]:
         """Done when the connection ended (the primary went away)."""
-        return self._task
+        return self._ended
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        """DISC, then close once what is written has left (bounded: a dead link aborts)."""
+        if not self.transport.is_closing():
             self._flush()  # requests before the DISC
-            self.writer.write(encode_request(Cmd.DISC, 0, 0, 0, 0))
-            await self.writer.drain()
-        self._task.cancel()
+            self.transport.write(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+            if self._closed is None:
+                self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
+            self.transport.close()
         with contextlib.suppress(BaseException):
-            await self._task
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+            await asyncio.wait_for(asyncio.shield(self._ended), 10)
+        if not self._ended.done():
+            self.transport.abort()

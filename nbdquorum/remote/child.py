@@ -230,45 +230,43 @@ class NBDChild(BlockNode):
         client = self._client
         if client is None or length > self._max_request:
             return None
-        try:
-            sent = client.submit(cmd, offset, length, flags, data, limit=self.timeout)
-        except ConnectionError:
-            return None
-        out: asyncio.Future[Any] = client._loop.create_future()
+        loop = client._loop
+        out: asyncio.Future[Any] = loop.create_future()
 
-        def settle(f: asyncio.Future[object]) -> None:
-            if out.done():
-                return
-            err = f.exception()
+        def settle(result: object, err: BaseException | None) -> None:
             if err is None:
-                _chain(f, out, cmd, length)
+                if not out.done():
+                    if cmd != Cmd.READ:
+                        out.set_result(None)
+                    elif isinstance(result, bytes | bytearray | memoryview):
+                        out.set_result(result)
+                    else:
+                        out.set_result(bytes(length))
             elif isinstance(err, TimeoutError):
-                self._lost(f"a request took longer than {self.timeout:g}s")
-                out.set_exception(oserror(errno.ETIMEDOUT, f"{self.address}: no answer"))
+                # also when the quorum gave up first (its own child timeout cancels):
+                # past this child's time limit the link is as dead
+                if self._client is client:
+                    self._lost(f"a request took longer than {self.timeout:g}s")
+                if not out.done():
+                    out.set_exception(oserror(errno.ETIMEDOUT, f"{self.address}: no answer"))
             elif isinstance(err, ConnectionError):
                 if self._client is client:
                     self._lost(f"connection lost: {err}")
+                if out.done():
+                    return
                 if self._waiting_window() <= 0:
                     out.set_exception(oserror(errno.ECONNRESET, f"{self.address}: {err}"))
                     return
                 # within reconnect-delay: sent again once the link is back
-                again = client._loop.create_task(self._call(cmd, offset, length, flags, data))
+                again = loop.create_task(self._call(cmd, offset, length, flags, data))
                 again.add_done_callback(lambda g: _chain(g, out, cmd, length))
-            else:
+            elif not out.done():
                 out.set_exception(err)
 
-        t0 = time.monotonic()
-
-        def given_up(f: asyncio.Future[Any]) -> None:
-            # the quorum's own child timeout fired first (it cancels): the link is as dead
-            if f.cancelled():
-                sent.cancel()
-                if (self._client is client
-                        and time.monotonic() - t0 >= self.timeout * 0.99):
-                    self._lost(f"a request took longer than {self.timeout:g}s")
-
-        sent.add_done_callback(settle)
-        out.add_done_callback(given_up)
+        try:
+            client.send(cmd, offset, length, flags, data, settle, limit=self.timeout)
+        except ConnectionError:
+            return None
         return out
 
     def direct(self) -> Direct:

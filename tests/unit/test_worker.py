@@ -283,10 +283,14 @@ def test_closing_releases_every_descriptor(tmp_path: Path, no_leaked_fds: None) 
     run(main())
 
 
+class _WithLoop(nbdc._Pending):
+    __slots__ = ("loop",)
+
+
 def _pending(cmd: Cmd, offset: int, length: int) -> Any:
     loop = asyncio.new_event_loop()
-    p = nbdc._Pending(cmd, offset, length, loop.create_future())
-    p.loop = loop  # type: ignore[attr-defined]
+    p = _WithLoop(cmd, offset, length, loop.create_future())
+    p.loop = loop
     return p
 
 
@@ -300,23 +304,23 @@ def test_client_assembles_chunks_and_refuses_gaps_and_strays() -> None:
         return off.to_bytes(8, "big") + n.to_bytes(4, "big")
 
     p = _pending(Cmd.READ, 100, 12)
-    NBDClient._chunk(p, ReplyType.OFFSET_DATA, data(104, b"BBBB"))
-    NBDClient._chunk(p, ReplyType.OFFSET_HOLE, hole(108, 4))
-    NBDClient._chunk(p, ReplyType.OFFSET_DATA, data(100, b"AAAA"))
-    NBDClient._finish(p)
+    nbdc._chunk(p, ReplyType.OFFSET_DATA, data(104, b"BBBB"))
+    nbdc._chunk(p, ReplyType.OFFSET_HOLE, hole(108, 4))
+    nbdc._chunk(p, ReplyType.OFFSET_DATA, data(100, b"AAAA"))
+    nbdc._finish(p)
     assert bytes(p.future.result()) == b"AAAABBBB" + bytes(4)
     p.loop.close()
 
     short = _pending(Cmd.READ, 0, 8)
-    NBDClient._chunk(short, ReplyType.OFFSET_DATA, data(0, b"1234"))
-    NBDClient._finish(short)
+    nbdc._chunk(short, ReplyType.OFFSET_DATA, data(0, b"1234"))
+    nbdc._finish(short)
     assert short.future.exception().errno == errno.EIO  # 4 of 8 bytes: not zeros
     short.loop.close()
 
     for off, body in ((96, b"xxxx"), (110, b"xxxx")):  # outside 100+12
         stray = _pending(Cmd.READ, 100, 12)
         with pytest.raises(nbdc.NBDClientError):
-            NBDClient._chunk(stray, ReplyType.OFFSET_DATA, data(off, body))
+            nbdc._chunk(stray, ReplyType.OFFSET_DATA, data(off, body))
         stray.loop.close()
 
 

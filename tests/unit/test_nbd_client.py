@@ -1,0 +1,329 @@
+"""The NBD client's reply parser (ReplyReader) and its driver (NBDClient).
+
+The parser is fed replies cut at every possible place, small and large (large
+READ data goes straight into the request's buffer), structured and simple; the
+driver runs over a socketpair against a scripted server: time limits, late
+replies, a connection's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import pickle
+import random
+import struct
+from typing import Any
+
+import pytest
+
+from nbdquorum.nbd import client as nbdc
+from nbdquorum.nbd.constants import (
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    ReplyFlag,
+    ReplyType,
+)
+from nbdquorum.nbd.wire import CHUNK, REQUEST, SIMPLE_REPLY
+
+MiB = 1 << 20
+
+
+def simple(cookie: int, code: int = 0, data: bytes = b"") -> bytes:
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, code, cookie) + data
+
+
+def chunk(cookie: int, rtype: int, payload: bytes, done: bool = True) -> bytes:
+    flags = ReplyFlag.DONE if done else 0
+    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, len(payload)) + payload
+
+
+def data_chunk(cookie: int, off: int, body: bytes, done: bool = True) -> bytes:
+    return chunk(cookie, ReplyType.OFFSET_DATA, struct.pack(">Q", off) + body, done)
+
+
+def hole_chunk(cookie: int, off: int, n: int, done: bool = True) -> bytes:
+    return chunk(cookie, ReplyType.OFFSET_HOLE, struct.pack(">QI", off, n), done)
+
+
+class Owner:
+    """Requests as the parser sees them, their outcomes recorded by callback."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, nbdc._Pending] = {}
+        self.outcomes: dict[int, tuple[object, BaseException | None]] = {}
+
+    def ask(self, cookie: int, cmd: Cmd, offset: int = 0, length: int = 0) -> None:
+        def done(result: object, err: BaseException | None) -> None:
+            assert cookie not in self.outcomes, "an outcome told twice"
+            self.outcomes[cookie] = (result, err)
+        self.pending[cookie] = nbdc._Pending(cmd, offset, length, None, done)
+
+
+def feed(reader: nbdc.ReplyReader, stream: bytes, cuts: list[int]) -> None:
+    """``stream`` into the reader in pieces ending at ``cuts`` (and wherever the
+    buffer offered is shorter)."""
+    view = memoryview(stream)
+    pos = 0
+    for end in [*cuts, len(stream)]:
+        while pos < end:
+            dst = reader.buffer()
+            assert len(dst) > 0
+            n = min(len(dst), end - pos)
+            held = pickle.PickleBuffer(dst)  # as uvloop: held until buffer_updated returns
+            dst[:n] = view[pos:pos + n]
+            reader.filled(n)
+            held.release()
+            pos += n
+
+
+def scenario() -> tuple[Owner, bytes, dict[int, bytes]]:
+    rng = random.Random(7)
+    big = rng.randbytes(MiB)
+    mid = rng.randbytes(300 << 10)
+    small = rng.randbytes(4096)
+    o = Owner()
+    want: dict[int, bytes] = {}
+    stream = b""
+    o.ask(1, Cmd.WRITE)
+    stream += simple(1)
+    o.ask(2, Cmd.READ, 4096, 4096)
+    stream += data_chunk(2, 4096, small)
+    want[2] = small
+    o.ask(3, Cmd.READ, 0, MiB)  # one large chunk: straight into its buffer
+    stream += data_chunk(3, 0, big)
+    want[3] = big
+    o.ask(4, Cmd.READ, 10 * MiB, (300 << 10) + 8192)  # data, hole, data out of order
+    stream += data_chunk(4, 10 * MiB + 8192, mid, done=False)
+    stream += hole_chunk(4, 10 * MiB + 4096, 4096, done=False)
+    stream += data_chunk(4, 10 * MiB, small)
+    want[4] = small + bytes(4096) + mid
+    o.ask(5, Cmd.READ, 0, 64 << 10)  # all a hole
+    stream += hole_chunk(5, 0, 64 << 10)
+    want[5] = bytes(64 << 10)
+    o.ask(6, Cmd.FLUSH)
+    stream += simple(6, errno.EIO)
+    o.ask(7, Cmd.WRITE)
+    message = b"no space left, really"
+    stream += chunk(7, ReplyType.ERROR, struct.pack(">IH", errno.ENOSPC, len(message)) + message)
+    o.ask(8, Cmd.BLOCK_STATUS, 0, 1 << 40)  # longer than the reply buffer
+    extents = [(4096, i % 4) for i in range(50_000)]
+    payload = struct.pack(">I", 1) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+    stream += chunk(8, ReplyType.BLOCK_STATUS, payload, done=False)
+    stream += chunk(8, ReplyType.NONE, b"")
+    o.ask(9, Cmd.READ, 0, 8)  # 4 of 8 bytes: an error, never zeroes
+    stream += data_chunk(9, 0, b"1234")
+    return o, stream, want
+
+
+def check(o: Owner, want: dict[int, bytes]) -> None:
+    assert sorted(o.outcomes) == list(range(1, 10))
+    assert not o.pending
+    assert o.outcomes[1] == (None, None)
+    for cookie, data in want.items():
+        result, err = o.outcomes[cookie]
+        assert err is None
+        assert isinstance(result, bytes | bytearray | memoryview)
+        assert bytes(result) == data, cookie
+    err6 = o.outcomes[6][1]
+    assert isinstance(err6, OSError) and err6.errno == errno.EIO
+    err7 = o.outcomes[7][1]
+    assert isinstance(err7, OSError) and err7.errno == errno.ENOSPC
+    assert "no space left, really" in str(err7)
+    extents = o.outcomes[8][0]
+    assert isinstance(extents, list) and len(extents) == 50_000 and extents[5] == (4096, 1)
+    err9 = o.outcomes[9][1]
+    assert isinstance(err9, OSError) and err9.errno == errno.EIO
+
+
+def test_replies_whole_and_cut_anywhere() -> None:
+    o, stream, want = scenario()
+    feed(nbdc.ReplyReader(o.pending), stream, [])
+    check(o, want)
+    rng = random.Random(11)
+    for _ in range(30):  # random cuts, many of them inside headers
+        o, stream, want = scenario()
+        cuts = sorted(rng.sample(range(1, len(stream)), 200))
+        feed(nbdc.ReplyReader(o.pending), stream, cuts)
+        check(o, want)
+
+
+def test_replies_byte_by_byte() -> None:
+    o, stream, want = scenario()
+    reader = nbdc.ReplyReader(o.pending)
+    # the headers and small replies one byte at a time; the large data in one piece
+    feed(reader, stream, [i for i in range(1, len(stream))
+                          if i < 5000 or i > len(stream) - 420_000])
+    check(o, want)
+
+
+def test_large_read_data_lands_in_its_own_buffer() -> None:
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, MiB)
+    body = bytes(range(256)) * 4096
+    reader = nbdc.ReplyReader(o.pending)
+    stream = data_chunk(1, 0, body)
+    feed(reader, stream, [100])
+    # after the first 100 bytes the reader offers the request's buffer itself
+    o2 = Owner()
+    o2.ask(1, Cmd.READ, 0, MiB)
+    r2 = nbdc.ReplyReader(o2.pending)
+    dst = r2.buffer()
+    dst[:100] = stream[:100]
+    r2.filled(100)
+    assert len(r2.buffer()) == MiB - (100 - CHUNK.size - 8)
+    result, err = o.outcomes[1]
+    assert err is None and bytes(result) == body  # type: ignore[arg-type]
+
+
+def test_simple_replies_carry_read_data() -> None:
+    """A server without structured replies: the data follows the simple reply."""
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, 4096)
+    o.ask(2, Cmd.READ, 0, MiB)
+    o.ask(3, Cmd.READ, 0, 512)
+    stream = simple(1, 0, b"a" * 4096) + simple(2, 0, b"b" * MiB) + simple(3, errno.EIO)
+    feed(nbdc.ReplyReader(o.pending, structured=False), stream, [3, 17, 5000, 200_000])
+    assert bytes(o.outcomes[1][0]) == b"a" * 4096  # type: ignore[arg-type]
+    assert bytes(o.outcomes[2][0]) == b"b" * MiB  # type: ignore[arg-type]
+    err = o.outcomes[3][1]
+    assert isinstance(err, OSError) and err.errno == errno.EIO  # no data after an error
+
+
+@pytest.mark.parametrize("bad", [
+    simple(99),  # nobody asked
+    chunk(99, ReplyType.NONE, b""),
+    b"\x12\x34\x56\x78" + bytes(12),  # wrong magic
+    data_chunk(1, 1 << 30, b"x"),  # data outside the request
+    chunk(1, 77, b""),  # a chunk type that does not exist
+])
+def test_a_broken_reply_is_an_error(bad: bytes) -> None:
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, 4096)
+    with pytest.raises(nbdc.NBDClientError):
+        feed(nbdc.ReplyReader(o.pending), bad, [])
+
+
+def test_an_absurd_chunk_length_is_refused_before_it_is_buffered() -> None:
+    o = Owner()
+    o.ask(1, Cmd.BLOCK_STATUS, 0, 4096)
+    header = CHUNK.pack(STRUCTURED_REPLY_MAGIC, 0, ReplyType.BLOCK_STATUS, 1, 1 << 31)
+    with pytest.raises(nbdc.NBDClientError):
+        feed(nbdc.ReplyReader(o.pending), header + bytes(100), [])
+
+
+def test_an_outcome_is_told_once() -> None:
+    """A request whose time ran out gets no second outcome from its late reply."""
+    calls: list[Any] = []
+    p = nbdc._Pending(Cmd.WRITE, 0, 0, None, lambda r, e: calls.append((r, e)))
+    nbdc._settle(p, None, TimeoutError())
+    pending = {1: p}
+    feed(nbdc.ReplyReader(pending), simple(1), [])
+    assert len(calls) == 1 and isinstance(calls[0][1], TimeoutError) and not pending
+
+
+# -- the driver over a socket pair ---------------------------------------------------------
+
+
+async def _pair(serve: Any) -> tuple[nbdc.NBDClient, asyncio.Task[None]]:
+    """An NBDClient (the handshake skipped) and a scripted server on the other end."""
+    import socket
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    sreader, swriter = await asyncio.open_connection(sock=b)
+    client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+    return client, asyncio.get_running_loop().create_task(serve(sreader, swriter))
+
+
+async def _requests(reader: asyncio.StreamReader, n: int) -> list[tuple[int, int, int, int]]:
+    out = []
+    for _ in range(n):
+        magic, _flags, cmd, cookie, offset, length = REQUEST.unpack(
+            await reader.readexactly(REQUEST.size))
+        assert magic == REQUEST_MAGIC
+        if cmd == Cmd.WRITE:
+            await reader.readexactly(length)
+        out.append((cmd, cookie, offset, length))
+    return out
+
+
+def test_time_limits_share_a_timer_and_late_replies_are_dropped() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            reqs = await _requests(r, 3)
+            await release.wait()  # answer everything late, then one more on time
+            for cmd, cookie, offset, length in reqs:
+                w.write(data_chunk(cookie, offset, b"z" * length) if cmd == Cmd.READ
+                        else simple(cookie))
+            (cmd, cookie, offset, length), = await _requests(r, 1)
+            w.write(data_chunk(cookie, offset, b"y" * length))
+            await w.drain()
+
+        client, server = await _pair(serve)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        slow = client.submit(Cmd.READ, 0, 4096, limit=5.0)
+        fast = client.submit(Cmd.READ, 0, 4096, limit=0.3)  # earlier deadline: re-armed
+        told: list[Any] = []
+        client.send(Cmd.WRITE, 0, 3, 0, b"abc", lambda r, e: told.append(e), limit=0.3)
+        with pytest.raises(TimeoutError):
+            await fast
+        assert loop.time() - t0 < 3.0
+        assert len(told) == 1 and isinstance(told[0], TimeoutError)
+        assert not slow.done()
+        release.set()
+        assert bytes(await slow) == b"z" * 4096  # type: ignore[arg-type]
+        # the late replies to the expired requests were dropped; the link still works
+        assert bytes(await client.call(Cmd.READ, 0, 16, limit=5)) == b"y" * 16  # type: ignore[arg-type]
+        assert len(told) == 1
+        await server
+        await client.close()
+        assert client.closed.done()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_connections_end_fails_what_is_in_flight() -> None:
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await _requests(r, 2)
+            w.write(simple(1)[:7])  # half a reply, then the end
+            await w.drain()
+            w.close()
+
+        client, server = await _pair(serve)
+        first = client.submit(Cmd.WRITE, 0, 1, 0, b"x")
+        told: list[Any] = []
+        client.send(Cmd.FLUSH, 0, 0, 0, None, lambda r, e: told.append(e))
+        with pytest.raises(ConnectionResetError, match="closed by the server"):
+            await first
+        await server
+        await asyncio.wait_for(client.closed, 5)
+        assert len(told) == 1 and isinstance(told[0], ConnectionResetError)
+        assert client.lost_reason is not None and "closed by the server" in client.lost_reason
+        with pytest.raises(ConnectionResetError):
+            client.submit(Cmd.FLUSH)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_broken_reply_ends_the_connection() -> None:
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await _requests(r, 1)
+            w.write(simple(4242))  # a cookie nobody used
+            await w.drain()
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await r.readexactly(1)
+
+        client, server = await _pair(serve)
+        with pytest.raises(ConnectionResetError, match="unknown cookie 4242"):
+            await client.call(Cmd.FLUSH)
+        await server
+        await client.abort()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
