@@ -306,9 +306,12 @@ class ReplyReader:
     breaks the protocol raises NBDClientError (the connection cannot go on).
     """
 
-    def __init__(self, pending: dict[int, _Pending], *, structured: bool = True) -> None:
+    def __init__(self, pending: dict[int, _Pending], *, structured: bool = True,
+                 finish: Callable[[_Pending], None] | None = None) -> None:
         self.pending = pending
         self.structured = structured
+        #: called with each request whose reply is complete (default: its outcome told now)
+        self.finish = finish or _finish
         self._buf = bytearray(_SCRATCH)
         self._view = memoryview(self._buf)
         self._start = 0  # parsed up to here
@@ -334,7 +337,7 @@ class ReplyReader:
                 return
             self._direct = None
             if self._direct_last:
-                _finish(self.pending.pop(self._direct_cookie))
+                self.finish(self.pending.pop(self._direct_cookie))
             return
         self._end += n
         self._parse()
@@ -360,7 +363,7 @@ class ReplyReader:
         self._start, self._end = 0, end - start
 
     def _parse(self) -> None:
-        buf, view, pending = self._buf, self._view, self.pending
+        buf, view, pending, finish = self._buf, self._view, self.pending, self.finish
         while True:
             s = self._start
             avail = self._end - s
@@ -390,7 +393,7 @@ class ReplyReader:
                         return
                 self._start = body
                 del pending[cookie]
-                _finish(p)
+                finish(p)
                 continue
             if magic != STRUCTURED_REPLY_MAGIC:
                 raise NBDClientError(f"bad reply magic {magic:#x}")
@@ -407,7 +410,7 @@ class ReplyReader:
                 _chunk(p, rtype, bytes(view[body:body + length]))
                 if flags & ReplyFlag.DONE:
                     del pending[cookie]
-                    _finish(p)
+                    finish(p)
                 continue
             if rtype == ReplyType.OFFSET_DATA and length > _DIRECT_MIN:
                 if avail < CHUNK.size + OFFSET.size:
@@ -470,7 +473,9 @@ class NBDClient(asyncio.BufferedProtocol):
         self._out: list[Buffer] = []  # requests not written yet (see submit)
         self._out_bytes = 0
         self._flush_scheduled = False
-        self._replies = ReplyReader(self._pending, structured=info.structured)
+        self._replies = ReplyReader(self._pending, structured=info.structured,
+                                    finish=self._finish_soon)
+        self._ready: list[_Pending] = []  # replies complete, their outcomes not told yet
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -616,6 +621,19 @@ class NBDClient(asyncio.BufferedProtocol):
             self.transport.write(out[0])
         else:
             self.transport.writelines(out)
+
+    def _finish_soon(self, p: _Pending) -> None:
+        """A complete reply's outcome is told after the event loop's other ready work:
+        the replies of one read are parsed at once, but what their owners do next
+        waits its turn (a client's request that arrived meanwhile goes first)."""
+        if not self._ready:
+            self._loop.call_soon(self._finish_ready)
+        self._ready.append(p)
+
+    def _finish_ready(self) -> None:
+        ready, self._ready = self._ready, []
+        for p in ready:
+            _finish(p)
 
     # -- time limits: one timer for the earliest deadline -----------------------------------
     def _arm(self, at: float) -> None:
