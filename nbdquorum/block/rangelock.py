@@ -37,23 +37,35 @@ class _Entry:
 
 class RangeLock:
     def __init__(self) -> None:
-        self._entries: list[_Entry] = []  # arrival order, granted and waiting
+        #: granted and waiting, in arrival order (a dict: removal without a scan)
+        self._entries: dict[_Entry, None] = {}
+        self._exclusive = 0  # entries that are writers: readers check nothing without one
+        self._waiting = 0  # entries whose waiter is not woken yet: releases scan only then
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _blocked(self, entry: _Entry) -> bool:
+        if not self._entries or not (entry.exclusive or self._exclusive):
+            return False  # nothing held, or readers among readers
+        return any(e.conflicts(entry) for e in self._entries)
+
+    def _add(self, entry: _Entry) -> None:
+        self._entries[entry] = None
+        if entry.exclusive:
+            self._exclusive += 1
+
     def would_block(self, offset: int, length: int, *, exclusive: bool) -> bool:
         """True if a request on this range would have to wait (or overtake one)."""
-        probe = _Entry(offset, offset + max(length, 1), exclusive)
-        return any(e.conflicts(probe) for e in self._entries)
+        return self._blocked(_Entry(offset, offset + max(length, 1), exclusive))
 
     def try_acquire(self, offset: int, length: int, *, exclusive: bool) -> _Entry | None:
         """The range at once, or None if the request would have to wait."""
         entry = _Entry(offset, offset + max(length, 1), exclusive)
-        if any(e.conflicts(entry) for e in self._entries):
+        if self._blocked(entry):
             return None
         entry.granted = True
-        self._entries.append(entry)
+        self._add(entry)
         return entry
 
     @asynccontextmanager
@@ -68,13 +80,16 @@ class RangeLock:
         """Wait for the range; the holder must ``release()`` the entry returned
         (``hold()`` does both; this form lets a hold outlive the task that took it)."""
         entry = _Entry(offset, offset + max(length, 1), exclusive)
-        blocked = any(e.conflicts(entry) for e in self._entries)
-        self._entries.append(entry)
+        blocked = self._blocked(entry)
+        self._add(entry)
         if blocked:
-            entry.waiter = asyncio.get_running_loop().create_future()
+            waiter = entry.waiter = asyncio.get_running_loop().create_future()
+            self._waiting += 1
             try:
-                await entry.waiter
+                await waiter
             except BaseException:
+                if waiter.cancelled():  # never woken: no longer waiting
+                    self._waiting -= 1
                 self._release(entry)
                 raise
         entry.granted = True
@@ -84,8 +99,12 @@ class RangeLock:
         self._release(entry)
 
     def _release(self, entry: _Entry) -> None:
-        entries = self._entries
-        entries.remove(entry)
+        del self._entries[entry]
+        if entry.exclusive:
+            self._exclusive -= 1
+        if not self._waiting:
+            return
+        entries = list(self._entries)
         # Wake every waiter that this release concerned and that no earlier
         # entry still blocks.  Only waiters overlapping the released range can
         # change, so the scan is cheap when many requests are queued elsewhere.
@@ -99,3 +118,4 @@ class RangeLock:
                     break
             if not blocked:
                 e.waiter.set_result(None)
+                self._waiting -= 1

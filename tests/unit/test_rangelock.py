@@ -109,3 +109,67 @@ def test_cancelled_waiter_releases_its_place() -> None:
             pass
 
     run(main())
+
+
+def test_random_traffic_against_a_model() -> None:
+    """Random readers and writers over a few ranges, some cancelled while they wait,
+    some taken with try_acquire: never two conflicting holders, a request runs as
+    soon as no earlier overlapping one is in its way, and the lock ends empty."""
+    import random
+
+    from nbdquorum.block.rangelock import _Entry
+
+    async def main() -> None:
+        rng = random.Random(5)
+        lock = RangeLock()
+        holding: list[_Entry] = []  # granted, in grant order
+
+        def check() -> None:
+            for i, a in enumerate(holding):
+                for b in holding[i + 1:]:
+                    assert not a.conflicts(b), (a.start, a.end, b.start, b.end)
+            assert lock._exclusive == sum(e.exclusive for e in lock._entries)
+            assert lock._waiting == sum(1 for e in lock._entries
+                                        if e.waiter is not None and not e.waiter.done())
+
+        async def user(offset: int, length: int, exclusive: bool, stay: int) -> None:
+            entry = await lock.acquire(offset, length, exclusive=exclusive)
+            holding.append(entry)
+            check()
+            for _ in range(stay):
+                await asyncio.sleep(0)
+            holding.remove(entry)
+            lock.release(entry)
+
+        tasks: list[asyncio.Task[None]] = []
+        for _ in range(400):
+            offset, length = rng.randrange(0, 64) * 512, rng.randrange(1, 8) * 512
+            exclusive = rng.random() < 0.4
+            roll = rng.random()
+            if roll < 0.2:
+                probe = _Entry(offset, offset + length, exclusive)
+                busy = any(e.conflicts(probe) for e in lock._entries)
+                entry = lock.try_acquire(offset, length, exclusive=exclusive)
+                assert (entry is None) == busy
+                if entry is not None:
+                    holding.append(entry)
+                    check()
+                    holding.remove(entry)
+                    lock.release(entry)
+            else:
+                tasks.append(asyncio.get_running_loop().create_task(
+                    user(offset, length, exclusive, rng.randrange(0, 4))))
+            if roll > 0.9 and tasks:
+                rng.choice(tasks).cancel()  # mostly while waiting for the range
+            for _ in range(rng.randrange(0, 3)):
+                await asyncio.sleep(0)
+            check()
+            # nobody waits who could run: no earlier entry overlaps a waiter
+            entries = list(lock._entries)
+            for i, e in enumerate(entries):
+                if e.waiter is not None and not e.waiter.done():
+                    assert any(entries[j].conflicts(e) for j in range(i))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(lock) == 0 and lock._waiting == 0 and lock._exclusive == 0
+
+    run(main())
