@@ -45,6 +45,10 @@ class Direct:
 
     #: a descriptor holding the node's bytes 1:1, or None
     fd: int | None = None
+    #: every soon_pread/soon_pwrite future is done within this many seconds (the
+    #: node bounds its own requests: a caller with a longer limit needs no timer
+    #: of its own), or None
+    time_limit: float | None = None
 
     def try_pread(self, offset: int, length: int) -> Buffer | None:
         return None

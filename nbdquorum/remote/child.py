@@ -467,6 +467,13 @@ class _Soon(Direct):
     def __init__(self, child: NBDChild) -> None:
         self.child = child
 
+    @property
+    def time_limit(self) -> float | None:  # type: ignore[override]
+        """Requests fail after the child's timeout, unless a lost link makes them
+        wait for its return (reconnect-delay): then the caller bounds them."""
+        c = self.child
+        return c.timeout if c.reconnect_delay <= 0 else None
+
     def soon_pread(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
         return self.child._submit(Cmd.READ, offset, length)
 

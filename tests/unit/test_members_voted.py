@@ -11,7 +11,7 @@ import pytest
 
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
-from nbdquorum.block.node import Buffer, Unreachable
+from nbdquorum.block.node import Buffer, Direct, Unreachable
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan
 from nbdquorum.block.quorum.voted import INLINE_MAX, VotedIO
 from nbdquorum.eventbus import Event, EventBus
@@ -395,7 +395,7 @@ class SoonNode(MemNode):
         return out
 
 
-class _SoonOffer:
+class _SoonOffer(Direct):
     fd = None
 
     def __init__(self, node: SoonNode) -> None:

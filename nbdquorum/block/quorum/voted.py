@@ -282,6 +282,15 @@ class SoonReads(_Gather):
         return native.diff_span(a, b) is not None
 
 
+def _own_limit(d: Direct | None, limit: float | None) -> float | None:
+    """``limit`` if a request started on ``d`` may outlive it (a timer must bound
+    it), None if the node's own time limit already does."""
+    if limit is None:
+        return None
+    bound = None if d is None else d.time_limit
+    return limit if bound is None or bound > limit else None
+
+
 def _soon_vote(bufs: list[Buffer | None], errs: list[OSError | None], threshold: int) -> Reads:
     """The vote of a soon-path read: every child read and equal to the first is the
     usual outcome, told by comparing bytes; anything else is voted in full."""
@@ -538,6 +547,7 @@ class VotedIO:
                     else:
                         errs[i] = oserror(codes[i], nodes[i].node_name)
         started: dict[int, asyncio.Future[Any]] = {}
+        timer = None
         for i, fd in enumerate(fds):
             if fd < 0:
                 d = nodes[i].direct()
@@ -545,7 +555,8 @@ class VotedIO:
                 if f is None:
                     return None  # what already started is dropped when it answers
                 started[i] = f
-        return SoonReads(self.running_loop(), started, bufs, errs, limit,
+                timer = timer or _own_limit(d, limit)
+        return SoonReads(self.running_loop(), started, bufs, errs, timer,
                          lambda: _soon_vote(bufs, errs, threshold), threshold)
 
     def write_soon(self, nodes: Sequence[BlockNode], fds: list[int], offset: int,
@@ -560,6 +571,7 @@ class VotedIO:
         n = len(nodes)
         errs: list[OSError | None] = [None] * n
         started: dict[int, asyncio.Future[Any]] = {}
+        timer = None  # a write on the pool is never abandoned: no timer for it
         for i, fd in enumerate(fds):
             if fd < 0:
                 d = nodes[i].direct()
@@ -570,6 +582,7 @@ class VotedIO:
                     errs[i] = oserror(errno.ENOTCONN, nodes[i].node_name)
                     continue
                 started[i] = f
+                timer = timer or _own_limit(d, limit)
         loop = self.running_loop()
         grouped = [i for i, fd in enumerate(fds) if fd >= 0]
         if grouped:
@@ -594,7 +607,7 @@ class VotedIO:
             return errs
 
         got: dict[int, Any] = {}
-        return _Gather(loop, started, None, errs, limit, result, got).out
+        return _Gather(loop, started, None, errs, timer, result, got).out
 
     @staticmethod
     def _fill_grouped(nodes: Sequence[BlockNode], grouped: list[int],
