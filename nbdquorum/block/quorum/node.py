@@ -715,9 +715,19 @@ class QuorumNode(BlockNode):
             self.lock.release(entry)
             return None
         targets = plan.targets
-        started = self.voted.write_soon([s.node for s in targets], fds, offset, data,
-                                        self.child_timeout)
-        if started is None:
+
+        def written(errs: list[OSError | None]) -> None:
+            # judged once every child answered, before the client hears of it
+            try:
+                self._account_write("write", offset, length, targets, errs)
+            finally:
+                if intent is not None:
+                    intent.done(offset, length)
+                self.lock.release(entry)
+
+        out = self.voted.write_soon([s.node for s in targets], fds, offset, data,
+                                    self.child_timeout, written)
+        if out is None:
             if intent is not None:
                 intent.done(offset, length)
             self.lock.release(entry)
@@ -725,24 +735,6 @@ class QuorumNode(BlockNode):
         self.last_client_io = time.monotonic()
         for slot in targets:
             slot.stats.writes += 1
-        out: asyncio.Future[None] = self.voted.running_loop().create_future()
-
-        def written(f: asyncio.Future[list[OSError | None]]) -> None:
-            try:
-                err = f.exception()
-                if err is None:
-                    self._account_write("write", offset, length, targets, f.result())
-                    out.set_result(None)
-                else:
-                    out.set_exception(err)
-            except BaseException as err:
-                out.set_exception(err)
-            finally:
-                if intent is not None:
-                    intent.done(offset, length)
-                self.lock.release(entry)
-
-        started.add_done_callback(written)
         return out
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:

@@ -561,10 +561,12 @@ class VotedIO:
 
     def write_soon(self, nodes: Sequence[BlockNode], fds: list[int], offset: int,
                    data: Buffer, limit: float | None,
-                   ) -> asyncio.Future[list[OSError | None]] | None:
+                   then: Callable[[list[OSError | None]], T],
+                   ) -> asyncio.Future[T] | None:
         """Write every child without a task: the others' ``soon_pwrite`` first, then
         the descriptors (on the caller's thread when the page cache takes it, else
-        one C call on the pool); the future gives per child its error or None.
+        one C call on the pool); once all have answered, ``then`` gets per child
+        its error or None, and the future what ``then`` returns (or raises).
         None when the request cannot start that way (nothing was written)."""
         if len(data) > INLINE_MAX:
             return None
@@ -596,7 +598,7 @@ class VotedIO:
                     if codes[i] != 0:
                         errs[i] = oserror(codes[i], nodes[i].node_name)
 
-        def result() -> list[OSError | None]:
+        def result() -> T:
             pooled = got.get(-1)
             if pooled is not None:
                 for i in grouped:
@@ -604,7 +606,7 @@ class VotedIO:
                         errs[i] = pooled
                     elif pooled[i] != 0:
                         errs[i] = oserror(pooled[i], nodes[i].node_name)
-            return errs
+            return then(errs)
 
         got: dict[int, Any] = {}
         return _Gather(loop, started, None, errs, timer, result, got).out
