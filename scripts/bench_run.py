@@ -652,17 +652,28 @@ def _fio_snapshots(path: Path) -> list[tuple[float, int]]:
     return out
 
 
-def _wait_synced(qmp: Any, deadline: float) -> None:
-    """Poll until the remote child is active again (its resync done)."""
+def _wait_synced(qmp: Any, deadline: float) -> float:
+    """Wait until the remote child is active again (its resync done); the wall time
+    its QUORUM_CHILD_STATE_CHANGE says it became so.  Events, not polling: a query
+    every few milliseconds would cost the server CPU that the resync then lacks."""
     while True:
-        (st,) = qmp.execute("query-quorum-status")
-        child = next(c for c in st["children"] if c["node-name"] == REMOTE_CHILD)
-        if child["state"] == "active":
-            return
-        if child["state"] == "faulted" or time.monotonic() > deadline:
-            raise ServerError(f"resync of {REMOTE_CHILD}: {child['state']}, "
-                              f"{child.get('resync-error') or 'timed out'}")
-        time.sleep(0.02)
+        while qmp.events:
+            ev = qmp.events.pop(0)
+            data = ev.get("data", {})
+            if ev.get("event") != "QUORUM_CHILD_STATE_CHANGE" or data.get("node-name") != REMOTE_CHILD:
+                continue
+            if data["state"] == "active":
+                ts = ev["timestamp"]
+                return float(ts["seconds"] + ts["microseconds"] / 1e6) if isinstance(ts, dict) else float(ts)
+            if data["state"] == "faulted":
+                (st,) = qmp.execute("query-quorum-status")
+                child = next(c for c in st["children"] if c["node-name"] == REMOTE_CHILD)
+                raise ServerError(f"resync of {REMOTE_CHILD}: faulted, {child.get('resync-error')}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"resync of {REMOTE_CHILD}: timed out")
+        msg = qmp.recv()  # the client's timeout bounds one wait
+        if "event" in msg:
+            qmp.events.append(msg)
 
 
 def resync_once(args: argparse.Namespace, imgdir: Path, out: Path, rep: int,
@@ -688,11 +699,12 @@ def resync_once(args: argparse.Namespace, imgdir: Path, out: Path, rep: int,
                 fa = [*fio_argv(RESYNC_FIO, sock, 600, fio_out), "--status-interval=1"]
                 fio = subprocess.Popen(fa, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                 time.sleep(2.5)  # fio connected and in its stride: two snapshots
-            c0, r0, t0, w0 = cpu_seconds(pid), cpu_seconds(site.pid), time.monotonic(), time.time()
+            qmp.events.clear()
+            c0, r0, w0 = cpu_seconds(pid), cpu_seconds(site.pid), time.time()
             qmp.execute("x-quorum-resync", {"node-name": REMOTE_CHILD, "full": True})
-            _wait_synced(qmp, time.monotonic() + 600)
-            t1, w1 = time.monotonic(), time.time()
+            w1 = _wait_synced(qmp, time.monotonic() + 600)
             c1, r1 = cpu_seconds(pid), cpu_seconds(site.pid)
+            t0, t1 = w0, max(w1, w0 + 1e-3)
             if fio is not None:
                 time.sleep(1.2)  # one more snapshot after the end
         finally:

@@ -228,6 +228,16 @@ def test_region_runs_and_zero_blocks() -> None:
         (0, ZERO_GRAIN - 512, False), (ZERO_GRAIN - 512, 2 * ZERO_GRAIN - 512, True),
         (2 * ZERO_GRAIN - 512, 2 * ZERO_GRAIN, False)]
     assert zero_blocks(bytes(BLK), 12288) == [(0, BLK, True)]  # all zero: no data at all
+    # a view into a larger read (compared in place): the same answers
+    big = bytearray(8 * ZERO_GRAIN)
+    big[3 * ZERO_GRAIN + 5] = 1
+    big[6 * ZERO_GRAIN - 1] = 7
+    view = memoryview(big)[2 * ZERO_GRAIN:6 * ZERO_GRAIN]
+    assert zero_blocks(view, 0) == zero_blocks(bytes(view), 0) == [
+        (0, ZERO_GRAIN, True), (ZERO_GRAIN, 2 * ZERO_GRAIN, False),
+        (2 * ZERO_GRAIN, 3 * ZERO_GRAIN, True), (3 * ZERO_GRAIN, 4 * ZERO_GRAIN, False)]
+    assert zero_blocks(view[512:], 512) == zero_blocks(bytes(view[512:]), 512)
+    assert zero_blocks(memoryview(bytes(BLK)), 12288) == [(0, BLK, True)]
 
 
 # --------------------------------------------------------------------------- resync

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nbdquorum import native
 from nbdquorum.block.node import STATE_HOLE, STATE_ZERO, BlockNode, Buffer, Extent
 from nbdquorum.block.quorum.voted import timed
 
@@ -172,14 +173,25 @@ def zero_blocks(data: Buffer, offset: int, grain: int = ZERO_GRAIN) -> list[tupl
     """Split voted bytes read at ``offset`` into runs ``(start, end, all_zero)`` (indexes
     into ``data``), deciding per ``grain``-aligned block (the first and last may be
     partial): zero runs inside data are not cut finer than that."""
-    buf = data if isinstance(data, bytes | bytearray) else bytes(data)
-    n = len(buf)
     zeros = _ZEROS if grain == ZERO_GRAIN else bytes(grain)
+    if isinstance(data, bytes | bytearray):
+        buf = data
+        n = len(buf)
+
+        def is_zero(a: int, b: int) -> bool:
+            return buf.startswith(zeros if b - a == grain else bytes(b - a), a)
+    else:  # a view (a part of a larger read): compared in place, never copied whole
+        view = memoryview(data).cast("B")
+        n = len(view)
+        zview = memoryview(zeros)
+
+        def is_zero(a: int, b: int) -> bool:
+            return native.diff_span(view[a:b], zview[:b - a]) is None
     runs: list[tuple[int, int, bool]] = []
     a = 0
     while a < n:
         b = min(n, (offset + a) // grain * grain + grain - offset)
-        zero = buf.startswith(zeros if b - a == grain else bytes(b - a), a)
+        zero = is_zero(a, b)
         if runs and runs[-1][2] == zero:
             runs[-1] = (runs[-1][0], b, zero)
         else:
