@@ -177,6 +177,7 @@ _DIRECT_MIN = 64 << 10
 #: the longest reply chunk kept whole in the reply buffer (block status, errors)
 _CHUNK_MAX = 64 << 20
 _EOF = "closed by the server"
+_DONE = int(ReplyFlag.DONE)  # a plain int: IntFlag's & makes a new flag object each time
 
 #: a request's outcome handed to a callback: (result, None) or (None, error)
 Done = Callable[[object, "BaseException | None"], None]
@@ -408,7 +409,7 @@ class ReplyReader:
             if avail - CHUNK.size >= length:
                 self._start = body + length
                 _chunk(p, rtype, bytes(view[body:body + length]))
-                if flags & ReplyFlag.DONE:
+                if flags & _DONE:
                     del pending[cookie]
                     finish(p)
                 continue
@@ -419,7 +420,7 @@ class ReplyReader:
                 (off,) = OFFSET.unpack_from(buf, body)
                 self._start = body + OFFSET.size
                 self._go_direct(p, cookie, off, length - OFFSET.size,
-                                last=bool(flags & ReplyFlag.DONE))
+                                last=bool(flags & _DONE))
                 return
             if length > _CHUNK_MAX:
                 raise NBDClientError(f"a reply chunk of {length} bytes")
