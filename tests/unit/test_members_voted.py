@@ -530,3 +530,18 @@ def test_reads_answered_early_are_bounded_so_a_slow_child_cannot_pile_them_up(
 
     run(main())
     g.close()
+
+
+def test_soon_reads_compare_every_kind_of_buffer() -> None:
+    """The soon path's comparison: bytes, bytearray and memoryview in any pairing."""
+    from nbdquorum.block.quorum.voted import SoonReads
+
+    data = bytes(range(256)) * 16
+    kinds = [data, bytearray(data), memoryview(b"xx" + data)[2:], memoryview(bytearray(data))]
+    other = bytearray(data)
+    other[4000] ^= 1
+    for a in kinds:
+        for b in kinds:
+            assert not SoonReads.diff(a, b)
+        for b in (bytes(other), other, memoryview(other)):
+            assert SoonReads.diff(a, b) and SoonReads.diff(b, a)

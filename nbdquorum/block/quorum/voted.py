@@ -277,8 +277,12 @@ class SoonReads(_Gather):
 
     @staticmethod
     def diff(a: Buffer, b: Buffer) -> bool:
-        if isinstance(a, bytes | bytearray) and isinstance(b, bytes | bytearray):
-            return a != b  # a memcmp
+        # a bytearray compares with any buffer by one memcmp (bytes and memoryview
+        # only with their own kind: memoryview == x goes item by item)
+        if isinstance(a, bytearray):
+            return a != b
+        if isinstance(b, bytearray) or (isinstance(a, bytes) and isinstance(b, bytes)):
+            return b != a
         return native.diff_span(a, b) is not None
 
 
