@@ -143,6 +143,10 @@ _SERVER_FLAGS: Final = GlobalFlag.FIXED_NEWSTYLE | GlobalFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 _EXPORT_NAME_PADDING: Final = bytes(124)
 _U32_MAX: Final = (1 << 32) - 1
+#: an OFFSET_DATA chunk's header and its offset, packed at once
+_DATA_HEAD: Final = struct.Struct(_CHUNK.format + _OFFSET.format.lstrip(">"))
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 
 # The command flags each command may carry (proto.md: "Command flags").  FUA is
 # valid on every command once SEND_FUA is advertised: the spec says the server
@@ -835,6 +839,14 @@ class ServerConnection:
         return [header, payload]
 
     def _send_read(self, event: ReadReply) -> list[bytes | memoryview]:
+        chunks = event.chunks
+        if len(chunks) == 1 and self.structured and isinstance(chunks[0], DataChunk):
+            # the common reply, framed in one pack: a chunk header and its offset
+            data = _payload(chunks[0].data)
+            size = len(data) + _OFFSET.size
+            if _OFFSET.size < size <= _U32_MAX:
+                return [_DATA_HEAD.pack(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA,
+                                        event.cookie, size, chunks[0].offset), data]
         pieces: list[tuple[int, bytes | memoryview | int]] = []  # offset, data or hole size
         for chunk in event.chunks:
             if isinstance(chunk, DataChunk):

@@ -820,7 +820,8 @@ class Connection:
     def _queue(self, reply: object) -> None:
         iov = self.proto.send(reply)  # type: ignore[arg-type]
         self._out.extend(iov)
-        self._out_bytes += sum(len(b) for b in iov)
+        for b in iov:
+            self._out_bytes += len(b)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_out)
