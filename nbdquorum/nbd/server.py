@@ -242,7 +242,8 @@ class Budget:
         if not self._free_pass(owner, n, receiving):
             if not self._fits(owner, n, receiving):
                 return False
-            if (not receiving and self.held.get(owner, 0) + n > self.share()
+            if (not receiving and self._waiters  # (share() only when someone waits)
+                    and self.held.get(owner, 0) + n > self.share()
                     and any(o is not owner and self._contends(o, m, r)
                             for o, m, r, _f in self._waiters)):
                 return False  # over its share while another waits for room
