@@ -563,6 +563,10 @@ class QuorumNode(BlockNode):
     def _drop_plan(self) -> None:
         self._fast = None
 
+    def read_width(self) -> int:
+        """Buffers a read holds until its vote: one per voter (one with fifo)."""
+        return max(1, len(self._plan().voters))
+
     def _try_pread_now(self, offset: int, length: int) -> Buffer | None:
         """Serve a small read without awaiting anything, or return None.
 
