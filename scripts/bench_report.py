@@ -382,7 +382,10 @@ def md_remote(doc: dict[str, Any]) -> str:
         f"{meta['size'] >> 20} MiB on {meta.get('image_fs', '?')}, {meta['runtime_s']:g} s per "
         f"row, {meta['repeat']} run(s) per row and server (median), command: `scripts/bench "
         f"{' '.join(meta['argv'])}`. The remote child: qemu-nbd "
-        f"in {meta.get('remote_where', '?')}. {noise_note(doc)}.",
+        f"in {meta.get('remote_where', '?')}. {noise_note(doc)}."
+        + "".join(f" {'Rows ' + ', '.join(m['rows']) if m['rows'] else 'The resync'} re-run "
+                  f"on {m['date']} (`scripts/bench {' '.join(m['argv'])}`, code "
+                  f"{m['code_digest']}) and merged." for m in meta.get("merged", [])),
         "",
         "| workload | nbdquorum, 2 local + remote | qsd, 2 local + QEMU nbd child | "
         "nbdquorum, 3 local | nbdq / qsd | nbdq / qsd CPU | remote / local | "

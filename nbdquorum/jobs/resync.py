@@ -39,11 +39,12 @@ IDENTITY_SAMPLES = 8
 #: regions looked at, at most, to find those samples (blank ones do not count)
 IDENTITY_CANDIDATES = 64
 #: regions a resync copies at once (each under its own range lock).  It sets the
-#: share a resync takes from the clients when both compete for the CPU: measured
-#: with a child on another host and fio randrw 4k QD16 running, 4 gave the resync
-#: 0.37x of nbdcopy's rate and the client 0.73x of its own; 8 gives about half each.
-#: --resync-speed caps it (one region at a time then)
-DEPTH = 8
+#: share a resync takes from the clients when both want the same CPU.  Measured with
+#: a child on another host and fio randrw 4k QD16 at full speed: 4 leaves the client
+#: 0.67-0.77x of its rate (the resync 0.3-0.37x of nbdcopy's), 6 leaves it 0.53-0.55x,
+#: 8 0.45-0.54x.  Like md and ZFS, the clients come first; --resync-speed caps it
+#: further (one region at a time then)
+DEPTH = 4
 #: regions one block-status query of the job covers (1 GiB of 1 MiB regions); a run of
 #: regions that every voter reads as zero is brought in sync in one step of that size
 WINDOW = 1024
