@@ -4,10 +4,12 @@ child on another host.
 Fixed newstyle, OPT_GO, structured replies and base:allocation where the
 server has them (simple replies and no block status where it does not);
 requests multiplexed by cookie over one connection.  The wire format lives in
-pure functions (encode_* / parse_*) with the same constants table as the
-server (constants.py); NBDClient is the asyncio driver around them.  A server
-that breaks the protocol raises ``NBDClientError``; a lost connection fails
-every request in flight with a ``ConnectionError``.
+pure functions (encode_* / parse_*) and a sans-I/O reply parser (ReplyReader)
+with the same constants table as the server (constants.py); NBDClient is the
+asyncio driver around them: after the handshake it is the connection's
+protocol, so replies are parsed as they arrive, without a task.  A server that
+breaks the protocol raises ``NBDClientError``; a lost connection fails every
+request in flight with a ``ConnectionError``.
 """
 
 from __future__ import annotations
