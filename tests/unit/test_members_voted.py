@@ -545,3 +545,27 @@ def test_soon_reads_compare_every_kind_of_buffer() -> None:
             assert not SoonReads.diff(a, b)
         for b in (bytes(other), other, memoryview(other)):
             assert SoonReads.diff(a, b) and SoonReads.diff(b, a)
+
+
+def test_a_child_that_bounds_its_requests_needs_no_timer_of_the_quorum() -> None:
+    from nbdquorum.block.quorum.voted import _own_limit
+
+    class Bounded(Direct):
+        time_limit = 5.0
+
+    assert _own_limit(Bounded(), 5.0) is None  # the child fails them by then itself
+    assert _own_limit(Bounded(), 10.0) is None
+    assert _own_limit(Bounded(), 2.0) == 2.0  # the quorum's bound is shorter: a timer
+    assert _own_limit(Direct(), 5.0) == 5.0  # no promise: a timer
+    assert _own_limit(Bounded(), None) is None  # no bound asked
+
+
+def test_an_nbd_child_bounds_its_requests_unless_they_may_wait_for_the_link() -> None:
+    from nbdquorum.remote.child import NBDChild
+    from nbdquorum.remote.uri import parse_uri
+
+    address = parse_uri("nbd://127.0.0.1:1/disk")
+    d = NBDChild("far", address, timeout=7.0).direct()
+    assert d is not None and d.time_limit == 7.0
+    d = NBDChild("far", address, timeout=7.0, reconnect_delay=3.0).direct()
+    assert d is not None and d.time_limit is None  # reconnect-delay: they may wait longer
