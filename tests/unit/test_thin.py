@@ -485,3 +485,22 @@ def test_file_block_status_remembers_a_data_run_and_forgets_it_at_a_punch(
 
     run(main())
     node.close()
+
+
+def test_resync_depth_gives_way_to_clients() -> None:
+    """More regions in flight while no client does I/O (md's speed_max when idle), the
+    clients' share while they do, one region at a time with a speed limit."""
+    import time
+
+    from nbdquorum.jobs import resync as rs
+
+    kids = voters()
+    q = quorum(kids)
+    slot = q.members.attach(SparseNode("new", BIG), ChildState.RESYNCING)
+    job = rs.ResyncJob(q, slot, EventBus())
+    q.last_client_io = time.monotonic() - 10
+    assert job.depth() == rs.DEPTH_IDLE
+    q.last_client_io = time.monotonic()  # a client request just now
+    assert job.depth() == rs.DEPTH < rs.DEPTH_IDLE
+    job.set_speed(1 << 20)
+    assert job.depth() == 1
