@@ -290,7 +290,10 @@ def _finish(p: _Pending) -> None:
     """The request's reply is complete: its outcome to its owner."""
     if p.error is not None:
         code, msg = p.error
-        _settle(p, None, OSError(code or errno.EIO, msg or os.strerror(code or errno.EIO)))
+        if not 0 < code < 4096:  # no errno the server may send (NBD's are small)
+            msg = msg or f"error {code:#x} from the server"
+            code = errno.EIO
+        _settle(p, None, OSError(code, msg or os.strerror(code)))
     elif p.cmd == Cmd.READ and p.covered != p.length:
         _settle(p, None, OSError(errno.EIO, f"the server answered {p.covered} of {p.length} bytes read"))
     elif p.extents:
@@ -486,11 +489,14 @@ class NBDClient(asyncio.BufferedProtocol):
         self._drained: asyncio.Future[None] | None = None
         # from here on the replies come to this object, not to the handshake's stream
         leftover = bytes(getattr(reader, "_buffer", b""))
+        ended = getattr(reader, "_eof", False) or reader.exception() is not None
         self.transport.set_protocol(self)
         if leftover:
             self._feed(leftover)
-        if reader.at_eof() or self.transport.is_closing():
-            self.connection_lost(None)
+        if ended or self.transport.is_closing():
+            # the end came to the handshake's stream: it never comes here again
+            self.connection_lost(reader.exception())
+            self.transport.abort()
 
     @classmethod
     async def connect(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -636,7 +642,10 @@ class NBDClient(asyncio.BufferedProtocol):
     def _finish_ready(self) -> None:
         ready, self._ready = self._ready, []
         for p in ready:
-            _finish(p)
+            try:
+                _finish(p)
+            except Exception as err:  # never leave one without an outcome: they left _pending
+                _settle(p, None, OSError(errno.EIO, f"bad reply: {err}"))
 
     # -- time limits: one timer for the earliest deadline -----------------------------------
     def _arm(self, at: float) -> None:
@@ -648,14 +657,18 @@ class NBDClient(asyncio.BufferedProtocol):
     def _expire(self) -> None:
         """Fail the requests past their time limit (their late replies are dropped)."""
         self._timer, self._timer_at = None, math.inf
-        now = self._loop.time()
+        # uvloop's clock moves in milliseconds and its timers may fire that much early:
+        # a deadline within the next millisecond is due now (else the timer spins)
+        now = self._loop.time() + 1e-3
         nearest = math.inf
         for p in list(self._pending.values()):
             if p.deadline <= now:
                 _settle(p, None, TimeoutError())
             elif p.deadline < nearest and not p.settled:
                 nearest = p.deadline
-        if nearest < math.inf and self._closed is None:
+        # (a callback above may have armed the timer for a request it sent: keep that
+        # one if it is earlier)
+        if nearest < self._timer_at and self._closed is None:
             self._arm(nearest)
 
     # -- asyncio.BufferedProtocol: the replies ------------------------------------------------
@@ -680,7 +693,10 @@ class NBDClient(asyncio.BufferedProtocol):
             view = view[n:]
 
     def eof_received(self) -> bool:
-        return False  # the transport closes; connection_lost fails what is pending
+        # no reply can come now: what is in flight fails at once, not once the
+        # transport has written what it still holds
+        self._fail_all(ConnectionResetError(errno.ECONNRESET, _EOF))
+        return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all(exc if exc is not None else ConnectionResetError(errno.ECONNRESET, _EOF))

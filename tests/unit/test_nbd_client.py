@@ -327,3 +327,84 @@ def test_a_broken_reply_ends_the_connection() -> None:
         await client.abort()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_absurd_error_code_still_gives_every_request_its_outcome() -> None:
+    """A code no errno can be (2**31) in a batch of replies: that request fails with
+    EIO, the others in the batch get theirs (they have left the pending table)."""
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await _requests(r, 3)
+            w.write(simple(1, 0x80000000) + simple(2) + simple(3, errno.ENOSPC))
+            await w.drain()
+            await r.read()  # until the client goes
+
+        client, server = await _pair(serve)
+        futs = [client.submit(Cmd.WRITE, 0, 1, 0, b"x", limit=5) for _ in range(3)]
+        outs = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+        assert isinstance(outs[0], OSError) and outs[0].errno == errno.EIO
+        assert "0x80000000" in str(outs[0])
+        assert outs[1] is None
+        assert isinstance(outs[2], OSError) and outs[2].errno == errno.ENOSPC
+        await client.close()
+        await server
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_request_sent_while_others_expire_keeps_its_own_time_limit() -> None:
+    """A's limit passes; its owner sends C with a short limit while B (long) waits:
+    C must fail after its own limit, not B's."""
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await _requests(r, 3)  # and never answer
+            await r.read()
+
+        client, server = await _pair(serve)
+        loop = asyncio.get_running_loop()
+        later: list[asyncio.Future[object]] = []
+        sent = asyncio.Event()
+
+        def on_a(_r: object, err: BaseException | None) -> None:
+            assert isinstance(err, TimeoutError)
+            later.append(client.submit(Cmd.FLUSH, limit=0.2))
+            sent.set()
+
+        t0 = loop.time()
+        client.send(Cmd.FLUSH, 0, 0, 0, None, on_a, limit=0.2)
+        b = client.submit(Cmd.FLUSH, limit=20)
+        await sent.wait()
+        with pytest.raises(TimeoutError):
+            await later[0]
+        assert loop.time() - t0 < 5  # not B's 20 s
+        assert not b.done()
+        await client.abort()
+        with pytest.raises(ConnectionResetError):
+            await b
+        server.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_end_that_came_during_the_handshake_ends_the_client() -> None:
+    """Stray bytes and the end reached the handshake's stream before the switch: the
+    client must not wait for replies that cannot come."""
+    async def main() -> None:
+        import socket
+        a, b = socket.socketpair()
+        b.sendall(b"\x67\x44\x66")  # a few bytes of a reply, then the end
+        b.shutdown(socket.SHUT_WR)
+        reader, writer = await asyncio.open_connection(sock=a)
+        for _ in range(100):  # bounded: the bytes and the end reach the stream first
+            if getattr(reader, "_eof", False):
+                break
+            await asyncio.sleep(0.01)
+        assert getattr(reader, "_eof", False) and not reader.at_eof()  # bytes still there
+        client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+        await asyncio.wait_for(client.closed, 5)
+        assert client.lost_reason is not None
+        with pytest.raises(ConnectionResetError):
+            client.submit(Cmd.FLUSH)
+        b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -559,7 +559,8 @@ class VotedIO:
                 if f is None:
                     return None  # what already started is dropped when it answers
                 started[i] = f
-                timer = timer or _own_limit(d, limit)
+                if timer is None:
+                    timer = _own_limit(d, limit)
         return SoonReads(self.running_loop(), started, bufs, errs, timer,
                          lambda: _soon_vote(bufs, errs, threshold), threshold)
 
@@ -588,7 +589,8 @@ class VotedIO:
                     errs[i] = oserror(errno.ENOTCONN, nodes[i].node_name)
                     continue
                 started[i] = f
-                timer = timer or _own_limit(d, limit)
+                if timer is None:
+                    timer = _own_limit(d, limit)
         loop = self.running_loop()
         grouped = [i for i, fd in enumerate(fds) if fd >= 0]
         if grouped:
