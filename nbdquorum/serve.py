@@ -318,11 +318,6 @@ def log_event(ev: Event) -> None:
     sys.stderr.flush()
 
 
-def read_buffers(quorum: QuorumNode) -> int:
-    """Buffers a quorum read holds until its vote: one per voting child."""
-    return quorum.read_width()  # the fast paths' plan: not worked out per request
-
-
 def bind_listeners(cfg: ServeConfig) -> tuple[list[Listener], Listener | None]:
     """Bind the NBD sockets and the QMP socket, or raise UsageError naming the address.
 
@@ -468,7 +463,7 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
     )
     resync.resume_all()
     export = Export(cfg.export_name, quorum, description="nbdquorum " + quorum.node_name,
-                    read_only=cfg.read_only, read_buffers=lambda: read_buffers(quorum))
+                    read_only=cfg.read_only, read_buffers=quorum.read_width)
     graph.in_use[quorum.node_name] = f"export {cfg.export_name!r}"
     # one budget for the server: each process gets its share (the workers get
     # theirs from the pool, as the primary's)

@@ -663,8 +663,8 @@ def _wait_synced(qmp: Any, deadline: float) -> float:
             if ev.get("event") != "QUORUM_CHILD_STATE_CHANGE" or data.get("node-name") != REMOTE_CHILD:
                 continue
             if data["state"] == "active":
-                ts = ev["timestamp"]
-                return float(ts["seconds"] + ts["microseconds"] / 1e6) if isinstance(ts, dict) else float(ts)
+                ts = ev["timestamp"]  # QMP's {"seconds", "microseconds"}
+                return float(ts["seconds"] + ts["microseconds"] / 1e6)
             if data["state"] == "faulted":
                 (st,) = qmp.execute("query-quorum-status")
                 child = next(c for c in st["children"] if c["node-name"] == REMOTE_CHILD)

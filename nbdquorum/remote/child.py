@@ -236,12 +236,7 @@ class NBDChild(BlockNode):
         def settle(result: object, err: BaseException | None) -> None:
             if err is None:
                 if not out.done():
-                    if cmd != Cmd.READ:
-                        out.set_result(None)
-                    elif isinstance(result, bytes | bytearray | memoryview):
-                        out.set_result(result)
-                    else:
-                        out.set_result(bytes(length))
+                    out.set_result(_as_result(cmd, length, result))
             elif isinstance(err, TimeoutError):
                 # also when the quorum gave up first (its own child timeout cancels):
                 # past this child's time limit the link is as dead
@@ -455,10 +450,14 @@ def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any], cmd: Cmd, length:
     if err is not None:
         dst.set_exception(err)
         return
-    out = src.result()
-    if cmd == Cmd.READ and not isinstance(out, bytes | bytearray | memoryview):
-        out = bytes(length)
-    dst.set_result(None if cmd != Cmd.READ else out)
+    dst.set_result(_as_result(cmd, length, src.result()))
+
+
+def _as_result(cmd: Cmd, length: int, value: object) -> object:
+    """A request's reply as pread/pwrite give it: a READ's bytes, else None."""
+    if cmd != Cmd.READ:
+        return None
+    return value if isinstance(value, bytes | bytearray | memoryview) else bytes(length)
 
 
 class _Soon(Direct):

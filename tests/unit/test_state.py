@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,16 +80,22 @@ def test_generations_follow_md_event_counts_and_survive_a_restart(tmp_path: Path
     g2.close()
 
 
-def test_a_record_of_an_active_child_behind_the_newest_generation_is_never_a_source(
-        tmp_path: Path) -> None:
-    """A state file that says a child is active at an older generation (it cannot have
-    been written whole): that child is copied in full before it votes again."""
+def saved_state(tmp_path: Path) -> dict[str, Any]:
+    """The state dir's record of a fresh quorum of 3, its graph closed."""
     g, q = quorum(tmp_path)
     store = StateStore(tmp_path / "st")
     store.save(q)
     state = store.load()
     assert state is not None
     g.close()
+    return state
+
+
+def test_a_record_of_an_active_child_behind_the_newest_generation_is_never_a_source(
+        tmp_path: Path) -> None:
+    """A state file that says a child is active at an older generation (it cannot have
+    been written whole): that child is copied in full before it votes again."""
+    state = saved_state(tmp_path)
     newest = state["children"][0]["generation"]
     state["children"][1]["generation"] = newest - 1
     g2, q2 = quorum(tmp_path)
@@ -100,12 +107,7 @@ def test_a_record_of_an_active_child_behind_the_newest_generation_is_never_a_sou
 
 
 def test_a_record_without_generations_is_taken_as_it_is(tmp_path: Path) -> None:
-    g, q = quorum(tmp_path)
-    store = StateStore(tmp_path / "st")
-    store.save(q)
-    state = store.load()
-    assert state is not None
-    g.close()
+    state = saved_state(tmp_path)
     del state["quorum"]["events"]
     for c in state["children"]:
         del c["generation"]
