@@ -102,7 +102,10 @@ class QMPServer:
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # (uvloop's call_at gives a plain Handle, without when(), for a deadline that
+        # is due: the deadline armed is kept here)
+        self._timer: asyncio.Handle | None = None
+        self._timer_at: float | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._listener: Listener | None = None
         self._numbers = itertools.count(1)
@@ -268,12 +271,13 @@ class QMPServer:
         assert self._loop is not None
         deadline = self._throttle.next_deadline()
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
+            if deadline is not None and self._timer_at == deadline:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer_at = deadline
 
     def _fire(self) -> None:
         assert self._loop is not None
