@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
@@ -370,3 +371,33 @@ def test_a_client_that_does_not_read_is_dropped(tmp_path: Path, monkeypatch: Any
             await sleeper.close()
 
     run(main())
+
+
+def test_a_due_throttle_deadline_under_uvloop(tmp_path: Path, caplog: Any) -> None:
+    """uvloop's call_at gives a plain Handle (no when()) for a deadline already due:
+    a burst of events that arms such a deadline, then re-arms it, keeps flowing."""
+    import uvloop  # the `fast` extra, installed with the tests
+
+    async def main() -> None:
+        # a window far shorter than uvloop's millisecond clock: due as soon as armed
+        throttle = EventThrottle({"QUORUM_REPORT_BAD": 1.0, "QUORUM_FAILURE": 1e-6})
+        async with Rig(tmp_path, throttle) as rig:
+            c = await Client.connect(rig.path)
+            rig.bad("child1", 0)  # a long window: the timer armed for it
+            for n in range(3):  # the first opens a window that is due at once
+                rig.bus.emit("QUORUM_FAILURE", {"reference": "quorum0", "sector-num": n,
+                                                "sectors-count": 8})
+            got = [await c.event() for _ in range(3)]
+            assert [e["event"] for e in got] == ["QUORUM_REPORT_BAD", "QUORUM_FAILURE",
+                                                 "QUORUM_FAILURE"]
+            # the first of the burst at once, then the last once its window ended
+            assert [e["data"]["sector-num"] for e in got[1:]] == [0, 2]
+            await c.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
+    # the event path raised nothing (the bus logs what a listener raises)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
