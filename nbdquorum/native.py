@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "UNKNOWN",
     "Buffer",
+    "Inline",
     "VoteResult",
     "diff_span",
     "pread_vote",
@@ -280,6 +281,81 @@ def pread_vote_nowait(
         return UNKNOWN
     result = VoteResult(_winner(rc), tuple(int(groups[i]) for i in range(n)))
     return result, out, [int(errs[i]) for i in range(n)]
+
+
+#: stands in, in Inline's results, for the buffer of a child that was skipped
+_SKIPPED = bytearray()
+
+
+class Inline:
+    """The C calls of small inline requests to one list of descriptors.
+
+    pread_vote and friends build their argument arrays on every call; with
+    three children that is half the cost of a 4 KiB read from the page cache
+    (measured: 10 us per call against 5 with the arrays made once).  An
+    Inline makes them once per list of descriptors.  Not thread-safe: one
+    thread (the event loop's) owns it.  ``fds`` is kept as given; the caller
+    keeps one Inline per list and makes a new one when its descriptors change.
+    """
+
+    __slots__ = ("_errs", "_groups", "_ptrs", "cfds", "fds", "n", "readers")
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self.fds = fds
+        self.n = n = len(fds)
+        self.cfds = ffi.new("int[]", list(fds))
+        self._ptrs = ffi.new("uint8_t *[]", n)
+        self._errs = ffi.new("int[]", n)
+        self._groups = ffi.new("int32_t[]", n)
+        #: the children read (a negative descriptor skips its child)
+        self.readers = [i for i, fd in enumerate(fds) if fd >= 0]
+
+    def pread_vote(
+        self, offset: int, length: int, threshold: int, nowait: bool,
+    ) -> tuple[VoteResult, list[bytearray], list[int]] | Literal["unknown"] | None:
+        """As pread_vote (``nowait``: pread_vote_nowait, with its None and UNKNOWN).
+        A skipped child's buffer is an empty bytearray (its errno is -1)."""
+        if length <= 0 or offset < 0:  # (an empty read's buffer is no pointer at all)
+            f = pread_vote_nowait if nowait else pread_vote
+            return f(self.fds, offset, length, threshold)
+        n, ptrs = self.n, self._ptrs
+        out = [_SKIPPED] * n
+        keep = []  # the exports behind ptrs, alive until the call returns
+        for i in self.readers:
+            out[i] = buf = bytearray(length)
+            ptrs[i] = cdata = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+            keep.append(cdata)
+        errs, groups = self._errs, self._groups
+        t = 0 if threshold < 1 else min(threshold, n + 1)
+        if nowait:
+            rc = lib.quorum_pread_vote_nowait(self.cfds, n, offset, length, ptrs, errs, t,
+                                              groups)
+            if rc == -errno.EAGAIN:
+                return None
+            if rc == -errno.EOPNOTSUPP:
+                return UNKNOWN
+        else:
+            rc = lib.quorum_pread_vote(self.cfds, n, offset, length, ptrs, errs, t, groups)
+        del keep
+        return (VoteResult(_winner(rc), tuple(ffi.unpack(groups, n))), out,
+                ffi.unpack(errs, n))
+
+    def pwrite_all(self, offset: int, data: Buffer,
+                   nowait: bool) -> list[int] | Literal["unknown"] | None:
+        """As pwrite_all without sync (``nowait``: pwrite_all_nowait)."""
+        _check_offset(offset, 0)
+        pdata, length = _pointer(data)
+        errs = self._errs
+        if nowait:
+            rc = lib.quorum_pwrite_all_nowait(self.cfds, self.n, offset, pdata, length, errs)
+            if rc == -errno.EAGAIN:
+                return None
+            if rc == -errno.EOPNOTSUPP:
+                return UNKNOWN
+        else:
+            rc = lib.quorum_pwrite_all(self.cfds, self.n, offset, pdata, length, 0, errs)
+        _check(rc)
+        return ffi.unpack(errs, self.n)
 
 
 def pwrite_all_nowait(

@@ -365,17 +365,26 @@ def test_pread_vote_matches_reference(tmp_path: Path, data: st.DataObject) -> No
             fds.append(-1 if kind == "skip" else os.open(path, os.O_RDONLY))
             short = kind == "short" and length > 0
             expected.append(None if kind == "skip" or short else content)
+        inline = native.Inline(fds)  # one for every call: its arrays are reused
         for threshold in range(1, n + 2):
-            result, bufs, errs = native.pread_vote(fds, offset, length, threshold)
-            assert result == vote_reference(expected, threshold)
-            for fd, want, buf, err in zip(fds, expected, bufs, errs, strict=True):
-                if fd < 0:
-                    assert err == -1
-                elif want is None:
-                    assert err == errno.EIO
+            for how in ("call", "inline", "inline-nowait"):
+                if how == "call":
+                    done = native.pread_vote(fds, offset, length, threshold)
                 else:
-                    assert err == 0
-                    assert buf == want
+                    done = inline.pread_vote(offset, length, threshold, how == "inline-nowait")
+                if done is None or done == native.UNKNOWN:
+                    continue  # would block, or the file system cannot tell: no answer
+                assert not isinstance(done, str)
+                result, bufs, errs = done
+                assert result == vote_reference(expected, threshold), how
+                for fd, want, buf, err in zip(fds, expected, bufs, errs, strict=True):
+                    if fd < 0:
+                        assert err == -1
+                    elif want is None:
+                        assert err == errno.EIO
+                    else:
+                        assert err == 0
+                        assert buf == want
     finally:
         for fd in fds:
             if fd >= 0:
@@ -401,6 +410,32 @@ def test_pwrite_all_skipped_and_failed_children(images: list[int], tmp_path: Pat
     assert errs == [0, -1, errno.EBADF]
     assert os.pread(images[0], 5, 0) == b"hello"
     assert os.pread(images[2], 5, 0) != b"hello"
+
+
+def test_inline_writes_and_reads_like_the_calls(images: list[int]) -> None:
+    fds = [images[0], -1, images[2]]
+    inline = native.Inline(fds)
+    for nowait in (False, True):
+        data = bytes([0x41 + nowait]) * 700
+        codes = inline.pwrite_all(300, memoryview(data), nowait)
+        if codes is None or codes == native.UNKNOWN:
+            continue  # would block (nothing written), or the file system cannot tell
+        assert codes == [0, -1, 0]
+        assert os.pread(images[0], 700, 300) == os.pread(images[2], 700, 300) == data
+        assert os.pread(images[1], 700, 300) != data
+        done = inline.pread_vote(300, 700, 2, nowait)
+        assert done is not None and not isinstance(done, str)
+        result, bufs, errs = done
+        assert result == VoteResult(0, (0, -1, 0)) and errs == [0, -1, 0]
+        assert bufs[0] == bufs[2] == data and bufs[0] is not bufs[2]
+        assert bufs[1] == b""  # a skipped child's stand-in
+    # an empty read, and errors as the calls give them
+    assert inline.pread_vote(0, 0, 1, False)[0] == native.pread_vote(fds, 0, 0, 1)[0]
+    with pytest.raises(ValueError, match="negative"):
+        inline.pread_vote(-1, 16, 1, False)
+    with pytest.raises(OSError) as info:
+        inline.pwrite_all(2**63 - 1, b"xy", False)
+    assert info.value.errno == errno.EINVAL
 
 
 def test_pwrite_all_extends_and_handles_empty(images: list[int]) -> None:

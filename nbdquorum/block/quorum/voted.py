@@ -392,24 +392,38 @@ class VotedIO:
         self._writes_off_until = 0.0
         self.pool = BufferPool()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the inline C calls' argument arrays, per list of descriptors
+        self._inlines: dict[tuple[int, ...], native.Inline] = {}
 
     def reset(self) -> None:
         """The children changed: ask their file systems again."""
         self._nowait_reads = True
         self._nowait_writes = True
+        self._inlines.clear()
+
+    def _inline(self, fds: list[int]) -> native.Inline:
+        key = tuple(fds)
+        inline = self._inlines.get(key)
+        if inline is None:
+            if len(self._inlines) >= 16:
+                self._inlines.clear()  # descriptors of children long gone
+            inline = self._inlines[key] = native.Inline(key)
+        return inline
 
     # -- reads ------------------------------------------------------------------------------
     def _inline_read(self, fds: list[int], offset: int, length: int, threshold: int,
                      ) -> PreadVote | None:
+        inline = self._inline(fds)
         if self._nowait_reads:
-            done = native.pread_vote_nowait(fds, offset, length, threshold)
+            done = inline.pread_vote(offset, length, threshold, True)
             if not isinstance(done, str):
                 return done
             self._nowait_reads = False  # the file system cannot tell; stop asking
-        if time.monotonic() < self._reads_off_until:
-            return None
         t0 = time.monotonic()
-        out = native.pread_vote(fds, offset, length, threshold)
+        if t0 < self._reads_off_until:
+            return None
+        out = inline.pread_vote(offset, length, threshold, False)
+        assert not isinstance(out, str) and out is not None
         if time.monotonic() - t0 > INLINE_STALL:
             self._reads_off_until = time.monotonic() + 1.0
         return out
@@ -691,17 +705,19 @@ class VotedIO:
         """A small write on the event loop: non-blocking where the kernel can
         tell, else a plain buffered pwrite (microseconds unless write-back
         pushes back, which turns inline writes off for a second)."""
-        if time.monotonic() < self._writes_off_until:
+        t0 = time.monotonic()
+        if t0 < self._writes_off_until:
             return None
+        inline = self._inline(fds)
         if self._nowait_writes:
-            codes = native.pwrite_all_nowait(fds, offset, data)
+            codes = inline.pwrite_all(offset, data, True)
             if codes is None:
                 return None
             if not isinstance(codes, str):
                 return codes
             self._nowait_writes = False  # the file system cannot tell; stop asking
-        t0 = time.monotonic()
-        codes = native.pwrite_all(fds, offset, data, False)
+        codes = inline.pwrite_all(offset, data, False)
+        assert not isinstance(codes, str) and codes is not None
         if time.monotonic() - t0 > INLINE_STALL:
             self._writes_off_until = time.monotonic() + 1.0
         return codes
