@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -408,8 +409,11 @@ class _SoonOffer(Direct):
         return self.node.start(lambda: MemNode.pwrite(self.node, offset, data))
 
 
-def _soon_quorum(tmp_path: Path, *, threshold: int = 2,
-                 timeout: float = 5.0) -> tuple[Graph, QuorumNode, SoonNode, list[Event]]:
+def _soon_quorum(tmp_path: Path, *, threshold: int = 2, timeout: float = 5.0,
+                 bounded: bool = False, rewrite: bool = False,
+                 ) -> tuple[Graph, QuorumNode, SoonNode, list[Event]]:
+    """Two files and ``far``; ``bounded``: far says it bounds its own requests
+    (an NBD child's timeout), which lets reads be answered on the now path."""
     bus = EventBus()
     seen: list[Event] = []
     bus.subscribe(wired(seen.append))
@@ -417,9 +421,96 @@ def _soon_quorum(tmp_path: Path, *, threshold: int = 2,
     files = [g.open_raw_file(f"f{i}", str(tmp_path / f"f{i}.raw"), create_size=SIZE)
              for i in range(2)]
     far = SoonNode("far")
+    if bounded:
+        far._soon.time_limit = timeout
     q = QuorumNode("q0", [*files, far], vote_threshold=threshold, bus=bus,
-                   child_timeout=timeout)
+                   child_timeout=timeout, rewrite_corrupted=rewrite)
     return g, q, far, seen
+
+
+def _fill(q: QuorumNode, far: SoonNode, offset: int, data: bytes) -> None:
+    """Write ``data`` to every child (the far one at once)."""
+    for slot in q.slots[:2]:
+        assert slot.node.direct() is not None
+        fd = slot.node.direct().fd  # type: ignore[union-attr]
+        assert os.pwrite(fd, data, offset) == len(data)
+    far.buf[offset:offset + len(data)] = data
+
+
+@pytest.mark.parametrize("far_sends", ["same", "other", "error"])
+def test_a_read_is_answered_now_while_the_one_remote_child_is_still_read(
+        tmp_path: Path, far_sends: str) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, bounded=True, rewrite=True)
+    data = b"\x3c" * 4096
+    _fill(q, far, 8192, data)
+    if far_sends == "other":
+        far.buf[8192 + 7] = 0
+    elif far_sends == "error":
+        far.fail = errno.EIO
+
+    async def main() -> None:
+        got = q.direct().try_pread(8192, 4096)
+        assert got is not None and bytes(got) == data, "the two files decide: answered now"
+        assert far.started == 1 and q._late_bytes == 4096
+        # the range stays locked until the late child answered
+        assert q.lock.would_block(8192, 4096, exclusive=True)
+        assert q.direct().soon_pwrite(8192, b"\x55" * 512) is None
+        far.gate.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not q.lock.would_block(8192, 4096, exclusive=True):
+                break
+        assert not q.lock.would_block(8192, 4096, exclusive=True), "the range is free"
+        assert q._late_bytes == 0
+        bad = [(e.data["node-name"], e.data["type"]) for e in seen
+               if e.name == "QUORUM_REPORT_BAD"]
+        stats = q.slots[2].stats
+        assert stats.reads == 1
+        if far_sends == "same":
+            assert not bad and stats.checksum_errors == 0 and stats.read_errors == 0
+        elif far_sends == "other":
+            assert bad == [("far", "read")] and stats.checksum_errors == 1
+            assert bytes(far.buf[8192:8192 + 4096]) == data, "rewritten with the winner"
+        else:
+            assert bad == [("far", "read")] and stats.read_errors == 1
+
+    run(main())
+    g.close()
+
+
+def test_a_read_is_not_answered_now_unless_the_files_alone_decide_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbdquorum.block.quorum import node as node_mod
+
+    async def main() -> None:
+        # the far child does not bound its requests: the soon path (and its timer)
+        g, q, far, _ = _soon_quorum(tmp_path / "a", bounded=False)
+        assert q.direct().try_pread(0, 4096) is None and far.started == 0
+        g.close()
+        # three needed: two files cannot decide
+        g, q, far, _ = _soon_quorum(tmp_path / "b", bounded=True, threshold=3)
+        assert q.direct().try_pread(0, 4096) is None and far.started == 0
+        g.close()
+        # the files disagree: nothing is sent, the soon path reads and judges
+        g, q, far, _ = _soon_quorum(tmp_path / "c", bounded=True)
+        fd = q.slots[0].node.direct().fd  # type: ignore[union-attr]
+        os.pwrite(fd, b"\x01", 100)
+        assert q.direct().try_pread(0, 4096) is None and far.started == 0
+        assert not q.lock.would_block(0, 4096, exclusive=True)
+        g.close()
+        # answered early, but no more than LATE_MAX of them at once
+        monkeypatch.setattr(node_mod, "LATE_MAX", 2 * 4096)
+        g, q, far, _ = _soon_quorum(tmp_path / "d", bounded=True)
+        assert [q.direct().try_pread(i * 4096, 4096) is not None for i in range(3)] == [
+            True, True, False]
+        far.gate.set()
+        await asyncio.sleep(0.05)
+        assert q._late_bytes == 0
+        g.close()
+
+    for d in "abcd":
+        (tmp_path / d).mkdir()
+    run(main())
 
 
 def test_soon_reads_are_answered_when_decided_and_the_late_child_still_compared(

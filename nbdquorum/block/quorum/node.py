@@ -108,6 +108,10 @@ class _FastPlan:
     #: the descriptors, -1 for the others; None when not that case
     soon_read_fds: list[int] | None = None
     soon_write_fds: list[int] | None = None
+    #: reads answered now by the descriptors (see QuorumNode._pread_one_late): the
+    #: index of the one voter without a descriptor and its Direct, when the others
+    #: alone decide every vote they agree on; else None
+    one_late: tuple[int, Direct] | None = None
 
 
 def _soon_fds(nodes: Sequence[BlockNode]) -> list[int] | None:
@@ -120,6 +124,21 @@ def _soon_fds(nodes: Sequence[BlockNode]) -> list[int] | None:
             return None
         fds.append(-1 if d.fd is None else d.fd)
     return fds if fds and min(fds) < 0 else None
+
+
+def _one_late(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
+              threshold: int) -> tuple[int, Direct] | None:
+    """(index, Direct) of the one node without a descriptor, when the others are at
+    least ``threshold`` and more than one (so that, agreeing, they win whatever
+    it sends); else None."""
+    if soon_fds is None or soon_fds.count(-1) != 1:
+        return None
+    local = len(soon_fds) - 1
+    if local < max(threshold, 2):
+        return None
+    i = soon_fds.index(-1)
+    d = nodes[i].direct()
+    return None if d is None else (i, d)
 
 
 def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
@@ -551,13 +570,14 @@ class QuorumNode(BlockNode):
             if fifo:
                 voters = voters[:1]  # fifo reads the first child; errors take the full path
             targets = self.writable()
+            soon_read = None if fifo else _soon_fds([s.node for s in voters])
             plan = self._fast = _FastPlan(
                 voters, self.voted.descriptors([s.node for s in voters]),
                 1 if fifo else self.vote_threshold,
                 targets, self.voted.descriptors([s.node for s in targets]),
                 sum(1 for t in targets if t.state is ChildState.ACTIVE),
-                None if fifo else _soon_fds([s.node for s in voters]),
-                _soon_fds([s.node for s in targets]))
+                soon_read, _soon_fds([s.node for s in targets]),
+                _one_late([s.node for s in voters], soon_read, self.vote_threshold))
         return plan
 
     def _drop_plan(self) -> None:
@@ -577,7 +597,9 @@ class QuorumNode(BlockNode):
         idempotent, and the full path does the reporting and repair.
         """
         plan = self._plan()
-        if plan.read_fds is None or self.lock.would_block(offset, length, exclusive=False):
+        if plan.read_fds is None:
+            return None if plan.one_late is None else self._pread_one_late(plan, offset, length)
+        if self.lock.would_block(offset, length, exclusive=False):
             return None
         data = self.voted.read_fds_now(plan.read_fds, offset, length, plan.threshold)
         if data is None:
@@ -586,6 +608,61 @@ class QuorumNode(BlockNode):
         for slot in plan.voters:
             slot.stats.reads += 1
         return data
+
+    def _pread_one_late(self, plan: _FastPlan, offset: int, length: int) -> Buffer | None:
+        """A small read answered now while one voter, on another host, is still
+        being read: the descriptors are read on the event loop, and when they all
+        agree no version the last one sends can win, so their bytes are the
+        answer (the soon path's early answer, without its future and callbacks).
+        The shared range lock is held until the late child has answered; its
+        bytes are then compared with the answer, and a child that differs or
+        fails is reported (and rewritten) as on the soon path.  None: the soon
+        path's general case (nothing was sent; reads are idempotent)."""
+        assert plan.one_late is not None and plan.soon_read_fds is not None
+        i, d = plan.one_late
+        bound = d.time_limit  # the child's own limit must bound the late request
+        if bound is None or bound > self.child_timeout or not self._may_answer_early(length):
+            return None
+        entry = self.lock.try_acquire(offset, length, exclusive=False)
+        if entry is None:
+            return None
+        win = self.voted.read_agreed_now(plan.soon_read_fds, offset, length)
+        f = None if win is None else d.soon_pread(offset, length)
+        if f is None:
+            self.lock.release(entry)
+            return None
+        assert win is not None
+        self.last_client_io = time.monotonic()
+        voters = plan.voters
+        for slot in voters:
+            slot.stats.reads += 1
+        self._late_bytes += length
+
+        def late(f: asyncio.Future[Buffer]) -> None:
+            self._late_bytes -= length
+            try:
+                err = (f.exception() if not f.cancelled()
+                       else oserror(errno.ECANCELED, "child request cancelled"))
+                buf = f.result() if err is None else None
+                if buf is not None and not self.voted.differ(win, buf):
+                    self.lock.release(entry)  # the usual case: it agrees
+                    return
+                bufs: list[Buffer | None] = [win] * len(voters)
+                errs: list[OSError | None] = [None] * len(voters)
+                bufs[i] = buf
+                if err is not None:
+                    errs[i] = err if isinstance(err, OSError) else oserror(errno.EIO, str(err))
+                reads = Reads(bufs, errs, self.voted.vote_now(bufs, plan.threshold))
+                task = asyncio.get_running_loop().create_task(
+                    self._follow_soon(voters, reads, win, [i], offset, length, entry))
+            except BaseException:
+                self.lock.release(entry)
+                raise
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+
+        f.add_done_callback(late)
+        return win
 
     def _try_pwrite_now(self, offset: int, data: Buffer) -> bool:
         """Do a small write without awaiting anything; False: take the full path.

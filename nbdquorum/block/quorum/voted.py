@@ -447,6 +447,25 @@ class VotedIO:
             return None
         return bufs[result.winner]
 
+    def read_agreed_now(self, fds: list[int], offset: int, length: int) -> Buffer | None:
+        """The bytes of the descriptors in ``fds`` (-1: a child skipped), read on the
+        caller's thread, if each read OK and all agreed; None otherwise."""
+        if length > INLINE_MAX or not fds:
+            return None
+        done = self._inline_read(fds, offset, length, 1)
+        if done is None:
+            return None
+        result, bufs, _codes = done
+        # a failed read does not vote: every descriptor in the winning version
+        if result.winner is None or len(result.winners) != len(fds) - fds.count(-1):
+            return None
+        return bufs[result.winner]
+
+    @staticmethod
+    def differ(a: Buffer, b: Buffer) -> bool:
+        """Whether two buffers' bytes differ (one memcmp for the usual kinds)."""
+        return len(a) != len(b) or SoonReads.diff(a, b)
+
     def write_fds_now(self, fds: list[int], offset: int, data: Buffer) -> list[int] | None:
         """The quorum's fast path: per descriptor 0 or its errno, written on the
         caller's thread, or None (await ``write``)."""
