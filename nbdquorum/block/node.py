@@ -13,6 +13,7 @@ import enum
 import errno
 import os
 from collections.abc import Callable
+from typing import Any
 
 from nbdquorum.coretypes import Buffer as Buffer
 from nbdquorum.coretypes import Extent as Extent
@@ -30,6 +31,10 @@ class Caps(enum.IntFlag):
     FUA = 4  #: a write can be made durable on its own (force unit access)
     MULTI_CONN = 8  #: every connection/caller sees every other one's flushed writes
     READ_ONLY = 16  #: writes are refused
+
+
+#: the outcome of a request started with a callback: (result, None) or (None, error)
+Then = Callable[[Any, "BaseException | None"], None]
 
 
 class Direct:
@@ -66,6 +71,16 @@ class Direct:
         """Start a write now, without a task: a future of pwrite()'s outcome, or
         None to decline."""
         return None
+
+    def call_pread(self, offset: int, length: int, then: Then) -> bool:
+        """soon_pread with a callback: start a read now; ``then(bytes, None)`` or
+        ``then(None, OSError)`` is called once, later, never from within this call.
+        False to decline (nothing started).  ``then`` must not raise."""
+        return False
+
+    def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
+        """soon_pwrite with a callback, as call_pread."""
+        return False
 
     def pin(self) -> None:
         """Keep ``fd`` open until the matching unpin() (a request is using it)."""

@@ -35,7 +35,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from nbdquorum.block.node import BlockNode, Buffer, Caps, Direct, Extent, Unreachable, oserror
+from nbdquorum.block.node import (
+    BlockNode,
+    Buffer,
+    Caps,
+    Direct,
+    Extent,
+    Then,
+    Unreachable,
+    oserror,
+)
 from nbdquorum.nbd.client import NBDClient, NBDClientError
 from nbdquorum.nbd.constants import Cmd, CmdFlag, TransmissionFlag
 from nbdquorum.nbd.tls import client_context
@@ -228,41 +237,55 @@ class NBDChild(BlockNode):
         ``_call``'s failure handling; None (take ``_call``) when not connected or
         the request needs splitting."""
         client = self._client
-        if client is None or length > self._max_request:
+        if client is None:
             return None
+        out: asyncio.Future[Any] = client._loop.create_future()
+
+        def then(result: object, err: BaseException | None) -> None:
+            if not out.done():
+                if err is None:
+                    out.set_result(result)
+                else:
+                    out.set_exception(err)
+
+        return out if self._send(cmd, offset, length, flags, data, then) else None
+
+    def _send(self, cmd: Cmd, offset: int, length: int, flags: int, data: Buffer | None,
+              then: Callable[[Any, BaseException | None], None]) -> bool:
+        """``_submit`` with a callback: the request goes out now and ``then(result,
+        error)`` is called once, later (an OSError as ``_call`` raises it); False
+        (nothing sent) when not connected or the request needs splitting."""
+        client = self._client
+        if client is None or length > self._max_request:
+            return False
         loop = client._loop
-        out: asyncio.Future[Any] = loop.create_future()
 
         def settle(result: object, err: BaseException | None) -> None:
             if err is None:
-                if not out.done():
-                    out.set_result(_as_result(cmd, length, result))
+                then(_as_result(cmd, length, result), None)
             elif isinstance(err, TimeoutError):
                 # also when the quorum gave up first (its own child timeout cancels):
                 # past this child's time limit the link is as dead
                 if self._client is client:
                     self._lost(f"a request took longer than {self.timeout:g}s")
-                if not out.done():
-                    out.set_exception(oserror(errno.ETIMEDOUT, f"{self.address}: no answer"))
+                then(None, oserror(errno.ETIMEDOUT, f"{self.address}: no answer"))
             elif isinstance(err, ConnectionError):
                 if self._client is client:
                     self._lost(f"connection lost: {err}")
-                if out.done():
-                    return
                 if self._waiting_window() <= 0:
-                    out.set_exception(oserror(errno.ECONNRESET, f"{self.address}: {err}"))
+                    then(None, oserror(errno.ECONNRESET, f"{self.address}: {err}"))
                     return
                 # within reconnect-delay: sent again once the link is back
                 again = loop.create_task(self._call(cmd, offset, length, flags, data))
-                again.add_done_callback(lambda g: _chain(g, out, cmd, length))
-            elif not out.done():
-                out.set_exception(err)
+                again.add_done_callback(lambda g: then(*_outcome(g, cmd, length)))
+            else:
+                then(None, err)
 
         try:
             client.send(cmd, offset, length, flags, data, settle, limit=self.timeout)
         except ConnectionError:
-            return None
-        return out
+            return False
+        return True
 
     def direct(self) -> Direct:
         return self._soon
@@ -439,18 +462,15 @@ def watch_link(sock: socket.socket, timeout: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any], cmd: Cmd, length: int) -> None:
-    """Pass a finished request's outcome on (a READ's bytes as pread returns them)."""
-    if dst.done():
-        return
+def _outcome(src: asyncio.Future[Any], cmd: Cmd, length: int,
+             ) -> tuple[object, BaseException | None]:
+    """A finished request's (result, error) (a READ's bytes as pread returns them)."""
     if src.cancelled():
-        dst.cancel()
-        return
+        return None, oserror(errno.ECANCELED, "request cancelled")
     err = src.exception()
     if err is not None:
-        dst.set_exception(err)
-        return
-    dst.set_result(_as_result(cmd, length, src.result()))
+        return None, err
+    return _as_result(cmd, length, src.result()), None
 
 
 def _as_result(cmd: Cmd, length: int, value: object) -> object:
@@ -478,3 +498,9 @@ class _Soon(Direct):
 
     def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
         return self.child._submit(Cmd.WRITE, offset, len(data), 0, data)
+
+    def call_pread(self, offset: int, length: int, then: Then) -> bool:
+        return self.child._send(Cmd.READ, offset, length, 0, None, then)
+
+    def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
+        return self.child._send(Cmd.WRITE, offset, len(data), 0, data, then)

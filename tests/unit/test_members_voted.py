@@ -408,6 +408,20 @@ class _SoonOffer(Direct):
     def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[Any]:
         return self.node.start(lambda: MemNode.pwrite(self.node, offset, data))
 
+    # the callback forms, as an NBD child offers them: then(result, error) once, later
+    def call_pread(self, offset: int, length: int, then: Any) -> bool:
+        self.soon_pread(offset, length).add_done_callback(lambda f: _tell(f, then))
+        return True
+
+    def call_pwrite(self, offset: int, data: Buffer, then: Any) -> bool:
+        self.soon_pwrite(offset, data).add_done_callback(lambda f: _tell(f, then))
+        return True
+
+
+def _tell(f: asyncio.Future[Any], then: Any) -> None:
+    err = f.exception()
+    then(None if err is not None else f.result(), err)
+
 
 def _soon_quorum(tmp_path: Path, *, threshold: int = 2, timeout: float = 5.0,
                  bounded: bool = False, rewrite: bool = False,
@@ -473,6 +487,58 @@ def test_a_read_is_answered_now_while_the_one_remote_child_is_still_read(
             assert bytes(far.buf[8192:8192 + 4096]) == data, "rewritten with the winner"
         else:
             assert bad == [("far", "read")] and stats.read_errors == 1
+
+    run(main())
+    g.close()
+
+
+@pytest.mark.parametrize("far_does", ["write", "fail"])
+def test_a_write_with_one_remote_child_is_answered_once_it_answered(
+        tmp_path: Path, far_does: str) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, bounded=True)
+    if far_does == "fail":
+        far.fail = errno.EIO
+
+    async def main() -> None:
+        done = q.direct().soon_pwrite(4096, b"\x77" * 4096)
+        assert done is not None and far.started == 1
+        for slot in q.slots[:2]:  # the files have it at once
+            fd = slot.node.direct().fd  # type: ignore[union-attr]
+            assert os.pread(fd, 4096, 4096) == b"\x77" * 4096
+        await asyncio.sleep(0.02)
+        assert not done.done(), "answered once every child has"
+        assert q.lock.would_block(4096, 1, exclusive=False), "the range stays locked"
+        far.gate.set()
+        await asyncio.wait_for(done, 5)  # acknowledged either way: two of three took it
+        assert not q.lock.would_block(4096, 4096, exclusive=True)
+        bad = [(e.data["node-name"], e.data["type"]) for e in seen
+               if e.name == "QUORUM_REPORT_BAD"]
+        stats, sync = q.slots[2].stats, q.slots[2].sync
+        assert stats.writes == 1
+        if far_does == "write":
+            assert not bad and bytes(far.buf[4096:8192]) == b"\x77" * 4096
+            assert sync is None or sync.dirty_bytes() == 0
+        else:
+            assert bad == [("far", "write")] and stats.write_errors == 1
+            assert sync is not None and sync.dirty_bytes() >= 4096, "recorded for catch-up"
+
+    run(main())
+    g.close()
+
+
+def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, bounded=True, threshold=3)
+    far.fail = errno.EIO
+
+    async def main() -> None:
+        done = q.direct().soon_pwrite(0, b"\x78" * 512)
+        assert done is not None
+        far.gate.set()
+        with pytest.raises(OSError) as err:
+            await asyncio.wait_for(done, 5)
+        assert err.value.errno == errno.EIO
+        assert [e.name for e in seen if e.name == "QUORUM_FAILURE"]
+        assert not q.lock.would_block(0, 512, exclusive=True)
 
     run(main())
     g.close()

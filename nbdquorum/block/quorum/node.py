@@ -39,6 +39,7 @@ from nbdquorum.block.node import (
     Caps,
     Direct,
     Extent,
+    Then,
     Unreachable,
     oserror,
 )
@@ -93,6 +94,16 @@ class _Now(Direct):
     def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[None] | None:
         return self.q._try_pwrite_soon(offset, data)
 
+    def call_pread(self, offset: int, length: int, then: Then) -> bool:
+        f = self.q._try_pread_soon(offset, length)
+        if f is None:
+            return False
+        f.add_done_callback(lambda f: _tell(f, then))
+        return True
+
+    def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
+        return self.q._call_pwrite_soon(offset, data, then)
+
 
 @dataclass(slots=True)
 class _FastPlan:
@@ -110,8 +121,10 @@ class _FastPlan:
     soon_write_fds: list[int] | None = None
     #: reads answered now by the descriptors (see QuorumNode._pread_one_late): the
     #: index of the one voter without a descriptor and its Direct, when the others
-    #: alone decide every vote they agree on; else None
+    #: alone decide every vote they agree on (at least the threshold, and two); else None
     one_late: tuple[int, Direct] | None = None
+    #: the one write target without a descriptor, and its Direct (_pwrite_one_late)
+    one_late_write: tuple[int, Direct] | None = None
 
 
 def _soon_fds(nodes: Sequence[BlockNode]) -> list[int] | None:
@@ -126,19 +139,37 @@ def _soon_fds(nodes: Sequence[BlockNode]) -> list[int] | None:
     return fds if fds and min(fds) < 0 else None
 
 
-def _one_late(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
-              threshold: int) -> tuple[int, Direct] | None:
-    """(index, Direct) of the one node without a descriptor, when the others are at
-    least ``threshold`` and more than one (so that, agreeing, they win whatever
-    it sends); else None."""
+def _the_one(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
+             ) -> tuple[int, Direct] | None:
+    """(index, Direct) of the one node without a descriptor, or None."""
     if soon_fds is None or soon_fds.count(-1) != 1:
-        return None
-    local = len(soon_fds) - 1
-    if local < max(threshold, 2):
         return None
     i = soon_fds.index(-1)
     d = nodes[i].direct()
     return None if d is None else (i, d)
+
+
+def _setter(out: asyncio.Future[Any]) -> Then:
+    """A callback that settles ``out`` (unless it is done already)."""
+
+    def then(result: Any, err: BaseException | None) -> None:
+        if not out.done():
+            if err is None:
+                out.set_result(result)
+            else:
+                out.set_exception(err)
+
+    return then
+
+
+def _tell(f: asyncio.Future[Any], then: Then) -> None:
+    """Pass a finished future's outcome to a callback."""
+    if f.cancelled():
+        then(None, oserror(errno.ECANCELED, "request cancelled"))
+    elif f.exception() is not None:
+        then(None, f.exception())
+    else:
+        then(f.result(), None)
 
 
 def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
@@ -571,13 +602,16 @@ class QuorumNode(BlockNode):
                 voters = voters[:1]  # fifo reads the first child; errors take the full path
             targets = self.writable()
             soon_read = None if fifo else _soon_fds([s.node for s in voters])
+            soon_write = _soon_fds([s.node for s in targets])
             plan = self._fast = _FastPlan(
                 voters, self.voted.descriptors([s.node for s in voters]),
                 1 if fifo else self.vote_threshold,
                 targets, self.voted.descriptors([s.node for s in targets]),
                 sum(1 for t in targets if t.state is ChildState.ACTIVE),
-                soon_read, _soon_fds([s.node for s in targets]),
-                _one_late([s.node for s in voters], soon_read, self.vote_threshold))
+                soon_read, soon_write,
+                _the_one([s.node for s in voters], soon_read)
+                if len(voters) - 1 >= max(self.vote_threshold, 2) else None,
+                _the_one([s.node for s in targets], soon_write))
         return plan
 
     def _drop_plan(self) -> None:
@@ -626,42 +660,43 @@ class QuorumNode(BlockNode):
         entry = self.lock.try_acquire(offset, length, exclusive=False)
         if entry is None:
             return None
-        win = self.voted.read_agreed_now(plan.soon_read_fds, offset, length)
-        f = None if win is None else d.soon_pread(offset, length)
-        if f is None:
+        agreed = self.voted.read_agreed_now(plan.soon_read_fds, offset, length)
+        if agreed is None:
             self.lock.release(entry)
             return None
-        assert win is not None
-        self.last_client_io = time.monotonic()
+        win: Buffer = agreed
         voters = plan.voters
-        for slot in voters:
-            slot.stats.reads += 1
-        self._late_bytes += length
 
-        def late(f: asyncio.Future[Buffer]) -> None:
+        def late(buf: Any, err: BaseException | None) -> None:
             self._late_bytes -= length
             try:
-                err = (f.exception() if not f.cancelled()
-                       else oserror(errno.ECANCELED, "child request cancelled"))
-                buf = f.result() if err is None else None
-                if buf is not None and not self.voted.differ(win, buf):
+                if err is None and not self.voted.differ(win, buf):
                     self.lock.release(entry)  # the usual case: it agrees
                     return
                 bufs: list[Buffer | None] = [win] * len(voters)
                 errs: list[OSError | None] = [None] * len(voters)
-                bufs[i] = buf
-                if err is not None:
+                if err is None:
+                    bufs[i] = buf
+                else:
+                    bufs[i] = None
                     errs[i] = err if isinstance(err, OSError) else oserror(errno.EIO, str(err))
                 reads = Reads(bufs, errs, self.voted.vote_now(bufs, plan.threshold))
-                task = asyncio.get_running_loop().create_task(
+                task = self.voted.running_loop().create_task(
                     self._follow_soon(voters, reads, win, [i], offset, length, entry))
-            except BaseException:
+            except Exception:  # (a callback must not raise) never leave the range locked
+                log.exception("comparing the late child of a read at %d+%d", offset, length)
                 self.lock.release(entry)
-                raise
+                return
             self._late.add(task)
             task.add_done_callback(self._late.discard)
 
-        f.add_done_callback(late)
+        if not d.call_pread(offset, length, late):
+            self.lock.release(entry)
+            return None
+        self.last_client_io = time.monotonic()
+        for slot in voters:
+            slot.stats.reads += 1
+        self._late_bytes += length
         return win
 
     def _try_pwrite_now(self, offset: int, data: Buffer) -> bool:
@@ -783,19 +818,29 @@ class QuorumNode(BlockNode):
         or None (take the full path).  The exclusive range lock and the
         write-intent mark are held until every child has answered; the outcome
         is judged as on the full path."""
+        out: asyncio.Future[None] = self.voted.running_loop().create_future()
+        return out if self._call_pwrite_soon(offset, data, _setter(out)) else None
+
+    def _call_pwrite_soon(self, offset: int, data: Buffer, then: Then) -> bool:
+        """_try_pwrite_soon with a callback: ``then(None, None)`` or ``then(None,
+        OSError)`` once every child has answered, never from within this call;
+        False: nothing was written."""
         plan = self._plan()
         fds = plan.soon_write_fds
         if fds is None:
-            return None
+            return False
         length = len(data)
         entry = self.lock.try_acquire(offset, length, exclusive=True)
         if entry is None:
-            return None
+            return False
         intent = self.write_intent
         if intent is not None and not intent.mark_now(offset, length):
             self.lock.release(entry)
-            return None
+            return False
         targets = plan.targets
+        if plan.one_late_write is not None and self._pwrite_one_late(plan, offset, data, entry,
+                                                                     intent, then):
+            return True
 
         def written(errs: list[OSError | None]) -> None:
             # judged once every child answered, before the client hears of it
@@ -812,11 +857,65 @@ class QuorumNode(BlockNode):
             if intent is not None:
                 intent.done(offset, length)
             self.lock.release(entry)
-            return None
+            return False
         self.last_client_io = time.monotonic()
         for slot in targets:
             slot.stats.writes += 1
-        return out
+        out.add_done_callback(lambda f: _tell(f, then))
+        return True
+
+    def _pwrite_one_late(self, plan: _FastPlan, offset: int, data: Buffer, entry: Any,
+                         intent: WriteIntent | None, then: Then) -> bool:
+        """A small write when one target is on another host: the descriptors are
+        written on the event loop and the far one's request goes out; the write
+        is judged, the range lock and write-intent mark let go, and ``then``
+        told, from the far one's callback (the general case without its gather
+        and futures).  False: nothing was written (the general case takes it)."""
+        assert plan.one_late_write is not None and plan.soon_write_fds is not None
+        i, d = plan.one_late_write
+        bound = d.time_limit  # the child's own limit must bound the request
+        if bound is None or bound > self.child_timeout:
+            return False
+        codes = self.voted.write_fds_now(plan.soon_write_fds, offset, data)
+        if codes is None:
+            return False  # the page cache pushed back: nothing written
+        length = len(data)
+        targets = plan.targets
+
+        def written(_result: Any, err: BaseException | None) -> None:
+            failed: BaseException | None = None
+            try:
+                if err is None and not any(c > 0 for c in codes) and (
+                        plan.active_targets >= self.vote_threshold):
+                    self.members.written(offset, length)  # the usual case
+                else:
+                    errs: list[BaseException | None] = [
+                        None if c <= 0 else oserror(c, s.node.node_name)
+                        for c, s in zip(codes, targets, strict=True)]
+                    if err is not None:
+                        errs[i] = (err if isinstance(err, OSError)
+                                   else oserror(errno.EIO, str(err)))
+                    self._account_write("write", offset, length, targets, errs)
+            except Exception as e:  # (a callback must not raise) the write's outcome
+                failed = e
+            finally:
+                if intent is not None:
+                    intent.done(offset, length)
+                self.lock.release(entry)
+            try:
+                then(None, failed)
+            except Exception:  # told once: the caller's callback must not raise
+                log.exception("telling the outcome of a write at %d+%d", offset, length)
+
+        self.last_client_io = time.monotonic()
+        for slot in targets:
+            slot.stats.writes += 1
+        if not d.call_pwrite(offset, data, written):
+            # the link went: written here, not there (as the gather counts it); told
+            # one loop turn later, as every outcome
+            self.voted.running_loop().call_soon(
+                written, None, oserror(errno.ENOTCONN, targets[i].node.node_name))
+        return True
 
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         await self._write_all("write", offset, len(data),
