@@ -583,7 +583,9 @@ class Connection:
         self._flush_scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
         #: requests started on the node's soon path (_serve_soon), not yet answered
-        self.soon: set[asyncio.Future[Any]] = set()
+        self.soon = 0
+        #: set when ``soon`` falls to zero, while the connection's end waits for that
+        self._soon_idle: asyncio.Event | None = None
         self.read_task: asyncio.Task[Any] | None = None
         #: an event (or error) serve_inline() took but left to the read loop
         self._held: object = None
@@ -613,8 +615,11 @@ class Connection:
         finally:
             if timer is not None:
                 timer.cancel()
-            if self.tasks or self.soon:
-                await asyncio.gather(*self.tasks, *self.soon, return_exceptions=True)
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.soon:  # each is bounded (the quorum's child timeout)
+                self._soon_idle = asyncio.Event()
+                await self._soon_idle.wait()
             if self._ahead is not None:  # a payload that never arrived in full
                 self._finish(self._ahead, receiving=self._receiving)
                 self._ahead = None
@@ -882,35 +887,35 @@ class Connection:
         return False
 
     def _serve_soon(self, req: Request, cost: int) -> bool:
-        """Start a small READ or WRITE on the node's soon path (a future, no task),
-        answered from its callback; False sends it down the full path."""
-        fut: asyncio.Future[Any] | None
+        """Start a small READ or WRITE on the node's soon path (no task: its
+        outcome comes to a callback, which queues the reply); False sends it
+        down the full path."""
         if req.cmd == Cmd.READ:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
                 return False
             d = self.export.node.direct()
-            fut = None if d is None else d.soon_pread(req.offset, req.length)
+            if d is None or not d.call_pread(req.offset, req.length, functools.partial(
+                    self._soon_done, req, cost, clock())):
+                return False
         elif req.cmd == Cmd.WRITE and not req.flags:
             if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
                 return False
             d = self.export.node.direct()
-            fut = None if d is None else d.soon_pwrite(req.offset, req.data)
+            if d is None or not d.call_pwrite(req.offset, req.data, functools.partial(
+                    self._soon_done, req, cost, clock())):
+                return False
         else:
             return False
-        if fut is None:
-            return False
-        self.soon.add(fut)
-        fut.add_done_callback(functools.partial(self._soon_done, req, cost, clock()))
+        self.soon += 1
         return True
 
-    def _soon_done(self, req: Request, cost: int, t0: int, fut: asyncio.Future[Any]) -> None:
-        self.soon.discard(fut)
+    def _soon_done(self, req: Request, cost: int, t0: int, result: Any,
+                   err: BaseException | None) -> None:
         try:
-            err = fut.exception() if not fut.cancelled() else ConnectionAbortedError()
             reply: object
             if err is None:
                 if req.cmd == Cmd.READ:
-                    reply = ReadReply(req.cookie, [DataChunk(req.offset, fut.result())])
+                    reply = ReadReply(req.cookie, [DataChunk(req.offset, result)])
                     if cost > req.length:  # voted: the reply holds one buffer
                         self._finish(cost - req.length, request=False)
                         cost = req.length
@@ -931,6 +936,9 @@ class Connection:
             self._finish(cost)
             if self.stats is not None:
                 self.stats.record(req.cmd, t0)
+            self.soon -= 1
+            if not self.soon and self._soon_idle is not None:
+                self._soon_idle.set()
 
     async def _serve(self, req: Request, cost: int) -> None:
         t0 = clock()
