@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from nbdquorum.block.rangelock import RangeLock
 from tests.unit.aiohelp import run
 
@@ -111,17 +113,20 @@ def test_cancelled_waiter_releases_its_place() -> None:
     run(main())
 
 
-def test_random_traffic_against_a_model() -> None:
+@pytest.mark.parametrize(("shift", "big"), [(20, 64), (9, 4), (10, 1)])
+def test_random_traffic_against_a_model(shift: int, big: int) -> None:
     """Random readers and writers over a few ranges, some cancelled while they wait,
     some taken with try_acquire: never two conflicting holders, a request runs as
-    soon as no earlier overlapping one is in its way, and the lock ends empty."""
+    soon as no earlier overlapping one is in its way, and the lock ends empty.
+    With small buckets (``shift``) entries spread over many, and some touch more
+    than ``big`` (checked by every request)."""
     import random
 
     from nbdquorum.block.rangelock import _Entry
 
     async def main() -> None:
-        rng = random.Random(5)
-        lock = RangeLock()
+        rng = random.Random(5 + shift)
+        lock = RangeLock(shift, big)
         holding: list[_Entry] = []  # granted, in grant order
 
         def check() -> None:
@@ -131,15 +136,30 @@ def test_random_traffic_against_a_model() -> None:
             assert lock._exclusive == sum(e.exclusive for e in lock._entries)
             assert lock._waiting == sum(1 for e in lock._entries
                                         if e.waiter is not None and not e.waiter.done())
+            # every entry filed in the buckets it touches, or with the big ones; no other
+            filed: dict[_Entry, set[int]] = {}
+            for k, near in lock._buckets.items():
+                assert near, "no empty bucket is kept"
+                for e in near:
+                    filed.setdefault(e, set()).add(k)
+            for e in lock._entries:
+                first, last = e.start >> shift, (e.end - 1) >> shift
+                if last - first >= big:
+                    assert e in lock._big and e not in filed
+                else:
+                    assert filed.pop(e) == set(range(first, last + 1))
+            assert not filed and set(lock._big) <= set(lock._entries)
 
         async def user(offset: int, length: int, exclusive: bool, stay: int) -> None:
             entry = await lock.acquire(offset, length, exclusive=exclusive)
             holding.append(entry)
-            check()
-            for _ in range(stay):
-                await asyncio.sleep(0)
-            holding.remove(entry)
-            lock.release(entry)
+            try:
+                check()
+                for _ in range(stay):
+                    await asyncio.sleep(0)
+            finally:  # (also when cancelled while holding it)
+                holding.remove(entry)
+                lock.release(entry)
 
         tasks: list[asyncio.Task[None]] = []
         for _ in range(400):
