@@ -54,6 +54,8 @@ class Direct:
     #: node bounds its own requests: a caller with a longer limit needs no timer
     #: of its own), or None
     time_limit: float | None = None
+    #: whether try_pwrite may take a write at all (False: the caller need not ask)
+    writes_now: bool = True
 
     def try_pread(self, offset: int, length: int) -> Buffer | None:
         return None

@@ -870,11 +870,13 @@ class Connection:
                 self.stats.record(req.cmd, t0)
             return True
         if req.cmd == Cmd.WRITE and not req.flags:
-            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+            if req.length > SYNC_MAX or self.export is None:
                 return False
             now = self.export.node.direct()
+            if now is None or not now.writes_now or self.proto.validate(req):
+                return False  # (a node that never writes now: straight to the soon path)
             try:
-                if now is None or not now.try_pwrite(req.offset, req.data):
+                if not now.try_pwrite(req.offset, req.data):
                     return False
             except OSError as err:
                 self._queue(ErrorReply(req.cookie, to_nbd_errno(err, req.flags),

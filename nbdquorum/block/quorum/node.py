@@ -88,6 +88,11 @@ class _Now(Direct):
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
         return self.q._try_pwrite_now(offset, data)
 
+    @property
+    def writes_now(self) -> bool:  # type: ignore[override]
+        """Only when every writable child is a descriptor."""
+        return self.q._plan().write_fds is not None
+
     def soon_pread(self, offset: int, length: int) -> asyncio.Future[Buffer] | None:
         return self.q._try_pread_soon(offset, length)
 
@@ -885,7 +890,7 @@ class QuorumNode(BlockNode):
         def written(_result: Any, err: BaseException | None) -> None:
             failed: BaseException | None = None
             try:
-                if err is None and not any(c > 0 for c in codes) and (
+                if err is None and max(codes) <= 0 and (  # (0: written, -1: skipped)
                         plan.active_targets >= self.vote_threshold):
                     self.members.written(offset, length)  # the usual case
                 else:
