@@ -544,6 +544,24 @@ def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path)
     g.close()
 
 
+def test_a_clean_stop_waits_for_the_remote_child_of_a_read_answered_now(
+        tmp_path: Path) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, bounded=True)
+
+    async def main() -> None:
+        assert q.direct().try_pread(0, 4096) is not None
+        settle = asyncio.ensure_future(q.settle())
+        await asyncio.sleep(0.05)
+        assert not settle.done(), "the far child's bytes are still to compare"
+        far.gate.set()
+        await asyncio.wait_for(settle, 5)
+        assert q._late_reads == 0 and q._late_bytes == 0
+        assert not [e for e in seen if e.name == "QUORUM_REPORT_BAD"]
+
+    run(main())
+    g.close()
+
+
 def test_a_read_is_not_answered_now_unless_the_files_alone_decide_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nbdquorum.block.quorum import node as node_mod

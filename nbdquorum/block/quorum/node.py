@@ -23,6 +23,7 @@ NBD, QMP or persistence: it reports typed events (events.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -250,6 +251,10 @@ class QuorumNode(BlockNode):
         #: beyond LATE_MAX a read waits for every child again, so that a slow child
         #: cannot pile up requests (and their buffers) without end
         self._late_bytes = 0
+        #: reads answered on the fast path whose remote child is still being read
+        #: (_pread_one_late), and what a clean stop waits on until they are none
+        self._late_reads = 0
+        self._late_idle: asyncio.Event | None = None
         #: answer a read as soon as its vote is decided (slower children compared in
         #: the background, under the read's range lock, reported and rewritten as if
         #: in time).  A hung child is then reported when its timeout expires, after
@@ -464,6 +469,10 @@ class QuorumNode(BlockNode):
     async def settle(self) -> None:
         """Wait for the background comparisons of reads answered early (each is bounded
         by the child timeout); for a clean stop, before the children close."""
+        if self._late_reads:  # each is bounded by its child's own time limit
+            self._late_idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._late_idle.wait(), self.child_timeout + 1)
         if self._late:
             _done, pending = await asyncio.wait(set(self._late), timeout=self.child_timeout + 1)
             for t in pending:
@@ -674,6 +683,9 @@ class QuorumNode(BlockNode):
 
         def late(buf: Any, err: BaseException | None) -> None:
             self._late_bytes -= length
+            self._late_reads -= 1
+            if not self._late_reads and self._late_idle is not None:
+                self._late_idle.set()
             try:
                 if err is None and not self.voted.differ(win, buf):
                     self.lock.release(entry)  # the usual case: it agrees
@@ -702,6 +714,7 @@ class QuorumNode(BlockNode):
         for slot in voters:
             slot.stats.reads += 1
         self._late_bytes += length
+        self._late_reads += 1
         return win
 
     def _try_pwrite_now(self, offset: int, data: Buffer) -> bool:
