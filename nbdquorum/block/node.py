@@ -84,6 +84,11 @@ class Direct:
         """soon_pwrite with a callback, as call_pread."""
         return False
 
+    def takes(self, length: int) -> bool:
+        """Whether call_pread/call_pwrite would start a request of ``length`` bytes
+        now (a caller that must do other I/O first asks before it)."""
+        return False
+
     def pin(self) -> None:
         """Keep ``fd`` open until the matching unpin() (a request is using it)."""
 

@@ -502,5 +502,9 @@ class _Soon(Direct):
     def call_pread(self, offset: int, length: int, then: Then) -> bool:
         return self.child._send(Cmd.READ, offset, length, 0, None, then)
 
+    def takes(self, length: int) -> bool:
+        c = self.child
+        return c._client is not None and length <= c._max_request
+
     def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
         return self.child._send(Cmd.WRITE, offset, len(data), 0, data, then)

@@ -408,12 +408,23 @@ class _SoonOffer(Direct):
     def soon_pwrite(self, offset: int, data: Buffer) -> asyncio.Future[Any]:
         return self.node.start(lambda: MemNode.pwrite(self.node, offset, data))
 
+    #: requests above this many bytes are declined, as an NBD child declines a
+    #: request it would have to split (None: any size)
+    max_request: int | None = None
+
+    def takes(self, length: int) -> bool:
+        return self.max_request is None or length <= self.max_request
+
     # the callback forms, as an NBD child offers them: then(result, error) once, later
     def call_pread(self, offset: int, length: int, then: Any) -> bool:
+        if not self.takes(length):
+            return False
         self.soon_pread(offset, length).add_done_callback(lambda f: _tell(f, then))
         return True
 
     def call_pwrite(self, offset: int, data: Buffer, then: Any) -> bool:
+        if not self.takes(len(data)):
+            return False
         self.soon_pwrite(offset, data).add_done_callback(lambda f: _tell(f, then))
         return True
 
@@ -539,6 +550,47 @@ def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path)
         assert err.value.errno == errno.EIO
         assert [e.name for e in seen if e.name == "QUORUM_FAILURE"]
         assert not q.lock.would_block(0, 512, exclusive=True)
+
+    run(main())
+    g.close()
+
+
+@pytest.mark.parametrize("threshold", [2, 3])
+def test_a_write_the_remote_child_would_split_takes_the_general_path(
+        tmp_path: Path, threshold: int) -> None:
+    g, q, far, seen = _soon_quorum(tmp_path, bounded=True, threshold=threshold)
+    far._soon.max_request = 4096
+    far.gate.set()
+
+    async def main() -> None:
+        for k in range(3):
+            fut = q.direct().soon_pwrite(k * 8192, b"\x77" * 8192)
+            if fut is None:
+                await q.pwrite(k * 8192, b"\x77" * 8192)  # the full path, as the server
+            else:
+                await asyncio.wait_for(fut, 5)
+        assert not [e for e in seen if e.name in ("QUORUM_REPORT_BAD", "QUORUM_FAILURE")]
+        assert q.slots[2].stats.write_errors == 0 and q.slots[2].error_count == 0
+        assert bytes(far.buf[:3 * 8192]) == b"\x77" * 3 * 8192
+
+    run(main())
+    g.close()
+
+
+@pytest.mark.parametrize("bounded", [False, True])  # False: the general soon path
+def test_a_write_is_judged_by_the_children_states_when_it_completes(
+        tmp_path: Path, bounded: bool) -> None:
+    g, q, far, _seen = _soon_quorum(tmp_path, bounded=bounded, threshold=3)
+
+    async def main() -> None:
+        done = q.direct().soon_pwrite(0, b"\x11" * 4096)
+        assert done is not None
+        await asyncio.sleep(0.01)
+        q.members.fault(q.slots[0], "faulted while the write was in flight")
+        far.gate.set()
+        with pytest.raises(OSError) as err:  # two active children left: below 3
+            await asyncio.wait_for(done, 5)
+        assert err.value.errno == errno.EIO
 
     run(main())
     g.close()

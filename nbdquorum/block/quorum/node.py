@@ -674,7 +674,11 @@ class QuorumNode(BlockNode):
         entry = self.lock.try_acquire(offset, length, exclusive=False)
         if entry is None:
             return None
-        agreed = self.voted.read_agreed_now(plan.soon_read_fds, offset, length)
+        try:
+            agreed = self.voted.read_agreed_now(plan.soon_read_fds, offset, length)
+        except BaseException:
+            self.lock.release(entry)
+            raise
         if agreed is None:
             self.lock.release(entry)
             return None
@@ -856,9 +860,15 @@ class QuorumNode(BlockNode):
             self.lock.release(entry)
             return False
         targets = plan.targets
-        if plan.one_late_write is not None and self._pwrite_one_late(plan, offset, data, entry,
-                                                                     intent, then):
-            return True
+        try:
+            if plan.one_late_write is not None and self._pwrite_one_late(
+                    plan, offset, data, entry, intent, then):
+                return True
+        except BaseException:  # (a failure before its callback exists) never leave it locked
+            if intent is not None:
+                intent.done(offset, length)
+            self.lock.release(entry)
+            raise
 
         def written(errs: list[OSError | None]) -> None:
             # judged once every child answered, before the client hears of it
@@ -892,28 +902,26 @@ class QuorumNode(BlockNode):
         assert plan.one_late_write is not None and plan.soon_write_fds is not None
         i, d = plan.one_late_write
         bound = d.time_limit  # the child's own limit must bound the request
-        if bound is None or bound > self.child_timeout:
-            return False
+        length = len(data)
+        if bound is None or bound > self.child_timeout or not d.takes(length):
+            return False  # (a request the far child would split: the general case)
         codes = self.voted.write_fds_now(plan.soon_write_fds, offset, data)
         if codes is None:
             return False  # the page cache pushed back: nothing written
-        length = len(data)
         targets = plan.targets
 
         def written(_result: Any, err: BaseException | None) -> None:
             failed: BaseException | None = None
             try:
-                if err is None and max(codes) <= 0 and (  # (0: written, -1: skipped)
-                        plan.active_targets >= self.vote_threshold):
-                    self.members.written(offset, length)  # the usual case
-                else:
-                    errs: list[BaseException | None] = [
-                        None if c <= 0 else oserror(c, s.node.node_name)
-                        for c, s in zip(codes, targets, strict=True)]
-                    if err is not None:
-                        errs[i] = (err if isinstance(err, OSError)
-                                   else oserror(errno.EIO, str(err)))
-                    self._account_write("write", offset, length, targets, errs)
+                # (codes: 0 written, -1 skipped, else the errno)
+                errs: list[BaseException | None] = (
+                    [None] * len(targets) if max(codes) <= 0 else
+                    [None if c <= 0 else oserror(c, s.node.node_name)
+                     for c, s in zip(codes, targets, strict=True)])
+                if err is not None:
+                    errs[i] = err if isinstance(err, OSError) else oserror(errno.EIO, str(err))
+                # judged by the children's states now, as the general case does
+                self._account_write("write", offset, length, targets, errs)
             except Exception as e:  # (a callback must not raise) the write's outcome
                 failed = e
             finally:
