@@ -481,7 +481,7 @@ def test_a_read_is_answered_now_while_the_one_remote_child_is_still_read(
         assert q.lock.would_block(8192, 4096, exclusive=True)
         assert q.direct().soon_pwrite(8192, b"\x55" * 512) is None
         far.gate.set()
-        for _ in range(100):
+        for _ in range(1000):
             await asyncio.sleep(0.01)
             if not q.lock.would_block(8192, 4096, exclusive=True):
                 break
