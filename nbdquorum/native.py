@@ -257,30 +257,10 @@ def pread_vote_nowait(
 
     Cheap enough to call on the event loop for small requests; on None the
     caller retries with pread_vote on a worker thread.  UNKNOWN when a child's
-    file system does not support RWF_NOWAIT.
+    file system does not support RWF_NOWAIT.  A skipped child's buffer is an
+    empty bytearray.
     """
-    _check_offset(offset, length)
-    n = len(fds)
-    out = [bytearray(length) for _ in range(n)]
-    ptrs = ffi.new("uint8_t *[]", n)
-    keep = []
-    for i, (fd, buf) in enumerate(zip(fds, out, strict=True)):
-        if fd >= 0:
-            cdata, _ = _pointer(buf, writable=True)
-            keep.append(cdata)
-            ptrs[i] = cdata
-    errs = ffi.new("int[]", n)
-    groups = ffi.new("int32_t[]", n)
-    rc = lib.quorum_pread_vote_nowait(
-        ffi.new("int[]", list(fds)), n, offset, length, ptrs, errs,
-        _threshold(threshold, n), groups,
-    )
-    if rc == -errno.EAGAIN:
-        return None
-    if rc == -errno.EOPNOTSUPP:
-        return UNKNOWN
-    result = VoteResult(_winner(rc), tuple(int(groups[i]) for i in range(n)))
-    return result, out, [int(errs[i]) for i in range(n)]
+    return Inline(fds).pread_vote(offset, length, threshold, True)
 
 
 #: stands in, in Inline's results, for the buffer of a child that was skipped
@@ -315,18 +295,18 @@ class Inline:
     ) -> tuple[VoteResult, list[bytearray], list[int]] | Literal["unknown"] | None:
         """As pread_vote (``nowait``: pread_vote_nowait, with its None and UNKNOWN).
         A skipped child's buffer is an empty bytearray (its errno is -1)."""
-        if length <= 0 or offset < 0:  # (an empty read's buffer is no pointer at all)
-            f = pread_vote_nowait if nowait else pread_vote
-            return f(self.fds, offset, length, threshold)
+        _check_offset(offset, length)
         n, ptrs = self.n, self._ptrs
         out = [_SKIPPED] * n
         keep = []  # the exports behind ptrs, alive until the call returns
         for i in self.readers:
             out[i] = buf = bytearray(length)
-            ptrs[i] = cdata = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+            # (an empty buffer's export may be NULL, which C takes for a failed child)
+            ptrs[i] = cdata = (ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+                               if length else _EMPTY)
             keep.append(cdata)
         errs, groups = self._errs, self._groups
-        t = 0 if threshold < 1 else min(threshold, n + 1)
+        t = _threshold(threshold, n)
         if nowait:
             rc = lib.quorum_pread_vote_nowait(self.cfds, n, offset, length, ptrs, errs, t,
                                               groups)
@@ -366,14 +346,4 @@ def pwrite_all_nowait(
     None means nothing was written; once the first child took the data the
     others are written too (blocking if need be), so children never differ.
     """
-    _check_offset(offset, 0)
-    n = len(fds)
-    errs = ffi.new("int[]", n)
-    pdata, length = _pointer(data)
-    rc = lib.quorum_pwrite_all_nowait(ffi.new("int[]", list(fds)), n, offset, pdata, length, errs)
-    if rc == -errno.EAGAIN:
-        return None
-    if rc == -errno.EOPNOTSUPP:
-        return UNKNOWN
-    _check(rc)
-    return [int(errs[i]) for i in range(n)]
+    return Inline(fds).pwrite_all(offset, data, True)

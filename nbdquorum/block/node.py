@@ -37,6 +37,29 @@ class Caps(enum.IntFlag):
 Then = Callable[[Any, "BaseException | None"], None]
 
 
+def settler(out: asyncio.Future[Any]) -> Then:
+    """A callback that settles ``out`` (unless it is done already)."""
+
+    def then(result: Any, err: BaseException | None) -> None:
+        if not out.done():
+            if err is None:
+                out.set_result(result)
+            else:
+                out.set_exception(err)
+
+    return then
+
+
+def tell(f: asyncio.Future[Any], then: Then) -> None:
+    """Pass a finished future's outcome to a callback (cancelled: ECANCELED)."""
+    if f.cancelled():
+        then(None, oserror(errno.ECANCELED, "request cancelled"))
+    elif f.exception() is not None:
+        then(None, f.exception())
+    else:
+        then(f.result(), None)
+
+
 class Direct:
     """A node's offer to serve a request now, on the caller's thread.
 

@@ -892,21 +892,17 @@ class Connection:
         """Start a small READ or WRITE on the node's soon path (no task: its
         outcome comes to a callback, which queues the reply); False sends it
         down the full path."""
-        if req.cmd == Cmd.READ:
-            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
-                return False
-            d = self.export.node.direct()
-            if d is None or not d.call_pread(req.offset, req.length, functools.partial(
-                    self._soon_done, req, cost, clock())):
-                return False
-        elif req.cmd == Cmd.WRITE and not req.flags:
-            if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
-                return False
-            d = self.export.node.direct()
-            if d is None or not d.call_pwrite(req.offset, req.data, functools.partial(
-                    self._soon_done, req, cost, clock())):
-                return False
-        else:
+        read = req.cmd == Cmd.READ
+        if not (read or (req.cmd == Cmd.WRITE and not req.flags)):
+            return False
+        if req.length > SYNC_MAX or self.export is None or self.proto.validate(req):
+            return False
+        d = self.export.node.direct()
+        if d is None:
+            return False
+        then = functools.partial(self._soon_done, req, cost, clock())
+        if not (d.call_pread(req.offset, req.length, then) if read
+                else d.call_pwrite(req.offset, req.data, then)):
             return False
         self.soon += 1
         return True

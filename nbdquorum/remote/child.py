@@ -44,6 +44,8 @@ from nbdquorum.block.node import (
     Then,
     Unreachable,
     oserror,
+    settler,
+    tell,
 )
 from nbdquorum.nbd.client import NBDClient, NBDClientError
 from nbdquorum.nbd.constants import Cmd, CmdFlag, TransmissionFlag
@@ -240,25 +242,25 @@ class NBDChild(BlockNode):
         if client is None:
             return None
         out: asyncio.Future[Any] = client._loop.create_future()
+        return out if self._send(cmd, offset, length, flags, data, settler(out)) else None
 
-        def then(result: object, err: BaseException | None) -> None:
-            if not out.done():
-                if err is None:
-                    out.set_result(result)
-                else:
-                    out.set_exception(err)
-
-        return out if self._send(cmd, offset, length, flags, data, then) else None
+    def _takes(self, length: int) -> bool:
+        """Connected, and the request needs no splitting."""
+        return self._client is not None and length <= self._max_request
 
     def _send(self, cmd: Cmd, offset: int, length: int, flags: int, data: Buffer | None,
-              then: Callable[[Any, BaseException | None], None]) -> bool:
+              then: Then) -> bool:
         """``_submit`` with a callback: the request goes out now and ``then(result,
         error)`` is called once, later (an OSError as ``_call`` raises it); False
         (nothing sent) when not connected or the request needs splitting."""
-        client = self._client
-        if client is None or length > self._max_request:
+        if not self._takes(length):
             return False
+        client = self._client
+        assert client is not None
         loop = client._loop
+
+        def told(result: object, err: BaseException | None) -> None:
+            then(None if err is not None else _as_result(cmd, length, result), err)
 
         def settle(result: object, err: BaseException | None) -> None:
             if err is None:
@@ -277,7 +279,7 @@ class NBDChild(BlockNode):
                     return
                 # within reconnect-delay: sent again once the link is back
                 again = loop.create_task(self._call(cmd, offset, length, flags, data))
-                again.add_done_callback(lambda g: then(*_outcome(g, cmd, length)))
+                again.add_done_callback(lambda g: tell(g, told))
             else:
                 then(None, err)
 
@@ -462,17 +464,6 @@ def watch_link(sock: socket.socket, timeout: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _outcome(src: asyncio.Future[Any], cmd: Cmd, length: int,
-             ) -> tuple[object, BaseException | None]:
-    """A finished request's (result, error) (a READ's bytes as pread returns them)."""
-    if src.cancelled():
-        return None, oserror(errno.ECANCELED, "request cancelled")
-    err = src.exception()
-    if err is not None:
-        return None, err
-    return _as_result(cmd, length, src.result()), None
-
-
 def _as_result(cmd: Cmd, length: int, value: object) -> object:
     """A request's reply as pread/pwrite give it: a READ's bytes, else None."""
     if cmd != Cmd.READ:
@@ -503,8 +494,7 @@ class _Soon(Direct):
         return self.child._send(Cmd.READ, offset, length, 0, None, then)
 
     def takes(self, length: int) -> bool:
-        c = self.child
-        return c._client is not None and length <= c._max_request
+        return self.child._takes(length)
 
     def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
         return self.child._send(Cmd.WRITE, offset, len(data), 0, data, then)

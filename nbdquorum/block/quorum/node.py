@@ -43,6 +43,8 @@ from nbdquorum.block.node import (
     Then,
     Unreachable,
     oserror,
+    settler,
+    tell,
 )
 from nbdquorum.block.quorum.events import ChildBad, QuorumEvent, QuorumLost
 from nbdquorum.block.quorum.members import (
@@ -104,7 +106,7 @@ class _Now(Direct):
         f = self.q._try_pread_soon(offset, length)
         if f is None:
             return False
-        f.add_done_callback(lambda f: _tell(f, then))
+        f.add_done_callback(lambda f: tell(f, then))
         return True
 
     def call_pwrite(self, offset: int, data: Buffer, then: Then) -> bool:
@@ -153,29 +155,6 @@ def _the_one(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
     i = soon_fds.index(-1)
     d = nodes[i].direct()
     return None if d is None else (i, d)
-
-
-def _setter(out: asyncio.Future[Any]) -> Then:
-    """A callback that settles ``out`` (unless it is done already)."""
-
-    def then(result: Any, err: BaseException | None) -> None:
-        if not out.done():
-            if err is None:
-                out.set_result(result)
-            else:
-                out.set_exception(err)
-
-    return then
-
-
-def _tell(f: asyncio.Future[Any], then: Then) -> None:
-    """Pass a finished future's outcome to a callback."""
-    if f.cancelled():
-        then(None, oserror(errno.ECANCELED, "request cancelled"))
-    elif f.exception() is not None:
-        then(None, f.exception())
-    else:
-        then(f.result(), None)
 
 
 def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
@@ -657,6 +636,11 @@ class QuorumNode(BlockNode):
             slot.stats.reads += 1
         return data
 
+    def _bounds_itself(self, d: Direct) -> bool:
+        """Whether ``d`` ends every request within the child timeout by itself (the
+        one-late paths start no timer of their own)."""
+        return d.time_limit is not None and d.time_limit <= self.child_timeout
+
     def _pread_one_late(self, plan: _FastPlan, offset: int, length: int) -> Buffer | None:
         """A small read answered now while one voter, on another host, is still
         being read: the descriptors are read on the event loop, and when they all
@@ -668,8 +652,7 @@ class QuorumNode(BlockNode):
         path's general case (nothing was sent; reads are idempotent)."""
         assert plan.one_late is not None and plan.soon_read_fds is not None
         i, d = plan.one_late
-        bound = d.time_limit  # the child's own limit must bound the late request
-        if bound is None or bound > self.child_timeout or not self._may_answer_early(length):
+        if not self._bounds_itself(d) or not self._may_answer_early(length):
             return None
         entry = self.lock.try_acquire(offset, length, exclusive=False)
         if entry is None:
@@ -841,7 +824,7 @@ class QuorumNode(BlockNode):
         write-intent mark are held until every child has answered; the outcome
         is judged as on the full path."""
         out: asyncio.Future[None] = self.voted.running_loop().create_future()
-        return out if self._call_pwrite_soon(offset, data, _setter(out)) else None
+        return out if self._call_pwrite_soon(offset, data, settler(out)) else None
 
     def _call_pwrite_soon(self, offset: int, data: Buffer, then: Then) -> bool:
         """_try_pwrite_soon with a callback: ``then(None, None)`` or ``then(None,
@@ -889,7 +872,7 @@ class QuorumNode(BlockNode):
         self.last_client_io = time.monotonic()
         for slot in targets:
             slot.stats.writes += 1
-        out.add_done_callback(lambda f: _tell(f, then))
+        out.add_done_callback(lambda f: tell(f, then))
         return True
 
     def _pwrite_one_late(self, plan: _FastPlan, offset: int, data: Buffer, entry: Any,
@@ -901,9 +884,8 @@ class QuorumNode(BlockNode):
         and futures).  False: nothing was written (the general case takes it)."""
         assert plan.one_late_write is not None and plan.soon_write_fds is not None
         i, d = plan.one_late_write
-        bound = d.time_limit  # the child's own limit must bound the request
         length = len(data)
-        if bound is None or bound > self.child_timeout or not d.takes(length):
+        if not self._bounds_itself(d) or not d.takes(length):
             return False  # (a request the far child would split: the general case)
         codes = self.voted.write_fds_now(plan.soon_write_fds, offset, data)
         if codes is None:
