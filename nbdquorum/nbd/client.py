@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nbdquorum.buffers import SPARES
 from nbdquorum.coretypes import Buffer, Extent
 from nbdquorum.nbd.constants import (
     IHAVEOPT,
@@ -200,6 +201,7 @@ class _Pending:
         "future",
         "length",
         "offset",
+        "pieces",
     )
 
     def __init__(self, cmd: Cmd, offset: int, length: int,
@@ -213,6 +215,8 @@ class _Pending:
         self.deadline = deadline
         self.data: Buffer | None = None
         self.covered = 0  # bytes of a READ that data/hole chunks have filled
+        #: (start, length) of each chunk of a READ answered in more than one
+        self.pieces: list[tuple[int, int]] | None = None
         self.extents: list[Extent] | None = None
         self.error: tuple[int, str] | None = None
 
@@ -252,8 +256,13 @@ def _place(p: _Pending, off: int, n: int) -> int:
     p.covered += n
     if p.data is None and start == 0 and n == p.length:
         return start  # the whole request in one chunk: kept without a copy
+    if p.pieces is None:
+        p.pieces = []
+    p.pieces.append((start, n))
     if not isinstance(p.data, bytearray):
-        old, p.data = p.data, bytearray(p.length)  # zero-filled: holes need no more
+        # a spare buffer, not zero-filled: every byte is a data or hole chunk's, or
+        # the read fails (covered != length)
+        old, p.data = p.data, SPARES.take(p.length)
         if old is not None:
             p.data[:len(old)] = old
     return start
@@ -296,10 +305,24 @@ def _finish(p: _Pending) -> None:
         _settle(p, None, OSError(code, msg or os.strerror(code)))
     elif p.cmd == Cmd.READ and p.covered != p.length:
         _settle(p, None, OSError(errno.EIO, f"the server answered {p.covered} of {p.length} bytes read"))
+    elif p.pieces is not None and not _tiled(p.pieces, p.length):
+        # overlapping chunks (the protocol forbids them) would leave bytes unwritten,
+        # and the buffer is not zero-filled
+        _settle(p, None, OSError(errno.EIO, "the server answered overlapping chunks"))
     elif p.extents:
         _settle(p, p.extents, None)
     else:
         _settle(p, p.data, None)
+
+
+def _tiled(pieces: list[tuple[int, int]], length: int) -> bool:
+    """Whether the (start, length) pieces cover 0..length once each."""
+    at = 0
+    for start, n in sorted(pieces):
+        if start != at:
+            return False
+        at += n
+    return at == length
 
 
 class ReplyReader:
@@ -436,7 +459,7 @@ class ReplyReader:
         """The rest of this data chunk goes straight into the request's buffer."""
         start = _place(p, off, n)
         if not isinstance(p.data, bytearray):
-            p.data = bytearray(p.length)
+            p.data = SPARES.take(p.length)
         dst = memoryview(p.data)[start:start + n]
         have = self._end - self._start  # all of it belongs to this chunk
         dst[:have] = self._view[self._start:self._end]

@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import ClassVar, Final
 
+from ..buffers import SPARES
 from . import wire
 from .constants import (
     IHAVEOPT,
@@ -797,7 +798,7 @@ class ServerConnection:
             # Too big to read and refuse: the stream cannot be resynchronised.
             raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_WRITE_PAYLOAD}")
         self._pending = (CmdFlag(flags), cookie, offset, length)
-        self._write_buf = bytearray(length)
+        self._write_buf = SPARES.take(length)  # (every byte is received before use)
         take = min(length, self._available())
         with memoryview(self._buf) as view:
             self._write_buf[:take] = view[self._pos : self._pos + take]

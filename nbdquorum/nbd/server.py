@@ -34,6 +34,7 @@ from typing import Any, cast
 
 from nbdquorum import native
 from nbdquorum.block.node import BlockNode
+from nbdquorum.buffers import SPARES
 from nbdquorum.nbd.constants import (
     MAX_BLOCK,
     MAX_WRITE_PAYLOAD,
@@ -313,6 +314,7 @@ class Budget:
         self._trim_handle = None
         if self.used + self.receiving <= self.limit // 8:
             self.peak = self.used + self.receiving
+            SPARES.prune()
             native.trim_malloc()
 
 

@@ -180,17 +180,11 @@ class WorkerNode(BlockNode):
 
     async def _pread_local(self, v: View, offset: int, length: int) -> Buffer | None:
         children, threshold = v.voters()
-        lent: list[bytearray] = []
-        win: Buffer | None = None
-        try:
-            # a read that outlives the child timeout is forwarded; its thread
-            # keeps the view's descriptors pinned (and its buffers) until it returns
-            reads = await self.voted.read(children, offset, length, threshold, lent=lent,
-                                          fd_limit=self.child_timeout)
-            win = self._agreed(v, reads)
-            return win
-        finally:
-            self.voted.give_back(lent, win)
+        # a read that outlives the child timeout is forwarded; its thread keeps the
+        # view's descriptors pinned (and its buffers) until it returns
+        reads = await self.voted.read(children, offset, length, threshold,
+                                      fd_limit=self.child_timeout)
+        return self._agreed(v, reads)
 
     # -- everything else goes to the primary ------------------------------------------
     async def pwrite(self, offset: int, data: Buffer, *, fua: bool = False) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import struct
 
-from nbdquorum.block.quorum.voted import POOL_MIN, BufferPool
 from nbdquorum.nbd.constants import REQUEST_MAGIC, Cmd
 from nbdquorum.nbd.server import Budget
 from tests.unit.aiohelp import run
@@ -193,20 +192,3 @@ def test_peek_reports_complete_small_writes_and_other_commands() -> None:
     conn.receive_data(b"\0" * 28)  # a bad magic behind it is next_event()'s to report
     conn.next_event()
     assert conn.peek_request() is None
-
-
-def test_the_pool_keeps_at_most_its_limit_over_all_sizes() -> None:
-    pool = BufferPool(limit=4 * POOL_MIN)
-    lent: list[bytearray] = []
-    pool.take(3, POOL_MIN, lent)
-    pool.give_back(lent, None)
-    assert pool.kept == 3 * POOL_MIN
-    lent2: list[bytearray] = []
-    pool.take(2, 2 * POOL_MIN, lent2)
-    pool.give_back(lent2, lent2[0])  # the one sent is not kept
-    # the bigger one is kept: one small one was dropped to make room
-    assert pool.kept == 4 * POOL_MIN == pool.limit
-    lent3: list[bytearray] = []
-    pool.take(4, POOL_MIN, lent3)  # two from the pool, two new
-    pool.give_back(lent3, None)
-    assert pool.kept == pool.limit

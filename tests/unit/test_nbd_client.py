@@ -408,3 +408,37 @@ def test_an_end_that_came_during_the_handshake_ends_the_client() -> None:
         b.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_read_into_a_used_spare_buffer_gets_only_its_own_bytes() -> None:
+    """Spare buffers are not zero-filled: the holes of a reply are written."""
+    from nbdquorum.buffers import SPARES
+
+    n = 256 << 10
+    dirty = [SPARES.take(n) for _ in range(8)]
+    for b in dirty:
+        b[:] = b"\xff" * n
+    del dirty, b
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, n)
+    stream = (data_chunk(1, 0, b"a" * (64 << 10), done=False)
+              + hole_chunk(1, 64 << 10, 128 << 10, done=False)
+              + data_chunk(1, 192 << 10, b"b" * (64 << 10)))
+    feed(nbdc.ReplyReader(o.pending), stream, [40, 70_000])
+    result, err = o.outcomes[1]
+    assert err is None
+    assert bytes(result) == b"a" * (64 << 10) + bytes(128 << 10) + b"b" * (64 << 10)  # type: ignore[arg-type]
+
+
+def test_overlapping_chunks_are_an_error() -> None:
+    """Chunks that overlap (the protocol forbids it) and add up to the request's
+    length leave a gap: an error, never the buffer's old bytes."""
+    n = 256 << 10
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, n)
+    stream = (data_chunk(1, 0, b"a" * (128 << 10), done=False)
+              + data_chunk(1, 64 << 10, b"b" * (128 << 10)))
+    feed(nbdc.ReplyReader(o.pending), stream, [])
+    err = o.outcomes[1][1]
+    assert isinstance(err, OSError) and err.errno == errno.EIO
+    assert "overlapping" in str(err)

@@ -403,27 +403,21 @@ class QuorumNode(BlockNode):
             raise oserror(errno.EIO, f"{self.node_name}: no active child")
         for s in voters:
             s.stats.reads += 1
-        lent: list[bytearray] = []  # pool buffers this read borrowed
-        win: Buffer | None = None
+        reads = await self.voted.read([s.node for s in voters], offset, length,
+                                      self.vote_threshold, limit=self.child_timeout,
+                                      early=bool(held) and self._may_answer_early(length))
         try:
-            reads = await self.voted.read([s.node for s in voters], offset, length,
-                                          self.vote_threshold, lent=lent,
-                                          limit=self.child_timeout,
-                                          early=bool(held) and self._may_answer_early(length))
-            try:
-                win = await self._judge(voters, reads, offset, length, rewrite, findings)
-            except BaseException:
-                for t in reads.late.values():
-                    t.cancel()
-                raise
-            if reads.late:
-                assert held
-                task = asyncio.get_running_loop().create_task(self._follow_late(
-                    voters, reads.late, win, offset, length, rewrite, held.pop()))
-                self._late_started(task, length)
-            return win
-        finally:
-            self.voted.give_back(lent, win)
+            win = await self._judge(voters, reads, offset, length, rewrite, findings)
+        except BaseException:
+            for t in reads.late.values():
+                t.cancel()
+            raise
+        if reads.late:
+            assert held
+            task = asyncio.get_running_loop().create_task(self._follow_late(
+                voters, reads.late, win, offset, length, rewrite, held.pop()))
+            self._late_started(task, length)
+        return win
 
     def _may_answer_early(self, length: int) -> bool:
         """Small reads only: answering early takes a round trip off their latency,

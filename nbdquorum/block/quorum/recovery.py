@@ -43,8 +43,7 @@ async def crash_recover(q: QuorumNode, dirty: RegionBitmap) -> dict[str, int]:
     nodes = [s.node for s in voters]
     for off, n in regions:
         stats["regions"] += 1
-        lent: list[bytearray] = []
-        reads = await q.voted.read(nodes, off, n, 1, lent=lent, limit=q.child_timeout)
+        reads = await q.voted.read(nodes, off, n, 1, limit=q.child_timeout)
         failed = [e for e in reads.errors if e is not None]
         if failed:
             raise OSError(failed[0].errno, f"crash recovery: cannot read region at {off}")
@@ -60,7 +59,6 @@ async def crash_recover(q: QuorumNode, dirty: RegionBitmap) -> dict[str, int]:
             for i in targets:
                 await voters[i].node.pwrite(off + g, views[src])
                 stats["grains-repaired"] += 1
-        q.voted.give_back(lent, None)
     if stats["grains-repaired"]:
         await q.flush()
     log.warning(

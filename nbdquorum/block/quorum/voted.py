@@ -19,8 +19,8 @@ kernel says when a call would block and the request goes to the pool
 instead; where it cannot tell (tmpfs), a plain call is made and timed, and a
 slow one sends small requests to the pool for a second.
 
-Big reads borrow their per-child buffers from a pool (``BufferPool``)
-instead of zero-filling fresh ones for every request.
+Big reads take their per-child buffers from the process's pool of spare
+buffers (nbdquorum/buffers.py) instead of zero-filling fresh ones.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from nbdquorum import native
 from nbdquorum.block import aio
 from nbdquorum.block.node import BlockNode, Buffer, Direct, oserror
 from nbdquorum.block.vote import VoteResult
+from nbdquorum.buffers import SPARES
 
 T = TypeVar("T")
 
@@ -46,11 +47,6 @@ INLINE_MAX = 64 << 10
 #: an inline call slower than this (s) moves small requests back to the pool for
 #: a second (only where RWF_NOWAIT cannot say; scheduling noise stays below it)
 INLINE_STALL = 0.02
-#: reads at least this big borrow their buffers from a pool
-POOL_MIN = 128 << 10
-#: at most this many bytes of spare buffers are kept, all sizes together (per
-#: process; in docs/performance.md's memory bound)
-POOL_BYTES = 16 << 20
 #: votes over at least this many bytes run on the pool, not the event loop
 VOTE_ON_POOL = 65536
 
@@ -112,60 +108,6 @@ def _decided(bufs: Sequence[Buffer | None], threshold: int, pending: int) -> boo
             sizes[g] = sizes.get(g, 0) + 1
     win = sizes.pop(result.groups[result.winner])
     return win > max(sizes.values(), default=0) + pending
-
-
-class BufferPool:
-    """Spare read buffers by size, so big reads do not zero-fill fresh ones; capped
-    over all sizes together (the memory bound in docs/performance.md counts it)."""
-
-    def __init__(self, limit: int = POOL_BYTES) -> None:
-        self.limit = limit
-        self.kept = 0  # bytes in the free lists
-        self._free: dict[int, list[bytearray]] = {}
-
-    def take(self, n: int, length: int, lent: list[bytearray]) -> list[bytearray] | None:
-        """n buffers of ``length`` bytes (recorded in ``lent``), or None below POOL_MIN."""
-        if length < POOL_MIN:
-            return None
-        free = self._free.get(length)
-        bufs = []
-        for _ in range(n):
-            if free:
-                bufs.append(free.pop())
-                self.kept -= length
-            else:
-                bufs.append(bytearray(length))
-        lent.extend(bufs)
-        return bufs
-
-    def give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
-        """Return borrowed buffers, except the one handed to the caller (it is sent)."""
-        if not lent:
-            return
-        length = len(lent[0])
-        for b in lent:
-            if b is keep:
-                continue
-            if self.kept + length > self.limit:
-                self._evict(length)
-                if self.kept + length > self.limit:
-                    return  # dropped: freed
-            self._free.setdefault(length, []).append(b)
-            self.kept += length
-
-    def _evict(self, length: int) -> None:
-        """Drop spare buffers of other sizes to make room for one of ``length``."""
-        for size in list(self._free):
-            if size == length:
-                continue
-            free = self._free[size]
-            while free and self.kept + length > self.limit:
-                free.pop()
-                self.kept -= size
-            if not free:
-                del self._free[size]
-            if self.kept + length <= self.limit:
-                return
 
 
 class _Gather:
@@ -390,7 +332,6 @@ class VotedIO:
         #: small requests go to the pool until then (monotonic), after a slow inline call
         self._reads_off_until = 0.0
         self._writes_off_until = 0.0
-        self.pool = BufferPool()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: the inline C calls' argument arrays, per list of descriptors
         self._inlines: dict[tuple[int, ...], native.Inline] = {}
@@ -495,16 +436,14 @@ class VotedIO:
         return Reads(bufs, errs, result)
 
     async def read(self, nodes: Sequence[BlockNode], offset: int, length: int, threshold: int,
-                   *, lent: list[bytearray], limit: float | None = None,
+                   *, limit: float | None = None,
                    fd_limit: float | None = None, early: bool = False) -> Reads:
         """Read every child and vote at ``threshold``.
 
         ``limit`` (seconds) bounds each awaited (non-descriptor) child; ``fd_limit``
         bounds the grouped C call (a descriptor child that hangs counts as
         ETIMEDOUT; its thread finishes in the background and keeps the
-        descriptors pinned and the buffers until then).  Big reads borrow
-        buffers from the pool into ``lent``: give them back with
-        ``give_back(lent, keep)`` once the winner is sent.
+        descriptors pinned and the buffers until then).
 
         ``early``: return as soon as the vote is decided, that is when no other
         version can still reach the winner's count with the children still
@@ -519,7 +458,7 @@ class VotedIO:
             done = (self._inline_read(fds, offset, length, threshold)
                     if length <= INLINE_MAX else None)
             if done is None:
-                done = await self._pread_pooled(directs, fds, offset, length, threshold, lent,
+                done = await self._pread_pooled(directs, fds, offset, length, threshold,
                                                 fd_limit)
             if done is None:  # the C call timed out
                 return self._all_failed(nodes, errno.ETIMEDOUT)
@@ -537,7 +476,7 @@ class VotedIO:
                 done = (self._inline_read(fds, offset, length, 1)
                         if length <= INLINE_MAX else None)
                 if done is None:
-                    done = await self._pread_pooled(directs, fds, offset, length, 1, lent,
+                    done = await self._pread_pooled(directs, fds, offset, length, 1,
                                                     fd_limit)
                 self._fill_grouped(nodes, grouped, done, bufs, errs)
             if early:
@@ -666,14 +605,13 @@ class VotedIO:
 
     async def _pread_pooled(
         self, directs: Sequence[Direct | None], fds: list[int], offset: int, length: int,
-        threshold: int, lent: list[bytearray], limit: float | None,
+        threshold: int, limit: float | None,
     ) -> PreadVote | None:
         """The grouped C call on the I/O pool; None if it outlived ``limit`` seconds."""
         pinned = [d for d in directs if d is not None and d.fd is not None]
         for d in pinned:
             d.pin()
-        mine: list[bytearray] = []
-        bufs = self.pool.take(len(fds), length, mine)
+        bufs = SPARES.take_many(len(fds), length) if length >= SPARES.min_size else None
         fut = self.running_loop().run_in_executor(
             aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
 
@@ -690,8 +628,7 @@ class VotedIO:
             else:
                 out = await asyncio.wait_for(asyncio.shield(fut), limit)
         except TimeoutError:
-            return None  # the thread still reads into ``mine``: never lent out again
-        lent.extend(mine)
+            return None  # (the thread holds the buffers until it ends: none is reused)
         return out
 
     @staticmethod
@@ -699,9 +636,6 @@ class VotedIO:
         n = len(nodes)
         return Reads([None] * n, [oserror(code, x.node_name) for x in nodes],
                      VoteResult(None, (-1,) * n))
-
-    def give_back(self, lent: list[bytearray], keep: Buffer | None) -> None:
-        self.pool.give_back(lent, keep)
 
     async def vote(self, bufs: Sequence[Buffer | None], threshold: int) -> VoteResult:
         """Vote over buffers already read (big ones on the pool)."""
