@@ -350,11 +350,17 @@ class ReplyReader:
         self._direct: memoryview | None = None
         self._direct_cookie = 0
         self._direct_last = False  # ... and it ends the reply
+        #: the last reply was a large READ's: the next is likely one too, so only its
+        #: header is read into the reply buffer (its data then goes straight to its
+        #: own buffer instead of through this one)
+        self._head_only = 0
 
     def buffer(self) -> memoryview:
         """Where the next bytes from the server go (never empty)."""
         if self._direct is not None:
             return self._direct
+        if self._head_only and self._start == self._end:
+            return self._view[self._end:self._end + self._head_only]
         return self._view[self._end:]
 
     def filled(self, n: int) -> None:
@@ -365,10 +371,13 @@ class ReplyReader:
                 self._direct = direct[n:]
                 return
             self._direct = None
+            self._head_only = (CHUNK.size + OFFSET.size if self.structured
+                               else SIMPLE_REPLY.size)
             if self._direct_last:
                 self.finish(self.pending.pop(self._direct_cookie))
             return
         self._end += n
+        self._head_only = 0
         self._parse()
         start, end = self._start, self._end
         if start == end:

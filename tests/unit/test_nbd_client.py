@@ -442,3 +442,23 @@ def test_overlapping_chunks_are_an_error() -> None:
     err = o.outcomes[1][1]
     assert isinstance(err, OSError) and err.errno == errno.EIO
     assert "overlapping" in str(err)
+
+
+def test_after_a_large_read_only_the_next_header_goes_through_the_reply_buffer() -> None:
+    """Consecutive large READs: the reply buffer takes only the next chunk's header,
+    so its data goes straight to its own buffer instead of being copied over."""
+    body = bytes(range(256)) * 4096
+    o = Owner()
+    o.ask(1, Cmd.READ, 0, MiB)
+    o.ask(2, Cmd.READ, MiB, MiB)
+    o.ask(3, Cmd.READ, 0, 4096)
+    first = data_chunk(1, 0, body)
+    rest = data_chunk(2, MiB, body) + data_chunk(3, 0, b"s" * 4096)
+    reader = nbdc.ReplyReader(o.pending)
+    feed(reader, first, [])
+    assert len(reader.buffer()) == CHUNK.size + 8
+    feed(reader, rest, [])
+    for cookie, want in ((1, body), (2, body), (3, b"s" * 4096)):
+        result, err = o.outcomes[cookie]
+        assert err is None and bytes(result) == want  # type: ignore[arg-type]
+    assert len(reader.buffer()) > 4096  # after a small reply: the whole buffer again
