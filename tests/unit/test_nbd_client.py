@@ -462,3 +462,85 @@ def test_after_a_large_read_only_the_next_header_goes_through_the_reply_buffer()
         result, err = o.outcomes[cookie]
         assert err is None and bytes(result) == want  # type: ignore[arg-type]
     assert len(reader.buffer()) > 4096  # after a small reply: the whole buffer again
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_over_tcp_a_large_reads_data_wakes_the_loop_once_most_of_it_came(loop: str) -> None:
+    """SO_RCVLOWAT follows a large READ over plain TCP: while its data arrives the
+    socket is readable only once what is owed (up to 1 MiB) has come; then back to
+    1 byte.  Data cut in pieces with pauses between them still arrives whole, and
+    a reset in the middle still ends the request at once."""
+    import socket
+
+    body = bytes(range(256)) * (3 * 4096)  # 3 MiB
+
+    async def main() -> None:
+        go = asyncio.Event()
+        marks: list[int] = []
+        conns: list[asyncio.StreamWriter] = []
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            conns.append(w)
+            while True:
+                (_cmd, cookie, offset, length), = await _requests(r, 1)
+                stream = data_chunk(cookie, offset, body[:length])
+                cut = 200_000
+                w.write(stream[:cut])  # the header and part of the data
+                await w.drain()
+                await go.wait()
+                for at in range(cut, len(stream), 700_000):
+                    w.write(stream[at:at + 700_000])
+                    await w.drain()
+                    await asyncio.sleep(0.05)
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+        sock = writer.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        got = client.submit(Cmd.READ, 0, len(body))
+        for _ in range(200):  # the first piece came: the mark is set
+            await asyncio.sleep(0.01)
+            if client._replies.direct_left:
+                break
+        marks.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+        go.set()
+        assert bytes(await asyncio.wait_for(got, 10)) == body  # type: ignore[arg-type]
+        assert marks == [1 << 20]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        # a reset while the mark is up ends the request at once
+        go.clear()
+        got = client.submit(Cmd.READ, 0, len(body))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if client._replies.direct_left:
+                break
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1 << 20
+        conns[-1].transport.abort()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(got, 5)
+        await client.close()
+        srv.close()
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(asyncio.wait_for(main(), 30))
+    else:
+        asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_no_low_water_mark_over_unix_sockets_or_tls() -> None:
+    class T:
+        def __init__(self, **extra: Any) -> None:
+            self.extra = extra
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.extra.get(name)
+
+    import socket
+    with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
+        assert nbdc._lowat_socket(T(socket=tcp)) is tcp  # type: ignore[arg-type]
+        assert nbdc._lowat_socket(T(socket=unix)) is None  # type: ignore[arg-type]
+        assert nbdc._lowat_socket(T(socket=tcp, sslcontext=object())) is None  # type: ignore[arg-type]
+        assert nbdc._lowat_socket(T(socket=tcp, ssl_object=object())) is None  # type: ignore[arg-type]
