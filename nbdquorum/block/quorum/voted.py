@@ -641,7 +641,8 @@ class VotedIO:
         """Vote over buffers already read (big ones on the pool)."""
         size = max((len(b) for b in bufs if b is not None), default=0)
         if size >= VOTE_ON_POOL:
-            return await aio.run(native.vote, bufs, threshold)
+            return await self.running_loop().run_in_executor(
+                aio.pool(), native.vote, bufs, threshold)
         return native.vote(bufs, threshold)
 
     @staticmethod
@@ -746,7 +747,8 @@ class VotedIO:
         for d in pinned:
             d.pin()
         try:
-            return await aio.run(native.pwrite_all, fds, offset, data, fua)
+            return await self.running_loop().run_in_executor(
+                aio.pool(), native.pwrite_all, fds, offset, data, fua)
         finally:
             for d in pinned:
                 d.unpin()
