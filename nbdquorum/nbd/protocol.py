@@ -798,7 +798,8 @@ class ServerConnection:
             # Too big to read and refuse: the stream cannot be resynchronised.
             raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_WRITE_PAYLOAD}")
         self._pending = (CmdFlag(flags), cookie, offset, length)
-        self._write_buf = SPARES.take(length)  # (every byte is received before use)
+        # (a spare buffer: every byte is received before use)
+        self._write_buf = SPARES.take(length) if length >= SPARES.min_size else bytearray(length)
         take = min(length, self._available())
         with memoryview(self._buf) as view:
             self._write_buf[:take] = view[self._pos : self._pos + take]
