@@ -79,6 +79,7 @@ class Spares:
         if self.held + length > self.limit:
             self._drop_free(self.held + length - self.limit)
         if self.held + length <= self.limit:
+            bufs = self._by_size.get(length)  # (dropping may have emptied and removed it)
             if bufs is None:
                 bufs = self._by_size[length] = []
                 self._next[length] = 0
@@ -86,8 +87,9 @@ class Spares:
             self.held += length
         return buf
 
-    def take_many(self, n: int, length: int) -> list[bytearray]:
-        return [self.take(length) for _ in range(n)]
+    def pooled_bytes(self) -> int:
+        """What the pool's lists hold (``held`` must always say the same)."""
+        return sum(size * len(bufs) for size, bufs in self._by_size.items())
 
     def free_bytes(self) -> int:
         # (by index only: a loop variable would be one more reference)
@@ -111,10 +113,10 @@ class Spares:
                     self.held -= size
                 else:
                     keep.append(bufs[i])
-            if keep:
-                self._by_size[size] = keep
-                self._next[size] = 0
-            else:
+            # (in place: a take() in progress holds this size's list)
+            bufs[:] = keep
+            self._next[size] = 0
+            if not keep:
                 del self._by_size[size], self._next[size]
             if nbytes <= 0:
                 return

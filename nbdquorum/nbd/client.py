@@ -20,6 +20,7 @@ import errno
 import logging
 import math
 import os
+import platform
 import socket
 import ssl
 from collections.abc import Callable
@@ -329,9 +330,24 @@ def _tiled(pieces: list[tuple[int, int]], length: int) -> bool:
     return at == length
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        have = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return platform.system() == "Linux" and have >= (major, minor)
+
+
+#: kernels before 5.10 could leave a TCP socket unreadable with the mark set once
+#: its receive buffer filled first ("tcp: fix SO_RCVLOWAT hangs with fat skbs")
+_LOWAT_KERNEL = _kernel_at_least(5, 10)
+
+
 def _lowat_socket(transport: asyncio.BaseTransport) -> Any:
     """The socket of a plain TCP connection, or None: over TLS the bytes owed are
     not the bytes on the socket, and a Unix socket's readiness ignores the mark."""
+    if not _LOWAT_KERNEL:
+        return None
     if transport.get_extra_info("sslcontext") is not None:
         return None
     if transport.get_extra_info("ssl_object") is not None:
@@ -371,6 +387,11 @@ class ReplyReader:
         #: header is read into the reply buffer (its data then goes straight to its
         #: own buffer instead of through this one)
         self._head_only = 0
+
+    def abandon(self) -> None:
+        """No more bytes come: let go of the READ buffer being filled (a spare one:
+        the pool may hand it out again at once, not when the collector frees us)."""
+        self._direct = None
 
     @property
     def direct_left(self) -> int:
@@ -802,6 +823,7 @@ class NBDClient(asyncio.BufferedProtocol):
         reason = self.lost_reason
         pending = list(self._pending.values())
         self._pending.clear()
+        self._replies.abandon()
         for p in pending:
             _settle(p, None, ConnectionResetError(errno.ECONNRESET, f"connection lost: {reason}"))
         self.resume_writing()

@@ -55,7 +55,8 @@ def test_the_pool_keeps_at_most_its_limit_busy_or_free() -> None:
 
 
 def test_a_taken_buffer_is_never_held_by_two_takers() -> None:
-    """Whatever order buffers are taken and dropped in."""
+    """Whatever order buffers of two sizes are taken and dropped in; the pool's
+    count of its bytes stays right (a wrong one would stop it reusing anything)."""
     import random
 
     rng = random.Random(5)
@@ -71,3 +72,25 @@ def test_a_taken_buffer_is_never_held_by_two_takers() -> None:
         if rng.random() < 0.05:
             pool.prune()
         assert pool.held <= pool.limit
+        assert pool.held == pool.pooled_bytes()
+    held.clear()
+    pool.prune()
+    assert pool.free_bytes() <= pool.keep_idle
+    # the pool still hands its buffers out again (its count of bytes is right)
+    pool.take(64 * K)
+    before = pool.reused
+    for _ in range(10):
+        pool.take(64 * K)
+    assert pool.reused == before + 10
+
+
+def test_making_room_while_taking_keeps_the_count_right() -> None:
+    """A take that drops free buffers of another size to make room files the new
+    buffer in the list the pool keeps, not in one it has just replaced."""
+    pool = Spares(limit=4 * 64 * K, keep_idle=4 * 64 * K, min_size=64 * K)
+    a, b = pool.take(64 * K), pool.take(64 * K)
+    pool.take(128 * K)  # dropped at once: free
+    c = pool.take(64 * K)  # no free 64K, the pool full: the 128K goes
+    assert pool.held == pool.pooled_bytes() == 3 * 64 * K
+    del a, b, c
+    assert pool.free_bytes() == 3 * 64 * K

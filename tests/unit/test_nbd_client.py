@@ -520,6 +520,7 @@ def test_over_tcp_a_large_reads_data_wakes_the_loop_once_most_of_it_came(loop: s
         conns[-1].transport.abort()
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(got, 5)
+        assert client._replies.direct_left == 0  # its spare buffer is let go at once
         await client.close()
         srv.close()
 

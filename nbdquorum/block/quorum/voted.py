@@ -611,7 +611,9 @@ class VotedIO:
         pinned = [d for d in directs if d is not None and d.fd is not None]
         for d in pinned:
             d.pin()
-        bufs = SPARES.take_many(len(fds), length) if length >= SPARES.min_size else None
+        # (a child not read here, fd -1, needs no buffer)
+        bufs = ([SPARES.take(length) if fd >= 0 else bytearray() for fd in fds]
+                if length >= SPARES.min_size else None)
         fut = self.running_loop().run_in_executor(
             aio.pool(), native.pread_vote, fds, offset, length, threshold, bufs)
 
