@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections import deque
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
@@ -274,8 +275,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid keyword '{name}'")
 
 
+def _finite_float(text: str) -> float:
+    """A number JSON can carry back: ``1e999`` would be infinity, which no reply
+    (an error echoes the request's id) could serialise."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range '{text}'")
+    return value
+
+
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_object_pairs,
-                                   parse_constant=_reject_constant)
+                                   parse_constant=_reject_constant,
+                                   parse_float=_finite_float)
 
 
 def _decode(span: bytes) -> Any:
@@ -299,7 +310,7 @@ def _decode(span: bytes) -> Any:
     except json.JSONDecodeError as err:
         msg = err.msg
         raise ValueError(msg[:1].lower() + msg[1:]) from None
-    except ValueError as err:  # int too long, parse_constant
+    except ValueError as err:  # int too long, parse_constant, parse_float
         raise ValueError(str(err)) from None
 
 

@@ -179,6 +179,11 @@ def test_one_mib_message_fed_in_small_chunks_is_linear() -> None:
      BadRequest("QMP input member 'exec-oob' is unexpected")),
     (b'{"execute": "a", "execute": "b"}\n', ParseError("JSON parse error, duplicate key 'execute'")),
     (b'{"execute": NaN}\n', ParseError("JSON parse error, invalid keyword 'NaN'")),
+    # infinity has no JSON: an error reply could not echo such an id
+    (b'{"execute": "x", "id": 1e999}\n',
+     ParseError("JSON parse error, number out of range '1e999'")),
+    (b'{"execute": "x", "arguments": {"a": [-1.5e400]}}\n',
+     ParseError("JSON parse error, number out of range '-1.5e400'")),
     (b'{"execute": "a\tb"}\n', ParseError("JSON parse error, stray '\t'")),
     (b'{"execute": "\xc3\x28"}\n', ParseError("JSON parse error, invalid UTF-8 sequence in string")),
     (b"}\n", ParseError("JSON parse error, expecting value")),
