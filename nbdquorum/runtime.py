@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -54,6 +55,15 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     collector runs rarely and start-up objects are frozen out of it.
     """
     gc.set_threshold(50_000, 20, 20)
+    rc = _run(main)
+    # Stopped: what is left is the interpreter's teardown (joining the I/O threads).
+    # A second SIGTERM then (a supervisor or a test repeating itself) ends the
+    # process at once with the status the stop already decided, not "killed".
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: os._exit(rc))
+    return rc
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
     if os.environ.get("NBDQUORUM_LOOP", "auto") != "asyncio":
         try:
             import uvloop
