@@ -3,7 +3,8 @@
  * Plain C, no Python.h: the caller passes every pointer and length and owns
  * every buffer; nothing allocated here crosses the boundary.  Every function
  * returns int: >= 0 is a result (a child index, a count or a flag), < 0 is
- * -errno.
+ * -errno.  One exception to "nothing allocated crosses": the sender's opaque
+ * handle (below), made and freed here.
  * None of them call back into Python, so cffi runs them without the GIL.
  *
  * Voting follows qemu/qemu block/quorum.c (quorum_vote): children whose
@@ -110,6 +111,48 @@ int quorum_zero_range(int fd, uint64_t offset, uint64_t len);
  * reused from the heap, and the trim threshold so the heap is not shrunk
  * after every request.  Returns 1 if applied, 0 if not glibc. */
 int quorum_tune_malloc(size_t max_buffer);
+
+/* A socket's sending side on a thread of its own (sender.c): the event loop
+ * queues buffers and goes on; the thread writes them, in order, with writev,
+ * waiting (poll) while the socket's buffer is full.  The kernel's copy and,
+ * over TCP, the protocol work of each send then leave the event loop's core.
+ *
+ * The one object here that lives across calls: an opaque handle, made by
+ * quorum_sender_new and released by quorum_sender_free, nothing else.
+ *
+ * quorum_sender_new takes ownership of fd (a duplicate of a connected,
+ * possibly non-blocking, stream socket; it is closed by quorum_sender_free)
+ * and starts the thread.  told: the caller's eventfd (kept open by the caller
+ * until quorum_sender_free returns) for quorum_sender_wake_below.  Returns 0
+ * and the handle in *out, or -errno.
+ *
+ * quorum_sender_push queues n buffers (bufs[i], lens[i] bytes) after those
+ * already queued.  The caller keeps each buffer alive and unchanged until
+ * quorum_sender_sent has counted past its last byte, or quorum_sender_free
+ * returned.  Returns 0, or -errno: the first write error (the socket failed),
+ * -EPIPE after quorum_sender_stop, -ENOMEM; nothing is queued then.
+ *
+ * quorum_sender_sent: the bytes written to the socket so far (every queued
+ * byte counts once, in queue order).  quorum_sender_error: the first write's
+ * errno, 0 while none failed.
+ *
+ * quorum_sender_wake_below: the thread makes told readable (adds 1) once no
+ * more than nbytes are queued (at once if that is so already), or the thread
+ * has ended; once per call.  Returns 0.
+ *
+ * quorum_sender_stop: the thread stops at once (a wait for the socket ends
+ * too); what is still queued is never written.  quorum_sender_free stops,
+ * joins the thread, closes fd and frees the handle: after it returns no
+ * queued buffer is touched again. */
+typedef struct quorum_sender quorum_sender;
+int quorum_sender_new(int fd, int told, quorum_sender **out);
+int quorum_sender_push(quorum_sender *s, uint8_t *const bufs[], const size_t lens[],
+                       size_t n);
+uint64_t quorum_sender_sent(quorum_sender *s);
+int quorum_sender_wake_below(quorum_sender *s, uint64_t nbytes);
+int quorum_sender_error(quorum_sender *s);
+void quorum_sender_stop(quorum_sender *s);
+void quorum_sender_free(quorum_sender *s);
 
 #ifdef __cplusplus
 }

@@ -29,9 +29,10 @@ ffibuilder.cdef((_ROOT / _NATIVE / "quorum.cdef").read_text(encoding="utf-8"))
 ffibuilder.set_source(
     "nbdquorum._native_lib",
     '#include "quorum.h"',
-    sources=[f"{_NATIVE}/quorum.c"],
+    sources=[f"{_NATIVE}/quorum.c", f"{_NATIVE}/sender.c"],
     include_dirs=[_NATIVE],
-    extra_compile_args=["-O2"],
+    extra_compile_args=["-O2", "-pthread"],
+    extra_link_args=["-pthread"],
     # Name the module for this interpreter (.cpython-311-...so), both when
     # setuptools builds it and when compile() below does.  With the default
     # (limited API, .abi3.so under setuptools) the two builds leave files
@@ -45,4 +46,5 @@ if __name__ == "__main__":
     # whatever the current directory is.  distutils leaves each source's
     # object beside it; drop ours so it is not an untracked file in native/.
     ffibuilder.compile(tmpdir=str(_ROOT), verbose=True)
-    (_ROOT / _NATIVE / "quorum.o").unlink(missing_ok=True)
+    for obj in ("quorum.o", "sender.o"):
+        (_ROOT / _NATIVE / obj).unlink(missing_ok=True)

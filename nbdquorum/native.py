@@ -15,8 +15,11 @@ resized meanwhile raises BufferError instead.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -30,6 +33,7 @@ __all__ = [
     "UNKNOWN",
     "Buffer",
     "Inline",
+    "Sender",
     "VoteResult",
     "diff_span",
     "pread_vote",
@@ -347,3 +351,136 @@ def pwrite_all_nowait(
     others are written too (blocking if need be), so children never differ.
     """
     return Inline(fds).pwrite_all(offset, data, True)
+
+
+#: buffers smaller than this leave joined into one (a copy of a few KiB costs less
+#: than an iovec and a buffer export each); larger ones are written where they lie
+_JOIN_BELOW: Final = 64 << 10
+
+
+class Sender:
+    """A socket's sending side on a thread of its own (quorum_sender_* in
+    native/quorum.h): ``push`` queues buffers and returns, the thread writes
+    them in order.  The kernel's copy and the protocol's work of each send then
+    run beside the event loop instead of on it.
+
+    The thread writes to a duplicate of ``fd``, closed by ``close``, so a
+    descriptor number the caller closes and the system reuses is never written
+    to.  Everything pushed is held here until the thread has written it (or
+    ``close`` has joined the thread): a buffer is never freed, and never handed
+    out again by a pool that watches its references, while it is being sent.
+    One thread (the event loop's) calls every method.
+    """
+
+    def __init__(self, fd: int) -> None:
+        #: made readable by the thread when a waiter's mark is reached (see below)
+        self._told = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        dup = os.dup(fd)
+        out = ffi.new("quorum_sender **")
+        rc = lib.quorum_sender_new(dup, self._told, out)
+        if rc < 0:
+            os.close(dup)
+            os.close(self._told)
+            _check(rc)
+        self._handle: Any = out[0]
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._pushed = 0
+        #: (the stream offset just past a push, what must live until it is written)
+        self._held: deque[tuple[int, list[Any]]] = deque()
+
+    def push(self, bufs: Sequence[Buffer]) -> None:
+        """Queue ``bufs`` after what was pushed before.
+
+        Raises:
+            OSError: the socket failed on an earlier write (its errno), or the
+                sender was stopped (EPIPE); nothing of ``bufs`` is queued.
+        """
+        if self._handle is None:
+            raise BrokenPipeError(errno.EPIPE, "sender closed")
+        pieces: list[Buffer] = []
+        run: list[Buffer] = []
+        for b in bufs:
+            if (b.nbytes if isinstance(b, memoryview) else len(b)) < _JOIN_BELOW:
+                run.append(b)
+                continue
+            if run:
+                pieces.append(b"".join(run) if len(run) > 1 else run[0])
+                run = []
+            pieces.append(b)
+        if run:
+            pieces.append(b"".join(run) if len(run) > 1 else run[0])
+        n = len(pieces)
+        ptrs = ffi.new("uint8_t *[]", n)
+        lens = ffi.new("size_t[]", n)
+        keep = []
+        total = 0
+        for i, b in enumerate(pieces):
+            c = ffi.from_buffer("uint8_t[]", b)
+            keep.append(c)  # the export: the buffer can be neither freed nor resized
+            ptrs[i] = c
+            lens[i] = size = len(c)
+            total += size
+        _check(lib.quorum_sender_push(self._handle, ptrs, lens, n))
+        self._pushed += total
+        self._held.append((self._pushed, keep))
+        self._let_go()
+
+    def _let_go(self) -> None:
+        sent = lib.quorum_sender_sent(self._handle)
+        held = self._held
+        while held and held[0][0] <= sent:
+            held.popleft()
+
+    @property
+    def busy(self) -> bool:
+        """Pushed bytes are still queued (not all written)."""
+        return self._handle is not None and self._pushed != lib.quorum_sender_sent(self._handle)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes pushed and not written yet (0 once closed)."""
+        if self._handle is None:
+            return 0
+        self._let_go()
+        return self._pushed - lib.quorum_sender_sent(self._handle)
+
+    @property
+    def error(self) -> int:
+        """The errno of the write that failed, 0 while none did."""
+        return 0 if self._handle is None else lib.quorum_sender_error(self._handle)
+
+    async def below(self, nbytes: int) -> None:
+        """Return once no more than ``nbytes`` wait to be written, or the thread has
+        ended (the socket failed, or ``stop``/``close``).  The thread says so
+        through an eventfd the event loop watches: nothing polls."""
+        while self._handle is not None and self.backlog > nbytes and not self.error:
+            if self._waiter is None:
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                self._waiter = (loop, fut)
+                loop.add_reader(self._told, self._wake)
+                lib.quorum_sender_wake_below(self._handle, nbytes)
+            await asyncio.shield(self._waiter[1])
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._told)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter[0].remove_reader(self._told)
+            if not waiter[1].done():
+                waiter[1].set_result(None)
+
+    def stop(self) -> None:
+        """Write nothing more (what is queued is dropped); ``close`` still follows."""
+        if self._handle is not None:
+            lib.quorum_sender_stop(self._handle)
+
+    def close(self) -> None:
+        """Stop, join the thread, close its descriptor (idempotent)."""
+        h, self._handle = self._handle, None
+        if h is not None:
+            lib.quorum_sender_free(h)
+            self._wake()  # (a waiter learns the thread ended)
+            os.close(self._told)
+        self._held.clear()

@@ -29,6 +29,7 @@ from typing import Any
 
 from nbdquorum.buffers import SPARES
 from nbdquorum.coretypes import Buffer, Extent
+from nbdquorum.native import Sender
 from nbdquorum.nbd.constants import (
     IHAVEOPT,
     META_BASE_ALLOCATION,
@@ -175,6 +176,13 @@ async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     await writer.start_tls(tls, server_hostname=server_hostname)
 #: requests are written at once when this many payload bytes wait
 _CORK_MAX = 256 << 10
+#: ``call`` waits while more than this is written and not yet on the socket
+_BACKLOG_MAX = 4 << 20
+#: requests over a plain socket leave from a sending thread (native Sender); off
+#: (NBDQUORUM_SEND_THREAD=0): from the event loop, through the transport
+SEND_THREAD = os.environ.get("NBDQUORUM_SEND_THREAD", "1") != "0"
+#: ... when the requests of one loop turn carry this many payload bytes
+_THREAD_MIN = 128 << 10
 #: replies are read into a buffer of this size ...
 _SCRATCH = 256 << 10
 #: ... but the data of a READ chunk longer than this goes from the socket straight
@@ -341,6 +349,26 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 #: kernels before 5.10 could leave a TCP socket unreadable with the mark set once
 #: its receive buffer filled first ("tcp: fix SO_RCVLOWAT hangs with fat skbs")
 _LOWAT_KERNEL = _kernel_at_least(5, 10)
+
+
+def _sender(transport: asyncio.BaseTransport) -> Sender | None:
+    """A sending thread for a plain (not TLS) stream socket whose transport has
+    nothing left to write, or None (the transport writes)."""
+    if not SEND_THREAD:
+        return None
+    if (transport.get_extra_info("sslcontext") is not None
+            or transport.get_extra_info("ssl_object") is not None):
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    if transport.get_write_buffer_size() or transport.is_closing():  # type: ignore[attr-defined]
+        return None  # (the handshake's bytes still queued there would come after ours)
+    try:
+        return Sender(sock.fileno())
+    except OSError as err:
+        log.warning("no sending thread (%s): requests leave from the event loop", err)
+        return None
 
 
 def _lowat_socket(transport: asyncio.BaseTransport) -> Any:
@@ -566,6 +594,9 @@ class NBDClient(asyncio.BufferedProtocol):
         #: plain TCP: the socket whose receive low-water mark follows a large READ
         self._sock = _lowat_socket(self.transport)
         self._lowat = 1
+        #: a plain socket's requests leave from a thread of their own (None: through
+        #: the transport, as over TLS)
+        self._tx = _sender(self.transport)
         # from here on the replies come to this object, not to the handshake's stream
         leftover = bytes(getattr(reader, "_buffer", b""))
         ended = getattr(reader, "_eof", False) or reader.exception() is not None
@@ -652,7 +683,7 @@ class NBDClient(asyncio.BufferedProtocol):
         ``limit``: raise TimeoutError after that many seconds.
         """
         fut = self.submit(cmd, offset, length, flags, data, limit=limit)
-        if self._paused and self.transport.get_write_buffer_size() > (4 << 20):
+        if self._backlog() > _BACKLOG_MAX:
             await asyncio.wait_for(self._drain(), limit)
         return await fut
 
@@ -702,10 +733,23 @@ class NBDClient(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        out, self._out, self._out_bytes = self._out, [], 0
+        out, payload = self._out, self._out_bytes
+        self._out, self._out_bytes = [], 0
         if not out or self.transport.is_closing():
             return  # a closed connection: its end fails what is pending
-        if len(out) == 1:
+        tx = self._tx
+        if tx is not None and (tx.busy or (
+                payload >= _THREAD_MIN and not self.transport.get_write_buffer_size())):
+            # large writes leave from the thread (their copy runs beside the loop); small
+            # ones from here (a thread's wakeup would cost them more than their copy).
+            # Either way in order: one path at a time, the other's queue empty.
+            try:
+                tx.push(out)
+            except OSError as err:  # the socket failed under the sender: a lost connection
+                if self._closed is None:
+                    self._closed = err
+                self.transport.abort()
+        elif len(out) == 1:
             self.transport.write(out[0])
         else:
             self.transport.writelines(out)
@@ -795,6 +839,9 @@ class NBDClient(asyncio.BufferedProtocol):
         return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._tx is not None:
+            # joined before the transport closes its descriptor (right after this returns)
+            self._tx.close()
         self._fail_all(exc if exc is not None else ConnectionResetError(errno.ECONNRESET, _EOF))
 
     def pause_writing(self) -> None:
@@ -807,7 +854,15 @@ class NBDClient(asyncio.BufferedProtocol):
                 self._drained.set_result(None)
             self._drained = None
 
+    def _backlog(self) -> int:
+        """Bytes of requests written and not yet on the socket (counted while the
+        transport pushes back, or while the sending thread holds any)."""
+        n = self.transport.get_write_buffer_size() if self._paused else 0
+        return n + self._tx.backlog if self._tx is not None else n
+
     async def _drain(self) -> None:
+        if self._tx is not None:
+            await self._tx.below(_BACKLOG_MAX // 4)
         if not self._paused or self._closed is not None:
             return
         if self._drained is None:
@@ -842,6 +897,8 @@ class NBDClient(asyncio.BufferedProtocol):
         """Drop the connection at once: no DISC, no waiting (a dead link)."""
         if self._closed is None:
             self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
+        if self._tx is not None:
+            self._tx.stop()  # nothing more leaves; joined when the transport ends
         self.transport.abort()
 
     async def abort(self) -> None:
@@ -856,13 +913,19 @@ class NBDClient(asyncio.BufferedProtocol):
 
     async def close(self) -> None:
         """DISC, then close once what is written has left (bounded: a dead link aborts)."""
+        deadline = self._loop.time() + 10
         if not self.transport.is_closing():
-            self._flush()  # requests before the DISC
-            self.transport.write(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+            self._out.append(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+            self._flush()  # the requests, then the DISC
+            if self._tx is not None:
+                # the transport closes once its own buffer is written: the thread's first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._tx.below(0), deadline - self._loop.time())
             if self._closed is None:
                 self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
             self.transport.close()
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(asyncio.shield(self._ended), 10)
+            await asyncio.wait_for(asyncio.shield(self._ended),
+                                   max(0.0, deadline - self._loop.time()))
         if not self._ended.done():
             self.transport.abort()

@@ -1,0 +1,316 @@
+"""The sending thread (native Sender) and the NBD client's use of it for large writes."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from nbdquorum.native import Sender
+from nbdquorum.nbd import client as nbdc
+from nbdquorum.nbd.constants import REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd
+from nbdquorum.nbd.wire import REQUEST, SIMPLE_REPLY
+from tests.ci import unavailable
+
+
+def _reader(sock: socket.socket, want: int, got: bytearray) -> threading.Thread:
+    def run() -> None:
+        while len(got) < want:
+            b = sock.recv(1 << 20)
+            if not b:
+                return
+            got.extend(b)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_pushed_buffers_arrive_whole_and_in_order() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)  # as an event loop's socket: the thread waits when it is full
+    s = Sender(a.fileno())
+    try:
+        rounds = [[os.urandom(n) for n in sizes] for sizes in
+                  ([5], [70_000, 3, 2 << 20], [1, 1, 1], [100_000] * 9, [1 << 20, 28])]
+        want = b"".join(b"".join(r) for r in rounds)
+        got = bytearray()
+        t = _reader(b, len(want), got)
+        for r in rounds:
+            s.push(r)
+        t.join(20)
+        assert bytes(got) == want
+        deadline = time.monotonic() + 5
+        while s.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not s.busy and s.backlog == 0 and s.error == 0
+    finally:
+        s.close()
+        a.close()
+        b.close()
+
+
+def test_a_buffer_is_held_until_written_then_let_go() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    s = Sender(a.fileno())
+    try:
+        big = bytearray(os.urandom(4 << 20))  # more than the socket holds: the thread waits
+        base = sys.getrefcount(big)
+        s.push([big])
+        time.sleep(0.2)
+        assert s.busy and s.backlog > 0
+        assert sys.getrefcount(big) > base  # held while queued (a pool must not reuse it)
+        with pytest.raises(BufferError):
+            big.extend(b"x")  # and exported: it cannot move under the thread
+        got = bytearray()
+        t = _reader(b, len(big), got)
+        t.join(20)
+        assert bytes(got) == big
+        deadline = time.monotonic() + 5
+        while s.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.push([b"x"])  # a push lets go of what was written
+        gc.collect()
+        assert sys.getrefcount(big) == base
+    finally:
+        s.close()
+        a.close()
+        b.close()
+
+
+def test_a_failed_socket_fails_the_next_push() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    s = Sender(a.fileno())
+    try:
+        b.close()
+        deadline = time.monotonic() + 5
+        with pytest.raises(OSError):  # EPIPE (or ECONNRESET): the peer is gone
+            while time.monotonic() < deadline:
+                s.push([b"y" * 100_000])
+                time.sleep(0.01)
+        assert s.error != 0
+    finally:
+        s.close()
+        a.close()
+
+
+def test_close_returns_at_once_while_the_thread_waits_on_a_full_socket() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    s = Sender(a.fileno())
+    try:
+        s.push([bytes(8 << 20)])  # the peer never reads: the thread waits in poll
+        time.sleep(0.2)
+        assert s.busy
+        t0 = time.monotonic()
+        s.close()
+        assert time.monotonic() - t0 < 2
+        assert s.backlog == 0 and not s.busy
+        with pytest.raises(BrokenPipeError):
+            s.push([b"z"])
+    finally:
+        s.close()
+        a.close()
+        b.close()
+
+
+def test_the_thread_writes_to_its_own_descriptor() -> None:
+    """Closing the caller's descriptor (and the number being reused) never sends the
+    thread's bytes elsewhere: it writes to a duplicate of its own."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    s = Sender(a.fileno())
+    try:
+        a.close()
+        r, w = os.pipe()  # likely takes the number a had
+        try:
+            got = bytearray()
+            t = _reader(b, 6, got)
+            s.push([b"abc", b"def"])
+            t.join(10)
+            assert bytes(got) == b"abcdef"
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 10)  # nothing went to the pipe
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        s.close()
+        b.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_waiter_wakes_when_the_queue_is_down_to_its_mark_or_the_sender_closes(
+        loop: str) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        s = Sender(a.fileno())
+        try:
+            s.push([bytes(6 << 20)])  # the peer does not read yet
+            waiter = asyncio.ensure_future(s.below(1 << 20))
+            await asyncio.sleep(0.2)
+            assert not waiter.done() and s.backlog > 1 << 20
+            got = bytearray()
+            t = _reader(b, 6 << 20, got)
+            await asyncio.wait_for(waiter, 10)  # woken by the thread, not by polling
+            assert s.backlog <= 1 << 20
+            await asyncio.wait_for(s.below(0), 10)
+            assert s.backlog == 0
+            t.join(10)
+            assert len(got) == 6 << 20
+            # a waiter on a stuck socket learns of the close
+            s.push([bytes(8 << 20)])
+            waiter = asyncio.ensure_future(s.below(0))
+            await asyncio.sleep(0.1)
+            assert not waiter.done()
+            s.close()
+            await asyncio.wait_for(waiter, 5)
+        finally:
+            s.close()
+            a.close()
+            b.close()
+
+    _run(loop, main)
+
+
+# -- the NBD client: large writes through the thread, small ones from the loop ------------
+
+
+async def _nbd_server(r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                      seen: list[tuple[int, int, bytes]]) -> None:
+    """A scripted NBD server (transmission phase only): keeps what it was sent."""
+    try:
+        while True:
+            magic, _flags, cmd, cookie, offset, length = REQUEST.unpack(
+                await r.readexactly(REQUEST.size))
+            assert magic == REQUEST_MAGIC
+            if cmd == Cmd.DISC:
+                return
+            data = await r.readexactly(length) if cmd == Cmd.WRITE else b""
+            seen.append((cmd, offset, data))
+            w.write(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            await w.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+
+
+def _run(loop: str, main: Any) -> None:
+    if loop == "uvloop":
+        try:
+            import uvloop  # the `fast` extra, installed with the tests
+        except ImportError:
+            unavailable("uvloop is not installed (the fast extra)")
+        uvloop.run(asyncio.wait_for(main(), 60))
+    else:
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_large_and_small_writes_keep_their_order(loop: str, family: str, tmp_path: Any) -> None:
+    """Large writes leave from the thread and small ones from the loop, mixed and
+    back to back: the server sees every request, in the order sent, intact."""
+    async def main() -> None:
+        seen: list[tuple[int, int, bytes]] = []
+        if family == "tcp":
+            srv = await asyncio.start_server(lambda r, w: _nbd_server(r, w, seen),
+                                             "127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", srv.sockets[0].getsockname()[1])
+        else:
+            path = str(tmp_path / "s")
+            srv = await asyncio.start_unix_server(lambda r, w: _nbd_server(r, w, seen), path)
+            reader, writer = await asyncio.open_unix_connection(path)
+        client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+        assert client._tx is not None
+        sizes = [4096, 1 << 20, 512, 512, 256 << 10, 4096, 2 << 20, 1, 130 << 10, 4096] * 3
+        futs = []
+        sent = []
+        threaded = 0
+        for i, n in enumerate(sizes):
+            data = os.urandom(n)
+            sent.append((int(Cmd.WRITE), i << 22, data))
+            futs.append(client.submit(Cmd.WRITE, i << 22, n, 0, data, limit=20))
+            if i % 3 == 2:
+                await asyncio.sleep(0)  # some loop turns carry several requests
+                threaded += client._tx.busy
+        await asyncio.gather(*futs)
+        assert seen == sent
+        assert threaded, "no large write went through the sending thread"
+        await client.close()
+        assert client._tx._handle is None  # the thread was joined
+        srv.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_reset_while_the_thread_waits_fails_the_writes_at_once(loop: str) -> None:
+    """The server stops reading, the thread waits on a full socket, then the
+    connection is reset: every write in flight fails at once, and close returns."""
+    async def main() -> None:
+        conns: list[asyncio.StreamWriter] = []
+        stuck = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            conns.append(w)
+            await stuck.wait()  # never reads
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", srv.sockets[0].getsockname()[1])
+        client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+        futs = [client.submit(Cmd.WRITE, i << 20, 1 << 20, 0, bytes(1 << 20))
+                for i in range(32)]
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if conns and client._tx is not None and client._tx.busy:
+                break
+        assert client._tx is not None and client._tx.busy
+        conns[0].transport.abort()  # a reset
+        t0 = asyncio.get_running_loop().time()
+        outs = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(o, ConnectionError) for o in outs)
+        assert asyncio.get_running_loop().time() - t0 < 5
+        await client.close()
+        assert client._tx._handle is None
+        srv.close()
+
+    _run(loop, main)
+
+
+def test_no_sending_thread_over_tls_or_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    class T:
+        def __init__(self, **extra: Any) -> None:
+            self.extra = extra
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.extra.get(name)
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def is_closing(self) -> bool:
+            return False
+
+    with socket.socket() as tcp:
+        assert nbdc._sender(T(socket=tcp, sslcontext=object())) is None  # type: ignore[arg-type]
+        assert nbdc._sender(T(socket=tcp, ssl_object=object())) is None  # type: ignore[arg-type]
+        assert nbdc._sender(T()) is None  # type: ignore[arg-type]
+        monkeypatch.setattr(nbdc, "SEND_THREAD", False)
+        assert nbdc._sender(T(socket=tcp)) is None  # type: ignore[arg-type]
+        monkeypatch.setattr(nbdc, "SEND_THREAD", True)
+        s = nbdc._sender(T(socket=tcp))  # type: ignore[arg-type]
+        assert s is not None
+        s.close()
