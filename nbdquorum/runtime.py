@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import gc
 import logging
 import os
@@ -56,10 +57,15 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """
     gc.set_threshold(50_000, 20, 20)
     rc = _run(main)
-    # Stopped: what is left is the interpreter's teardown (joining the I/O threads).
-    # A second SIGTERM then (a supervisor or a test repeating itself) ends the
-    # process at once with the status the stop already decided, not "killed".
+    # Stopped: what is left is the interpreter's teardown (joining the I/O threads,
+    # then finalizing).  A second SIGTERM then (a supervisor or a test repeating
+    # itself) ends the process at once with the status the stop already decided,
+    # not "killed".  Python handlers stop running once finalizing begins, and the
+    # interpreter puts SIGTERM back to its default (death by signal) then, unless
+    # it is ignored: so from the exit handlers on it is ignored; what is left to
+    # do then is freeing memory.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: os._exit(rc))
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
     return rc
 
 
