@@ -32,6 +32,13 @@ def _reader(sock: socket.socket, want: int, got: bytearray) -> threading.Thread:
     return t
 
 
+def _wait_written(s: Sender) -> None:
+    """Until the thread has written everything pushed (bounded)."""
+    deadline = time.monotonic() + 5
+    while s.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_pushed_buffers_arrive_whole_and_in_order() -> None:
     a, b = socket.socketpair()
     a.setblocking(False)  # as an event loop's socket: the thread waits when it is full
@@ -46,9 +53,7 @@ def test_pushed_buffers_arrive_whole_and_in_order() -> None:
             s.push(r)
         t.join(20)
         assert bytes(got) == want
-        deadline = time.monotonic() + 5
-        while s.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_written(s)
         assert not s.busy and s.backlog == 0 and s.error == 0
     finally:
         s.close()
@@ -74,9 +79,7 @@ def test_a_buffer_is_held_until_written_then_let_go() -> None:
         t = _reader(b, len(big), got)
         t.join(20)
         assert bytes(got) == big
-        deadline = time.monotonic() + 5
-        while s.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_written(s)
         s.push([b"x"])  # a push lets go of what was written
         gc.collect()
         assert sys.getrefcount(big) == base
