@@ -113,8 +113,9 @@ int quorum_zero_range(int fd, uint64_t offset, uint64_t len);
 int quorum_tune_malloc(size_t max_buffer);
 
 /* A socket's sending side on a thread of its own (sender.c): the event loop
- * queues buffers and goes on; the thread writes them, in order, with writev,
- * waiting (poll) while the socket's buffer is full.  The kernel's copy and,
+ * queues buffers and goes on; the thread writes them, in order (sendmsg, never
+ * blocking, no SIGPIPE), waiting (poll) while the socket's buffer is full; it
+ * blocks every signal.  The kernel's copy and,
  * over TCP, the protocol work of each send then leave the event loop's core.
  *
  * The one object here that lives across calls: an opaque handle, made by
@@ -138,7 +139,8 @@ int quorum_tune_malloc(size_t max_buffer);
  *
  * quorum_sender_wake_below: the thread makes told readable (adds 1) once no
  * more than nbytes are queued (at once if that is so already), or the thread
- * has ended; once per call.  Returns 0.
+ * has ended; once per call.  Returns 0.  A write that fails makes told readable
+ * too, whether or not anyone waits (quorum_sender_error then says why).
  *
  * quorum_sender_stop: the thread stops at once (a wait for the socket ends
  * too); what is still queued is never written.  quorum_sender_free stops,

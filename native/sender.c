@@ -6,16 +6,17 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
+#include <sys/uio.h> /* struct iovec */
 #include <unistd.h>
 
-#define BATCH 64 /* buffers per writev: well under IOV_MAX */
+#define BATCH 64 /* buffers per sendmsg: well under IOV_MAX */
 
 struct quorum_sender {
     int fd;   /* owned: a duplicate of the caller's socket */
@@ -63,6 +64,9 @@ static void *run(void *arg)
 {
     struct quorum_sender *s = arg;
     struct iovec iov[BATCH];
+    sigset_t all; /* the process's signals go to its other threads, never here */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     pthread_mutex_lock(&s->mu);
     for (;;) {
         while (s->head == s->tail && !s->stopping) {
@@ -77,9 +81,12 @@ static void *run(void *arg)
             k = BATCH;
         memcpy(iov, s->q + s->head, k * sizeof *iov);
         pthread_mutex_unlock(&s->mu);
-        ssize_t n = writev(s->fd, iov, (int)k);
+        /* never blocks, whatever the descriptor's flags (a stop is never stuck in
+         * here), and a peer that is gone is an error, not a SIGPIPE */
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = k};
+        ssize_t n = sendmsg(s->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
         int e = n < 0 ? errno : 0;
-        if (e == EAGAIN || e == EWOULDBLOCK) /* (the socket is non-blocking) */
+        if (e == EAGAIN || e == EWOULDBLOCK) /* the socket is full: wait for room */
             e = wait_writable(s);
         pthread_mutex_lock(&s->mu);
         if (e && e != EAGAIN && e != EWOULDBLOCK && e != EINTR) {
@@ -108,6 +115,8 @@ static void *run(void *arg)
     }
     s->head = s->tail = 0; /* nothing queued is touched again */
     s->ended = 1;
+    if (s->err && s->wake_below < 0)
+        s->wake_below = 0; /* a failed write is told even with no waiter */
     maybe_tell(s, 1);
     pthread_mutex_unlock(&s->mu);
     return NULL;

@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import errno
 import os
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdquorum._native_lib import ffi, lib
@@ -366,27 +367,41 @@ class Sender:
 
     The thread writes to a duplicate of ``fd``, closed by ``close``, so a
     descriptor number the caller closes and the system reuses is never written
-    to.  Everything pushed is held here until the thread has written it (or
-    ``close`` has joined the thread): a buffer is never freed, and never handed
-    out again by a pool that watches its references, while it is being sent.
-    One thread (the event loop's) calls every method.
+    to.  Everything pushed is held here until the thread has written it (or has
+    been joined): a buffer is never freed, and never handed out again by a pool
+    that watches its references, while it is being sent.  A Sender dropped
+    without ``close`` joins its thread before it lets go of anything.
+
+    With ``loop``, the loop watches an eventfd the thread makes readable when a
+    write fails (``on_failed(errno)`` is called once, on the loop) and when a
+    waiter's mark is reached (``below``): nothing polls.  One thread (the event
+    loop's) calls every method.
     """
 
-    def __init__(self, fd: int) -> None:
-        #: made readable by the thread when a waiter's mark is reached (see below)
-        self._told = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop | None = None,
+                 on_failed: Callable[[int], None] | None = None) -> None:
+        told = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         dup = os.dup(fd)
         out = ffi.new("quorum_sender **")
-        rc = lib.quorum_sender_new(dup, self._told, out)
+        rc = lib.quorum_sender_new(dup, told, out)
         if rc < 0:
             os.close(dup)
-            os.close(self._told)
+            os.close(told)
             _check(rc)
         self._handle: Any = out[0]
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._told = told
         self._pushed = 0
         #: (the stream offset just past a push, what must live until it is written)
         self._held: deque[tuple[int, list[Any]]] = deque()
+        self._stopped = False
+        self._loop = loop
+        self._on_failed = on_failed
+        self._waiter: asyncio.Future[None] | None = None
+        # dropped without close(): the thread is joined first, then the buffers go
+        self._release = weakref.finalize(self, _release_sender, self._handle, told,
+                                         self._held)
+        if loop is not None:
+            loop.add_reader(told, self._told_readable)
 
     def push(self, bufs: Sequence[Buffer]) -> None:
         """Queue ``bufs`` after what was pushed before.
@@ -423,13 +438,15 @@ class Sender:
         _check(lib.quorum_sender_push(self._handle, ptrs, lens, n))
         self._pushed += total
         self._held.append((self._pushed, keep))
-        self._let_go()
+        self.let_go()
 
-    def _let_go(self) -> None:
-        sent = lib.quorum_sender_sent(self._handle)
+    def let_go(self) -> None:
+        """Drop what the thread has written (buffers a pool may hand out again)."""
         held = self._held
-        while held and held[0][0] <= sent:
-            held.popleft()
+        if held and self._handle is not None:
+            sent = lib.quorum_sender_sent(self._handle)
+            while held and held[0][0] <= sent:
+                held.popleft()
 
     @property
     def busy(self) -> bool:
@@ -441,7 +458,7 @@ class Sender:
         """Bytes pushed and not written yet (0 once closed)."""
         if self._handle is None:
             return 0
-        self._let_go()
+        self.let_go()
         return self._pushed - lib.quorum_sender_sent(self._handle)
 
     @property
@@ -451,36 +468,48 @@ class Sender:
 
     async def below(self, nbytes: int) -> None:
         """Return once no more than ``nbytes`` wait to be written, or the thread has
-        ended (the socket failed, or ``stop``/``close``).  The thread says so
-        through an eventfd the event loop watches: nothing polls."""
-        while self._handle is not None and self.backlog > nbytes and not self.error:
+        ended (a failed write, ``stop``, ``close``).  Needs the ``loop``."""
+        assert self._loop is not None, "below() needs the loop the Sender was made with"
+        while (self._handle is not None and not self._stopped and not self.error
+               and self.backlog > nbytes):
             if self._waiter is None:
-                loop = asyncio.get_running_loop()
-                fut = loop.create_future()
-                self._waiter = (loop, fut)
-                loop.add_reader(self._told, self._wake)
+                self._waiter = self._loop.create_future()
                 lib.quorum_sender_wake_below(self._handle, nbytes)
-            await asyncio.shield(self._waiter[1])
+            await asyncio.shield(self._waiter)
 
-    def _wake(self) -> None:
+    def _told_readable(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._told)
+        self.let_go()
+        err = self.error
+        if err and self._on_failed is not None:
+            on_failed, self._on_failed = self._on_failed, None
+            on_failed(err)
+        self._wake_waiter()
+
+    def _wake_waiter(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter[0].remove_reader(self._told)
-            if not waiter[1].done():
-                waiter[1].set_result(None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def stop(self) -> None:
         """Write nothing more (what is queued is dropped); ``close`` still follows."""
         if self._handle is not None:
+            self._stopped = True
             lib.quorum_sender_stop(self._handle)
 
     def close(self) -> None:
         """Stop, join the thread, close its descriptor (idempotent)."""
-        h, self._handle = self._handle, None
-        if h is not None:
-            lib.quorum_sender_free(h)
-            self._wake()  # (a waiter learns the thread ended)
-            os.close(self._told)
-        self._held.clear()
+        if self._handle is None:
+            return
+        self._handle = None
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._told)
+        self._release()  # joins the thread, closes its descriptors, lets go of the buffers
+        self._wake_waiter()
+
+
+def _release_sender(handle: Any, told: int, held: deque[tuple[int, list[Any]]]) -> None:
+    lib.quorum_sender_free(handle)  # joined: no buffer is touched after this
+    os.close(told)
+    held.clear()

@@ -351,7 +351,8 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 _LOWAT_KERNEL = _kernel_at_least(5, 10)
 
 
-def _sender(transport: asyncio.BaseTransport) -> Sender | None:
+def _sender(transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop | None = None,
+            on_failed: Callable[[int], None] | None = None) -> Sender | None:
     """A sending thread for a plain (not TLS) stream socket whose transport has
     nothing left to write, or None (the transport writes)."""
     if not SEND_THREAD:
@@ -365,7 +366,7 @@ def _sender(transport: asyncio.BaseTransport) -> Sender | None:
     if transport.get_write_buffer_size() or transport.is_closing():  # type: ignore[attr-defined]
         return None  # (the handshake's bytes still queued there would come after ours)
     try:
-        return Sender(sock.fileno())
+        return Sender(sock.fileno(), loop, on_failed)
     except OSError as err:
         log.warning("no sending thread (%s): requests leave from the event loop", err)
         return None
@@ -596,7 +597,7 @@ class NBDClient(asyncio.BufferedProtocol):
         self._lowat = 1
         #: a plain socket's requests leave from a thread of their own (None: through
         #: the transport, as over TLS)
-        self._tx = _sender(self.transport)
+        self._tx = _sender(self.transport, self._loop, self._send_failed)
         # from here on the replies come to this object, not to the handshake's stream
         leftover = bytes(getattr(reader, "_buffer", b""))
         ended = getattr(reader, "_eof", False) or reader.exception() is not None
@@ -754,6 +755,13 @@ class NBDClient(asyncio.BufferedProtocol):
         else:
             self.transport.writelines(out)
 
+    def _send_failed(self, err: int) -> None:
+        """The sending thread's write failed: the connection is lost, and says why
+        (the socket's error went to the thread's write, not to the transport)."""
+        if self._closed is None:
+            self._closed = OSError(err, os.strerror(err))
+        self.transport.abort()
+
     def _finish_soon(self, p: _Pending) -> None:
         """A complete reply's outcome is told after the event loop's other ready work:
         the replies of one read are parsed at once, but what their owners do next
@@ -764,6 +772,8 @@ class NBDClient(asyncio.BufferedProtocol):
 
     def _finish_ready(self) -> None:
         ready, self._ready = self._ready, []
+        if self._tx is not None:
+            self._tx.let_go()  # (a reply: its request's bytes were all written)
         for p in ready:
             try:
                 _finish(p)
@@ -917,12 +927,12 @@ class NBDClient(asyncio.BufferedProtocol):
         if not self.transport.is_closing():
             self._out.append(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
             self._flush()  # the requests, then the DISC
+            if self._closed is None:  # nothing is sent after the DISC
+                self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
             if self._tx is not None:
                 # the transport closes once its own buffer is written: the thread's first
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._tx.below(0), deadline - self._loop.time())
-            if self._closed is None:
-                self._closed = ConnectionAbortedError(errno.ECONNABORTED, "client closed")
             self.transport.close()
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(self._ended),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import socket
@@ -117,7 +118,6 @@ def test_close_returns_at_once_while_the_thread_waits_on_a_full_socket() -> None
         t0 = time.monotonic()
         s.close()
         assert time.monotonic() - t0 < 2
-        assert s.backlog == 0 and not s.busy
         with pytest.raises(BrokenPipeError):
             s.push([b"z"])
     finally:
@@ -158,7 +158,7 @@ def test_a_waiter_wakes_when_the_queue_is_down_to_its_mark_or_the_sender_closes(
     async def main() -> None:
         a, b = socket.socketpair()
         a.setblocking(False)
-        s = Sender(a.fileno())
+        s = Sender(a.fileno(), asyncio.get_running_loop())
         try:
             s.push([bytes(6 << 20)])  # the peer does not read yet
             waiter = asyncio.ensure_future(s.below(1 << 20))
@@ -185,6 +185,87 @@ def test_a_waiter_wakes_when_the_queue_is_down_to_its_mark_or_the_sender_closes(
             b.close()
 
     _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_stopped_sender_wakes_its_waiter_and_does_not_spin(loop: str) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        s = Sender(a.fileno(), asyncio.get_running_loop())
+        calls = 0
+        real = s._told_readable
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            real()
+
+        asyncio.get_running_loop().remove_reader(s._told)
+        asyncio.get_running_loop().add_reader(s._told, counted)
+        try:
+            s.push([bytes(8 << 20)])
+            waiter = asyncio.ensure_future(s.below(0))
+            await asyncio.sleep(0.1)
+            s.stop()
+            await asyncio.wait_for(waiter, 5)
+            await asyncio.sleep(0.2)
+            assert calls <= 2  # woken, not woken again and again
+        finally:
+            s.close()
+            a.close()
+            b.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_failed_write_is_told_with_no_waiter(loop: str) -> None:
+    """The peer resets the connection while the thread waits on a full socket: the
+    loop hears of it through the eventfd, with the errno, without another push."""
+    async def main() -> None:
+        import struct
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        failed = asyncio.get_running_loop().create_future()
+        s = Sender(a.fileno(), asyncio.get_running_loop(), failed.set_result)
+        try:
+            s.push([bytes(8 << 20)])
+            await asyncio.sleep(0.1)
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            b.close()
+            err = await asyncio.wait_for(failed, 5)
+            assert err in (errno.EPIPE, errno.ECONNRESET)
+            assert s.error == err
+        finally:
+            s.close()
+            a.close()
+
+    _run(loop, main)
+
+
+def test_a_sender_dropped_without_close_writes_nothing_freed() -> None:
+    """Garbage-collected with bytes queued: the thread is joined before the buffers
+    go, so the peer gets only bytes that were pushed, and then the end."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    s = Sender(a.fileno())
+    s.push([b"A" * 5_000_000])  # more than the socket holds: the thread waits
+    time.sleep(0.2)
+    del s
+    gc.collect()
+    junk = [bytearray(b"B" * 100_000) for _ in range(100)]  # (reuse what was freed)
+    a.close()
+    got = bytearray()
+    b.settimeout(10)
+    while True:
+        chunk = b.recv(1 << 20)
+        if not chunk:
+            break  # the end: the thread's descriptor was closed too
+        got.extend(chunk)
+    b.close()
+    assert got and got == b"A" * len(got)
+    del junk
 
 
 # -- the NBD client: large writes through the thread, small ones from the loop ------------
@@ -317,3 +398,45 @@ def test_no_sending_thread_over_tls_or_when_turned_off(monkeypatch: pytest.Monke
         s = nbdc._sender(T(socket=tcp))  # type: ignore[arg-type]
         assert s is not None
         s.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_large_write_waits_behind_what_the_transport_still_holds(loop: str) -> None:
+    """The transport still holds small requests (the far end reads slowly): a large
+    write then goes through the transport too, behind them, never past them."""
+    async def main() -> None:
+        seen: list[tuple[int, int, bytes]] = []
+        gate = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await gate.wait()  # reads nothing until the client's buffer has filled
+            await _nbd_server(r, w, seen)
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+        client = nbdc.NBDClient(reader, writer, nbdc.ExportInfo(1 << 30, 0))
+        assert client._tx is not None
+        sent, futs = [], []
+        for i in range(200):  # small writes, one loop turn each, until the transport holds some
+            data = os.urandom(16 << 10)
+            sent.append((int(Cmd.WRITE), i << 20, data))
+            futs.append(client.submit(Cmd.WRITE, i << 20, len(data), 0, data, limit=30))
+            await asyncio.sleep(0)
+            if client.transport.get_write_buffer_size():
+                break
+        assert client.transport.get_write_buffer_size()
+        big = os.urandom(1 << 20)
+        sent.append((int(Cmd.WRITE), 999 << 20, big))
+        futs.append(client.submit(Cmd.WRITE, 999 << 20, len(big), 0, big, limit=30))
+        await asyncio.sleep(0)
+        assert not client._tx.busy and client._tx._pushed == 0  # not through the thread
+        gate.set()
+        await asyncio.gather(*futs)
+        assert seen == sent
+        await client.close()
+        srv.close()
+
+    _run(loop, main)
