@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from tests.ci import unavailable
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -16,3 +18,15 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
+
+
+def run_on(loop: str, main: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 60) -> Any:
+    """Run ``main()`` on ``loop``: "asyncio", or "uvloop" (the `fast` extra, installed
+    with the tests; missing, it fails under CI=true and skips elsewhere)."""
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            unavailable("uvloop is not installed (the fast extra)")
+        return uvloop.run(asyncio.wait_for(main(), timeout))
+    return asyncio.run(asyncio.wait_for(main(), timeout))

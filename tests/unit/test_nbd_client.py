@@ -27,7 +27,7 @@ from nbdquorum.nbd.constants import (
     ReplyType,
 )
 from nbdquorum.nbd.wire import CHUNK, REQUEST, SIMPLE_REPLY
-from tests.ci import unavailable
+from tests.unit.aiohelp import run_on
 
 MiB = 1 << 20
 
@@ -525,14 +525,7 @@ def test_over_tcp_a_large_reads_data_wakes_the_loop_once_most_of_it_came(loop: s
         await client.close()
         srv.close()
 
-    if loop == "uvloop":
-        try:
-            import uvloop  # the `fast` extra, installed with the tests
-        except ImportError:
-            unavailable("uvloop is not installed (the fast extra)")
-        uvloop.run(asyncio.wait_for(main(), 30))
-    else:
-        asyncio.run(asyncio.wait_for(main(), 30))
+    run_on(loop, main, 30)
 
 
 def test_no_low_water_mark_over_unix_sockets_or_tls() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
@@ -10,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from nbdquorum.native import Sender
 from nbdquorum.nbd import client as nbdc
 from nbdquorum.nbd.constants import REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd
 from nbdquorum.nbd.wire import REQUEST, SIMPLE_REPLY
-from tests.ci import unavailable
+from tests.unit.aiohelp import run_on
 
 
 def _reader(sock: socket.socket, want: int, got: bytearray) -> threading.Thread:
@@ -33,6 +35,22 @@ def _reader(sock: socket.socket, want: int, got: bytearray) -> threading.Thread:
     return t
 
 
+@contextlib.contextmanager
+def _pair(loop: asyncio.AbstractEventLoop | None = None,
+          on_failed: Callable[[int], None] | None = None,
+          ) -> Iterator[tuple[socket.socket, socket.socket, Sender]]:
+    """A socket pair and a Sender on its first end, all closed at the end."""
+    a, b = socket.socketpair()
+    a.setblocking(False)  # as an event loop's socket: the thread waits when it is full
+    s = Sender(a.fileno(), loop, on_failed)
+    try:
+        yield a, b, s
+    finally:
+        s.close()
+        a.close()
+        b.close()
+
+
 def _wait_written(s: Sender) -> None:
     """Until the thread has written everything pushed (bounded)."""
     deadline = time.monotonic() + 5
@@ -41,10 +59,7 @@ def _wait_written(s: Sender) -> None:
 
 
 def test_pushed_buffers_arrive_whole_and_in_order() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)  # as an event loop's socket: the thread waits when it is full
-    s = Sender(a.fileno())
-    try:
+    with _pair() as (_a, b, s):
         rounds = [[os.urandom(n) for n in sizes] for sizes in
                   ([5], [70_000, 3, 2 << 20], [1, 1, 1], [100_000] * 9, [1 << 20, 28])]
         want = b"".join(b"".join(r) for r in rounds)
@@ -56,18 +71,11 @@ def test_pushed_buffers_arrive_whole_and_in_order() -> None:
         assert bytes(got) == want
         _wait_written(s)
         assert not s.busy and s.backlog == 0 and s.error == 0
-    finally:
-        s.close()
-        a.close()
-        b.close()
 
 
 def test_a_buffer_is_held_until_written_then_let_go() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-    s = Sender(a.fileno())
-    try:
+    with _pair() as (a, b, s):
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)  # (the thread's dup too)
         big = bytearray(os.urandom(4 << 20))  # more than the socket holds: the thread waits
         base = sys.getrefcount(big)
         s.push([big])
@@ -84,17 +92,10 @@ def test_a_buffer_is_held_until_written_then_let_go() -> None:
         s.push([b"x"])  # a push lets go of what was written
         gc.collect()
         assert sys.getrefcount(big) == base
-    finally:
-        s.close()
-        a.close()
-        b.close()
 
 
 def test_a_failed_socket_fails_the_next_push() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    s = Sender(a.fileno())
-    try:
+    with _pair() as (_a, b, s):
         b.close()
         deadline = time.monotonic() + 5
         with pytest.raises(OSError):  # EPIPE (or ECONNRESET): the peer is gone
@@ -102,16 +103,10 @@ def test_a_failed_socket_fails_the_next_push() -> None:
                 s.push([b"y" * 100_000])
                 time.sleep(0.01)
         assert s.error != 0
-    finally:
-        s.close()
-        a.close()
 
 
 def test_close_returns_at_once_while_the_thread_waits_on_a_full_socket() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    s = Sender(a.fileno())
-    try:
+    with _pair() as (_a, _b, s):
         s.push([bytes(8 << 20)])  # the peer never reads: the thread waits in poll
         time.sleep(0.2)
         assert s.busy
@@ -120,19 +115,12 @@ def test_close_returns_at_once_while_the_thread_waits_on_a_full_socket() -> None
         assert time.monotonic() - t0 < 2
         with pytest.raises(BrokenPipeError):
             s.push([b"z"])
-    finally:
-        s.close()
-        a.close()
-        b.close()
 
 
 def test_the_thread_writes_to_its_own_descriptor() -> None:
     """Closing the caller's descriptor (and the number being reused) never sends the
     thread's bytes elsewhere: it writes to a duplicate of its own."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    s = Sender(a.fileno())
-    try:
+    with _pair() as (a, b, s):
         a.close()
         r, w = os.pipe()  # likely takes the number a had
         try:
@@ -147,19 +135,13 @@ def test_the_thread_writes_to_its_own_descriptor() -> None:
         finally:
             os.close(r)
             os.close(w)
-    finally:
-        s.close()
-        b.close()
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_waiter_wakes_when_the_queue_is_down_to_its_mark_or_the_sender_closes(
         loop: str) -> None:
     async def main() -> None:
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        s = Sender(a.fileno(), asyncio.get_running_loop())
-        try:
+        with _pair(asyncio.get_running_loop()) as (_a, b, s):
             s.push([bytes(6 << 20)])  # the peer does not read yet
             waiter = asyncio.ensure_future(s.below(1 << 20))
             await asyncio.sleep(0.2)
@@ -179,31 +161,24 @@ def test_a_waiter_wakes_when_the_queue_is_down_to_its_mark_or_the_sender_closes(
             assert not waiter.done()
             s.close()
             await asyncio.wait_for(waiter, 5)
-        finally:
-            s.close()
-            a.close()
-            b.close()
 
-    _run(loop, main)
+    run_on(loop, main)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_stopped_sender_wakes_its_waiter_and_does_not_spin(loop: str) -> None:
     async def main() -> None:
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        s = Sender(a.fileno(), asyncio.get_running_loop())
-        calls = 0
-        real = s._told_readable
+        with _pair(asyncio.get_running_loop()) as (_a, _b, s):
+            calls = 0
+            real = s._told_readable
 
-        def counted() -> None:
-            nonlocal calls
-            calls += 1
-            real()
+            def counted() -> None:
+                nonlocal calls
+                calls += 1
+                real()
 
-        asyncio.get_running_loop().remove_reader(s._told)
-        asyncio.get_running_loop().add_reader(s._told, counted)
-        try:
+            asyncio.get_running_loop().remove_reader(s._told)
+            asyncio.get_running_loop().add_reader(s._told, counted)
             s.push([bytes(8 << 20)])
             waiter = asyncio.ensure_future(s.below(0))
             await asyncio.sleep(0.1)
@@ -211,12 +186,8 @@ def test_a_stopped_sender_wakes_its_waiter_and_does_not_spin(loop: str) -> None:
             await asyncio.wait_for(waiter, 5)
             await asyncio.sleep(0.2)
             assert calls <= 2  # woken, not woken again and again
-        finally:
-            s.close()
-            a.close()
-            b.close()
 
-    _run(loop, main)
+    run_on(loop, main)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -225,11 +196,8 @@ def test_a_failed_write_is_told_with_no_waiter(loop: str) -> None:
     loop hears of it through the eventfd, with the errno, without another push."""
     async def main() -> None:
         import struct
-        a, b = socket.socketpair()
-        a.setblocking(False)
         failed = asyncio.get_running_loop().create_future()
-        s = Sender(a.fileno(), asyncio.get_running_loop(), failed.set_result)
-        try:
+        with _pair(asyncio.get_running_loop(), failed.set_result) as (_a, b, s):
             s.push([bytes(8 << 20)])
             await asyncio.sleep(0.1)
             b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -237,11 +205,8 @@ def test_a_failed_write_is_told_with_no_waiter(loop: str) -> None:
             err = await asyncio.wait_for(failed, 5)
             assert err in (errno.EPIPE, errno.ECONNRESET)
             assert s.error == err
-        finally:
-            s.close()
-            a.close()
 
-    _run(loop, main)
+    run_on(loop, main)
 
 
 def test_a_sender_dropped_without_close_writes_nothing_freed() -> None:
@@ -289,17 +254,6 @@ async def _nbd_server(r: asyncio.StreamReader, w: asyncio.StreamWriter,
         return
 
 
-def _run(loop: str, main: Any) -> None:
-    if loop == "uvloop":
-        try:
-            import uvloop  # the `fast` extra, installed with the tests
-        except ImportError:
-            unavailable("uvloop is not installed (the fast extra)")
-        uvloop.run(asyncio.wait_for(main(), 60))
-    else:
-        asyncio.run(asyncio.wait_for(main(), 60))
-
-
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_large_and_small_writes_keep_their_order(loop: str, family: str, tmp_path: Any) -> None:
@@ -336,7 +290,7 @@ def test_large_and_small_writes_keep_their_order(loop: str, family: str, tmp_pat
         assert client._tx._handle is None  # the thread was joined
         srv.close()
 
-    _run(loop, main)
+    run_on(loop, main)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -371,7 +325,7 @@ def test_a_reset_while_the_thread_waits_fails_the_writes_at_once(loop: str) -> N
         assert client._tx._handle is None
         srv.close()
 
-    _run(loop, main)
+    run_on(loop, main)
 
 
 def test_no_sending_thread_over_tls_or_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -439,4 +393,4 @@ def test_a_large_write_waits_behind_what_the_transport_still_holds(loop: str) ->
         await client.close()
         srv.close()
 
-    _run(loop, main)
+    run_on(loop, main)
