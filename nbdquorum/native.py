@@ -391,6 +391,7 @@ class Sender:
         self._handle: Any = out[0]
         self._told = told
         self._pushed = 0
+        self._sent = 0  # what quorum_sender_sent said last (it only grows, up to _pushed)
         #: (the stream offset just past a push, what must live until it is written)
         self._held: deque[tuple[int, list[Any]]] = deque()
         self._stopped = False
@@ -440,18 +441,25 @@ class Sender:
         self._held.append((self._pushed, keep))
         self.let_go()
 
+    def _written(self) -> int:
+        """Bytes the thread has written so far (asks it only while some are queued:
+        a small request's flush checks ``busy`` and must not pay a C call)."""
+        if self._sent != self._pushed and self._handle is not None:
+            self._sent = lib.quorum_sender_sent(self._handle)
+        return self._sent
+
     def let_go(self) -> None:
         """Drop what the thread has written (buffers a pool may hand out again)."""
         held = self._held
-        if held and self._handle is not None:
-            sent = lib.quorum_sender_sent(self._handle)
+        if held:
+            sent = self._written()
             while held and held[0][0] <= sent:
                 held.popleft()
 
     @property
     def busy(self) -> bool:
         """Pushed bytes are still queued (not all written)."""
-        return self._handle is not None and self._pushed != lib.quorum_sender_sent(self._handle)
+        return self._handle is not None and self._written() != self._pushed
 
     @property
     def backlog(self) -> int:
@@ -459,7 +467,7 @@ class Sender:
         if self._handle is None:
             return 0
         self.let_go()
-        return self._pushed - lib.quorum_sender_sent(self._handle)
+        return self._pushed - self._written()
 
     @property
     def error(self) -> int:

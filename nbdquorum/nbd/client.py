@@ -357,10 +357,7 @@ def _sender(transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop | 
     nothing left to write, or None (the transport writes)."""
     if not SEND_THREAD:
         return None
-    if (transport.get_extra_info("sslcontext") is not None
-            or transport.get_extra_info("ssl_object") is not None):
-        return None
-    sock = transport.get_extra_info("socket")
+    sock = _plain_socket(transport)
     if sock is None:
         return None
     if transport.get_write_buffer_size() or transport.is_closing():  # type: ignore[attr-defined]
@@ -372,16 +369,21 @@ def _sender(transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop | 
         return None
 
 
+def _plain_socket(transport: asyncio.BaseTransport) -> Any:
+    """The transport's socket when no TLS layer sits on it (the bytes written and
+    read there are the protocol's own), else None."""
+    if (transport.get_extra_info("sslcontext") is not None
+            or transport.get_extra_info("ssl_object") is not None):
+        return None
+    return transport.get_extra_info("socket")
+
+
 def _lowat_socket(transport: asyncio.BaseTransport) -> Any:
     """The socket of a plain TCP connection, or None: over TLS the bytes owed are
     not the bytes on the socket, and a Unix socket's readiness ignores the mark."""
     if not _LOWAT_KERNEL:
         return None
-    if transport.get_extra_info("sslcontext") is not None:
-        return None
-    if transport.get_extra_info("ssl_object") is not None:
-        return None
-    sock = transport.get_extra_info("socket")
+    sock = _plain_socket(transport)
     if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
         return None
     return sock
