@@ -202,10 +202,7 @@ class ResyncJob(Job):
                 if bm.count():  # writes failed on the child meanwhile: more to do
                     self.total += bm.dirty_bytes()
         finally:
-            for t in inflight:
-                t.cancel()
-            if inflight:
-                await asyncio.wait(inflight)
+            await _cancel_all(inflight)
 
     async def _step(self, q: QuorumNode, slot: ChildSlot, bm: RegionBitmap, bit: int,
                     count: int) -> None:
@@ -241,12 +238,36 @@ class ResyncJob(Job):
 
 
 async def _one_done(inflight: set[asyncio.Task[None]]) -> None:
-    """Wait for one of the steps in flight; its error (if any) ends the job."""
+    """Wait for one of the steps in flight; its error (if any) ends the job.
+
+    Every finished step's outcome is taken, so a second failure in the same turn is
+    not left for the loop to log as an exception never retrieved."""
     done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-    for t in done:
-        inflight.discard(t)
-    for t in done:
-        t.result()
+    inflight.difference_update(done)
+    errors = [e for e in map(_outcome, done) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+async def _cancel_all(inflight: set[asyncio.Task[None]]) -> None:
+    """Cancel the steps still in flight and wait for them.  A step whose child
+    operation failed in the same turn as its cancellation (a removed child's
+    connection closing under it) ends with that error rather than as cancelled: the
+    job is ending anyway, so the error is taken here and dropped."""
+    for t in inflight:
+        t.cancel()
+    if inflight:
+        await asyncio.wait(inflight)
+    for t in inflight:
+        err = _outcome(t)
+        if err is not None:
+            log.debug("resync step ended with %r while the job stopped", err)
+    inflight.clear()
+
+
+def _outcome(t: asyncio.Task[None]) -> BaseException | None:
+    """A finished step's error, taken so the loop never reports it as not retrieved."""
+    return None if t.cancelled() else t.exception()
 
 
 class ResyncManager:

@@ -150,3 +150,47 @@ def test_a_write_missed_during_the_final_flush_is_copied_before_active(tmp_path:
     run(main())
     assert (tmp_path / "new.raw").read_bytes()[:4096] == b"\x22" * 4096
     g.close()
+
+
+def test_a_step_failing_as_it_is_cancelled_is_not_left_unretrieved() -> None:
+    """A removed child's connection can fail a step's write in the same turn the job
+    cancels it: the step then ends with that error instead of as cancelled.  Stopping
+    the job takes every step's outcome, so the loop never logs "Task exception was
+    never retrieved" (which a server's log must not show on a clean removal)."""
+    from nbdquorum.jobs import resync
+
+    reported: list[dict[str, Any]] = []
+
+    async def step(fail_on_cancel: bool) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if fail_on_cancel:
+                raise BrokenPipeError(108, "closed") from None
+            raise
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        inflight = {loop.create_task(step(i % 2 == 0)) for i in range(4)}
+        await asyncio.sleep(0)
+        await resync._cancel_all(inflight)
+        assert not inflight
+        # two steps failing in one turn: the first ends the job, the second is taken too
+        failing = {loop.create_task(step(True)) for _ in range(2)}
+        await asyncio.sleep(0)
+        for t in failing:
+            t.cancel()
+        try:
+            await resync._one_done(failing)
+        except BrokenPipeError:
+            pass
+        else:
+            raise AssertionError("a failed step must end the job")
+        del failing, t
+        import gc
+        gc.collect()
+        await asyncio.sleep(0)
+
+    run(main())
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
