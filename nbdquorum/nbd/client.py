@@ -687,7 +687,15 @@ class NBDClient(asyncio.BufferedProtocol):
         """
         fut = self.submit(cmd, offset, length, flags, data, limit=limit)
         if self._backlog() > _BACKLOG_MAX:
-            await asyncio.wait_for(self._drain(), limit)
+            try:
+                await asyncio.wait_for(self._drain(), limit)
+            except BaseException:
+                # given up (cancelled, timed out) with the request sent: its outcome,
+                # an error once the connection ends, is dropped here, not left for
+                # the loop to log as never retrieved
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()
+                raise
         return await fut
 
     def submit(self, cmd: Cmd, offset: int = 0, length: int = 0, flags: int = 0,

@@ -542,3 +542,45 @@ def test_no_low_water_mark_over_unix_sockets_or_tls() -> None:
         assert nbdc._lowat_socket(T(socket=unix)) is None  # type: ignore[arg-type]
         assert nbdc._lowat_socket(T(socket=tcp, sslcontext=object())) is None  # type: ignore[arg-type]
         assert nbdc._lowat_socket(T(socket=tcp, ssl_object=object())) is None  # type: ignore[arg-type]
+
+
+def test_a_call_given_up_while_the_socket_is_backed_up_leaves_no_unretrieved_error() -> None:
+    """A caller cancelled while its request waits for the socket to drain (a quorum
+    dropping a slow child's write: the child timeout, a removal) has its request
+    sent already; when the connection then ends, that request's error must be
+    taken, not left for the loop to log as "Future exception was never retrieved"
+    (a server's log must not show that on a child's removal)."""
+    import gc
+
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        stop = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await stop.wait()  # reads nothing: the client's writes back up
+            w.close()
+
+        client, server = await _pair(serve)
+        big = bytes(nbdc._BACKLOG_MAX * 2)
+        call = loop.create_task(client.call(Cmd.WRITE, 0, len(big), 0, big))
+        for _ in range(200):  # until the call waits for the backlog to drain
+            await asyncio.sleep(0.01)
+            if client._backlog() > nbdc._BACKLOG_MAX:
+                break
+        assert client._backlog() > nbdc._BACKLOG_MAX and not call.done()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        client.abort_now()  # the child removed: its pending request fails
+        await asyncio.wait_for(client.closed, 5)
+        stop.set()
+        await server
+        del call
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
