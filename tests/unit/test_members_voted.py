@@ -796,3 +796,34 @@ def test_an_nbd_child_bounds_its_requests_unless_they_may_wait_for_the_link() ->
     assert d is not None and d.time_limit == 7.0
     d = NBDChild("far", address, timeout=7.0, reconnect_delay=3.0).direct()
     assert d is not None and d.time_limit is None  # reconnect-delay: they may wait longer
+
+
+def test_a_soon_read_declined_by_a_later_child_leaves_no_unretrieved_error() -> None:
+    """The soon path starts each remote child's read in turn; when a later one
+    declines (its link just went) the read takes the full path, and the reads
+    already started are dropped.  One of those failing afterwards (the far end
+    going away for both) must not leave its error for the loop to log as "Future
+    exception was never retrieved"."""
+    import gc
+
+    reported: list[dict[str, Any]] = []
+
+    class Declines(_SoonOffer):
+        def soon_pread(self, offset: int, length: int) -> Any:
+            return None
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        first, second = SoonNode("a"), SoonNode("b")
+        second._soon = Declines(second)
+        first.fail = errno.ECONNRESET
+        soon = VotedIO().read_soon([first, second], [-1, -1], 0, 4096, 2, 5.0)
+        assert soon is None and first.started == 1
+        first.gate.set()
+        await asyncio.gather(*first.tasks)  # the dropped read fails
+        gc.collect()
+        await asyncio.sleep(0)
+
+    run(main())
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported

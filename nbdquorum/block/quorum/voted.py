@@ -228,6 +228,12 @@ class SoonReads(_Gather):
         return native.diff_span(a, b) is not None
 
 
+def _taken(f: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody awaits: its error counts as retrieved."""
+    if not f.cancelled():
+        f.exception()
+
+
 def _own_limit(d: Direct | None, limit: float | None) -> float | None:
     """``limit`` if a request started on ``d`` may outlive it (a timer must bound
     it), None if the node's own time limit already does."""
@@ -529,7 +535,11 @@ class VotedIO:
                 d = nodes[i].direct()
                 f = None if d is None else d.soon_pread(offset, length)
                 if f is None:
-                    return None  # what already started is dropped when it answers
+                    # what already started is dropped when it answers: its error
+                    # taken then, not left for the loop to log as never retrieved
+                    for g in started.values():
+                        g.add_done_callback(_taken)
+                    return None
                 started[i] = f
                 if timer is None:
                     timer = _own_limit(d, limit)
