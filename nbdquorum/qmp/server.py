@@ -196,11 +196,16 @@ class QMPServer:
             await self._serve(client, reader)
         except (ConnectionError, OSError) as err:
             client.log.debug("connection lost: %s", err)
+        except asyncio.CancelledError:
+            # shutdown gave up on a command still running: the task ends quietly, not
+            # cancelled (Python 3.11's stream callback reports a cancelled client task
+            # as an exception, with a traceback in the log)
+            client.log.debug("command cancelled at shutdown")
         finally:
             self._clients.discard(client)
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await writer.wait_closed()
             client.log.debug("disconnected")
         if client.quit_requested:  # the client hung up before its reply went out

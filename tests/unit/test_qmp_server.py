@@ -401,3 +401,34 @@ def test_a_due_throttle_deadline_under_uvloop(tmp_path: Path, caplog: Any) -> No
         loop.close()
     # the event path raised nothing (the bus logs what a listener raises)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_command_still_running_at_shutdown_is_cancelled_without_a_traceback(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A command that outlives the shutdown's wait (blockdev-add of an NBD node whose
+    host does not answer) has its client's task cancelled: that must end the
+    connection quietly, not make asyncio report an exception from the stream's
+    own done callback (which Python 3.11 does for a cancelled client task)."""
+    started = asyncio.Event()
+    reported: list[dict[str, Any]] = []
+
+    async def hangs(ctx: commands.Context) -> dict[str, Any]:
+        started.set()
+        await asyncio.Event().wait()
+        return {}
+
+    monkeypatch.setitem(commands.HANDLERS, "query-version", hangs)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, ctx: reported.append(ctx))
+        async with Rig(tmp_path) as rig:
+            c = await Client.connect(rig.path)
+            await c.send_raw(b'{"execute": "query-version", "id": 1}\n')
+            await asyncio.wait_for(started.wait(), TIMEOUT)
+        assert rig.server.clients == 0
+        await asyncio.sleep(0)
+        await c.close()
+
+    run(main())
+    assert reported == []
