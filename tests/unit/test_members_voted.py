@@ -827,3 +827,39 @@ def test_a_soon_read_declined_by_a_later_child_leaves_no_unretrieved_error() -> 
 
     run(main())
     assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
+
+
+def test_a_soon_read_its_caller_gave_up_on_leaves_no_unretrieved_error(
+        tmp_path: Path) -> None:
+    """A caller of the quorum's soon_pread may drop the future (an outer quorum's
+    timer cancels a child's soon read); the judgement of a read that was not
+    unanimous then fails with no one to tell, and its error must be taken, not
+    left for the loop to log as "Task exception was never retrieved"."""
+    import gc
+
+    g, q, far, _seen = _soon_quorum(tmp_path, threshold=3)
+    far.fail = errno.EIO  # three needed, one fails: no quorum
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, ctx: reported.append(ctx))
+        read = q.direct().soon_pread(0, 4096)
+        assert read is not None
+        read.cancel()
+        far.gate.set()
+        await asyncio.gather(*far.tasks)
+        await until_free(q)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    async def until_free(q: QuorumNode) -> None:
+        for _ in range(1000):
+            if not q.lock.would_block(0, 4096, exclusive=True):
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the read's range lock was never released")
+
+    run(main())
+    g.close()
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported

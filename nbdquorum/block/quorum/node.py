@@ -158,7 +158,9 @@ def _the_one(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
 
 
 def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
-    if dst.done():
+    if dst.done():  # its caller gave up: src's error is taken, not left unretrieved
+        if not src.cancelled():
+            src.exception()
         return
     if src.cancelled():
         dst.cancel()
