@@ -78,14 +78,15 @@ class Job:
         self._task = asyncio.get_running_loop().create_task(self._main(), name=f"job-{self.id}")
 
     async def _main(self) -> None:
-        self._set(JobStatus.RUNNING)
-        try:
-            await self.run()
-        except asyncio.CancelledError:
-            self.cancelled = True
-        except Exception as err:  # a job failure is reported, never raised into the loop
-            self.error = str(err) or type(err).__name__
-            log.error("job %s failed: %s", self.id, self.error)
+        if not self.cancelled:  # a job cancelled before it ran goes straight to aborting
+            self._set(JobStatus.RUNNING)
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                self.cancelled = True
+            except Exception as err:  # a job failure is reported, never raised into the loop
+                self.error = str(err) or type(err).__name__
+                log.error("job %s failed: %s", self.id, self.error)
         self.finished = time.monotonic()
         if self.cancelled:
             self._set(JobStatus.ABORTING)
@@ -140,7 +141,10 @@ class Job:
             raise JobError(f"Job '{self.id}' in state '{self.status}' cannot accept command verb 'cancel'")
         self.cancelled = True
         self._resume.set()
-        if self._task is not None:
+        # a task cancelled before its first step would never run _main, so the job
+        # would never conclude (and shutdown would wait on it forever): a job still
+        # created is left to start, see it is cancelled, and wind down
+        if self._task is not None and self.status is not JobStatus.CREATED:
             self._task.cancel()
 
     def set_speed(self, speed: int) -> None:

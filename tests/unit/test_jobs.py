@@ -194,3 +194,27 @@ def test_a_step_failing_as_it_is_cancelled_is_not_left_unretrieved() -> None:
 
     run(main())
     assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
+
+
+def test_a_job_cancelled_in_the_turn_it_was_created_still_concludes(tmp_path: Path) -> None:
+    """A child added and removed by two QMP commands read from one packet: the resync
+    job is cancelled before its task ever ran.  It must still conclude (aborting,
+    concluded, null) so that a later shutdown does not wait on it forever."""
+    g, _q, seen = setup(tmp_path)
+
+    async def main() -> None:
+        jobs = JobManager(g.bus)
+        ResyncManager(g, jobs)
+        g.open_raw_file("new", str(tmp_path / "new.raw"), create_size=SIZE)
+        slot = g.child_add("q0", "new")
+        job = jobs.jobs["resync-new"]
+        job.cancel()  # same turn: its task has not started
+        await asyncio.wait_for(job.wait(), 5)
+        await asyncio.wait_for(jobs.shutdown(), 5)
+        assert slot.state is ChildState.RESYNCING  # never active without a copy
+
+    run(main())
+    statuses = [e.data["status"] for e in seen if e.name == "JOB_STATUS_CHANGE"]
+    assert statuses == ["created", "aborting", "concluded", "null"], statuses
+    assert any(e.name == "BLOCK_JOB_CANCELLED" for e in seen)
+    g.close()
