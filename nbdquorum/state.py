@@ -282,7 +282,11 @@ class WriteIntentLog(WriteIntent):
     async def run_cleaner(self, q: QuorumNode, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self.clean(q)
+            try:
+                await self.clean(q)
+            except OSError as err:  # the bitmap file's disk: regions stay dirty, try again
+                log.warning("write-intent: saving the bitmap failed, regions stay dirty: %s",
+                            err)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -148,6 +148,40 @@ def test_write_intent_marks_durably_before_write_and_clears_lazily(tmp_path: Pat
     g.close()
 
 
+def test_the_cleaner_survives_a_failed_bitmap_write(tmp_path: Path) -> None:
+    """The bitmap file's disk failing a save keeps the regions dirty (recorded in
+    memory, saved at the next try), and the periodic cleaner keeps running: it is not
+    a task that died with an error nobody retrieves."""
+    g, q = quorum(tmp_path)
+    wil = WriteIntentLog(tmp_path / "wi.bitmap", SIZE)
+    fails: list[OSError] = []
+    real = wil._write_sync
+
+    def flaky(data: bytes) -> None:
+        if fails:
+            raise fails.pop()
+        real(data)
+
+    wil._write_sync = flaky  # type: ignore[method-assign]
+
+    async def main() -> None:
+        q.write_intent = wil
+        await q.pwrite(0, b"x" * 4096)  # marked: saved before the write
+        fails.append(OSError(5, "Input/output error"))  # the clean's save fails
+        cleaner = asyncio.get_running_loop().create_task(wil.run_cleaner(q, 0.01))
+        for _ in range(500):  # bounded: 5 s
+            await asyncio.sleep(0.01)
+            if not fails and not wil.bitmap.count():
+                break
+        assert not cleaner.done(), cleaner
+        cleaner.cancel()
+        assert not fails and wil.bitmap.count() == 0
+
+    run(main())
+    wil.close()
+    g.close()
+
+
 def test_write_intent_of_an_earlier_run_is_recovered(tmp_path: Path) -> None:
     path = tmp_path / "wi.bitmap"
     bm = RegionBitmap(SIZE)
