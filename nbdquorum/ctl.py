@@ -468,11 +468,14 @@ def diagnose(st: dict[str, Any], *, several: bool = False
     for c in children:
         name = str(c.get("node-name"))
         state = c.get("state")
-        replace = ctl(f"replace {name} NEW=PATH")
+        remote = _remote(c)
+        replace = ctl(f"replace {name} NEW=PATH|URI")
         if state == "faulted":
+            why = c.get("fault-reason") or f"{_count(_n(c, 'errors'), 'error')}"
+            fix = "its server or image is fixed" if remote else "its device is fixed"
             problems.append((
-                f"{name} is faulted after {_count(_n(c, 'errors'), 'error')}: it gets no I/O",
-                f"{replace}; or, once its device is fixed, `nbdquorum ctl qmp "
+                f"{name} is faulted ({why}): it gets no I/O",
+                f"{replace}; or, once {fix}, `nbdquorum ctl qmp "
                 f"""x-quorum-resync '{{"node-name": "{name}", "full": true}}'`"""))
             continue
         if state == "resyncing":
@@ -495,7 +498,7 @@ def diagnose(st: dict[str, Any], *, several: bool = False
                 f"{name} is unreachable (its host or link is down; "
                 f"{_human(left)} written since will be copied when it returns)",
                 f"none needed if it comes back: it catches up by itself; to give it up, "
-                f"{ctl(f'replace {name} NEW=PATH|URI')}"))
+                f"{replace}"))
         elif state != "active":
             problems.append((f"{name} is {state}", f"{replace}"))
         cksum = _n(c, "checksum-errors")
@@ -514,6 +517,16 @@ def diagnose(st: dict[str, Any], *, several: bool = False
                                  if len(found) > 1 else found[0])
         if _n(c, "checksum-errors"):
             action = f"run {ctl('scrub --repair')}, or {replace}"
+        elif state == "active" and c.get("errors") == 0:
+            # I/O errors long past: the count toward the fault limit has decayed to
+            # zero (halved every hour), so they are history, not a degraded quorum
+            notes.append((text.replace(" has ", " had ", 1) + ", none lately",
+                          f"none needed; if more appear, {replace}"))
+            continue
+        elif remote:
+            action = (f"check the link to {name}'s host and the NBD server there (`x-link` "
+                      f"in {ctl('qmp query-named-block-nodes')} says why a connection "
+                      f"ended); a lost link is counted too; if errors continue, {replace}")
         else:
             action = (f"check the device behind {name} (kernel log); if errors continue, "
                       f"{replace}")
@@ -525,6 +538,11 @@ def diagnose(st: dict[str, Any], *, several: bool = False
     else:
         health = "healthy"
     return health, problems + notes
+
+
+def _remote(child: dict[str, Any]) -> bool:
+    """A child on another host (an NBD export), by its file name."""
+    return str(child.get("filename", "")).startswith(("nbd:", "nbds:", "nbd+", "nbds+"))
 
 
 def format_status(statuses: Sequence[dict[str, Any]], *, several: bool = False) -> str:

@@ -616,7 +616,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--read-only", action="store_true",
                    help="export read-only and open the images read-only")
     p.add_argument("--max-errors", type=int, default=20, metavar="N",
-                   help="errors after which a child is marked faulted (0: never; default 20)")
+                   help="errors after which a child is marked faulted; the count halves for every "
+                        "hour without one, as md's (0: never; default 20)")
     p.add_argument("--child-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a child slower than this counts as failed (default 30)")
     p.add_argument("--resync-speed", type=parse_size, default=0, metavar="BYTES",

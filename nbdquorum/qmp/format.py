@@ -75,11 +75,12 @@ def quorum_status(q: QuorumNode) -> dict[str, Any]:
                 "node-name": s.node.node_name,
                 "filename": s.node.filename(),
                 "state": str(s.state),
-                "errors": s.error_count,
+                "errors": q.members.recent_errors(s),
                 "unsynced-bytes": s.sync.dirty_bytes() if s.sync is not None else 0,
                 "resync-failures": s.resync_failures,
                 "generation": s.generation,
                 **({"resync-error": s.resync_error} if s.resync_error else {}),
+                **({"fault-reason": s.fault_reason} if s.fault_reason else {}),
                 **child_stats(s.stats),
             }
             for s in q.slots

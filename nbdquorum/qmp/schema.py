@@ -263,10 +263,13 @@ alternate("BlockdevRef", {"object": "BlockdevOptions", "string": "str"},
 _GROWS = ("The shape only grows: new members (and new child states) may appear in later "
           "versions; no member is renamed or removed, and none changes its type. Clients "
           "must ignore members they do not know.")
-enum("QuorumChildState", ["active", "resyncing", "faulted"],
+enum("QuorumChildState", ["active", "resyncing", "faulted", "unreachable"],
      "A quorum child's state: `active` (in sync; read and counted in votes), `resyncing` "
      "(gets every write, never read or counted, until its resync job has copied the voted "
-     "contents to it), `faulted` (failed too often, or its image vanished: no I/O at all). "
+     "contents to it), `faulted` (failed too often, or its image vanished: no I/O at all), "
+     "`unreachable` (a child on another host whose link or server is down: no I/O, the "
+     "regions written meanwhile recorded; it reconnects in the background and catches up "
+     "on them, `resyncing`, when it returns). "
      "New states may appear; a client should treat an unknown one as not `active`.")
 struct(
     "QuorumScrubResult",
@@ -293,17 +296,22 @@ struct(
     "QuorumChildStatus",
     {"child": "str", "node-name": "str", "filename": "str", "state": "QuorumChildState",
      "errors": "int", "unsynced-bytes": "int", "resync-failures": "int",
-     "generation": "int", "*resync-error": "str", "reads": "int", "writes": "int", "read-errors": "int",
+     "generation": "int", "*resync-error": "str", "*fault-reason": "str", "reads": "int",
+     "writes": "int", "read-errors": "int",
      "write-errors": "int", "flush-errors": "int", "checksum-errors": "int",
      "repaired-bytes": "int"},
     "One child of a quorum in query-quorum-status. Counters count since the server "
     "started (or the child joined) and never go down. " + _GROWS,
     docs={"child": "its edge name, `children.N`",
           "node-name": "the child node's name",
-          "filename": "the image file underneath",
-          "state": "`active`, `resyncing` or `faulted`",
+          "filename": "the image file underneath, or the `nbd://` (`nbd+unix://`) URI of "
+                      "a child on another host",
+          "state": "`active`, `resyncing`, `faulted` or `unreachable`",
           "errors": "errors counted toward the fault limit (`serve --max-errors`) since it "
-                    "joined; reaching the limit faults the child",
+                    "joined, halved for every hour without one (md's read-error decay); "
+                    "reaching the limit faults the child",
+          "fault-reason": "why it is faulted, while it is (the limit reached, the image "
+                          "deleted or resized, an export of another size)",
           "unsynced-bytes": "bytes its resync still has to copy (0 when in sync)",
           "resync-failures": "resync attempts that failed in a row (the server retries)",
           "generation": "md's event count for this child: the quorum's `events` when it "
@@ -632,7 +640,8 @@ COMMANDS: Final[dict[str, Command]] = {c.name: c for c in [
     cmd(
         "query-quorum-status", {"*node-name": "str"}, returns="[QuorumStatus]",
         doc="Beyond QEMU, in the spirit of `zpool status`: each quorum's options and, per "
-            "child, its edge name, node-name, file, state (`active`, `resyncing`, `faulted`) "
+            "child, its edge name, node-name, file, state (`active`, `resyncing`, `faulted`, "
+            "`unreachable`) "
             "and counters (reads, writes, read/write/flush errors, checksum mismatches, "
             "repaired bytes, and `unsynced-bytes` while it resyncs), plus what the block "
             "layer adds (`last-scrub`). Counters are exact even when events are throttled. "
@@ -715,7 +724,8 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in [
          "previous": "str"},
         doc="Beyond QEMU: a child changed state: `resyncing` (joined, or missed a write), "
             "`active` (in sync, votes), `faulted` (too many errors, deleted or resized "
-            "image; no more I/O).",
+            "image; no more I/O), `unreachable` (its link or server is down; it catches up "
+            "when it returns).",
         docs={"node-name": "the child", "child": "its edge name", "parent": "the quorum",
               "state": "the new state", "previous": "the old state"},
     ),

@@ -192,7 +192,7 @@ def test_operator_finds_and_repairs_a_corrupted_child(qmp_target: StartTarget) -
     assert lines[0] == f"{QUORUM}: degraded"
     assert lines[1].startswith("  status: child2 has ") and "checksum error" in lines[1]
     assert lines[2] == ("  action: run `nbdquorum ctl scrub --repair`, or "
-                        "`nbdquorum ctl replace child2 NEW=PATH`")
+                        "`nbdquorum ctl replace child2 NEW=PATH|URI`")
 
     proc = ctl(t.qmp, "scrub", "--repair", "--wait")
     assert proc.returncode == 0, proc.stderr

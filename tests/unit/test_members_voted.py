@@ -13,10 +13,11 @@ import pytest
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import Buffer, Direct, Unreachable
-from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan
+from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan, members
 from nbdquorum.block.quorum.voted import INLINE_MAX, VotedIO
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.qmp.events import wired
+from nbdquorum.qmp.format import quorum_status
 from tests.unit.aiohelp import run
 from tests.unit.test_quorum import SIZE, MemNode
 
@@ -218,6 +219,51 @@ def test_a_lost_link_makes_the_child_unreachable_and_its_missed_writes_are_recor
     assert slot.state is ChildState.RESYNCING and needed == ["far"]
     states = [e.data["state"] for e in seen if e.name == "QUORUM_CHILD_STATE_CHANGE"]
     assert states == ["unreachable", "resyncing"]
+
+
+def test_a_link_found_down_by_the_health_check_reports_no_failed_request() -> None:
+    """No request was under way: the child's state change is its event, not a
+    QUORUM_REPORT_BAD naming a read of 0 bytes at byte 0 that never happened."""
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(wired(seen.append))
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=bus)
+    far.down = True
+    assert [s.node.node_name for s, _ in q.check_health()] == ["far"]
+    assert q.slots[2].state is ChildState.UNREACHABLE
+    assert q.slots[2].error_count == 0  # a link down is not an error of the child
+    assert [e.name for e in seen] == ["QUORUM_CHILD_STATE_CHANGE"]
+
+
+def test_errors_toward_the_fault_limit_halve_for_every_hour_without_one() -> None:
+    """md's read-error decay: a link that drops under a write now and then over months
+    never adds up to --max-errors; errors close together still do, and a fault says
+    why in query-quorum-status."""
+    far = LinkNode("far", BIG)
+    q = QuorumNode("q", [MemNode("a", BIG), MemNode("b", BIG), far], vote_threshold=2,
+                   bus=EventBus(), max_errors=4)
+    slot = q.slots[2]
+    for _ in range(3):
+        q.members.count_error(slot)
+    assert slot.error_count == 3 and slot.state is ChildState.ACTIVE
+    slot.error_at -= 2 * members.ERROR_DECAY + 60  # two hours and a minute later
+    assert q.members.recent_errors(slot) == 0  # 3 >> 2
+    assert quorum_status(q)["children"][2]["errors"] == 0
+    for _ in range(3):
+        q.members.count_error(slot)
+    slot.error_at -= members.ERROR_DECAY  # an hour later: 3 -> 1, then one more
+    q.members.count_error(slot)
+    assert slot.error_count == 2 and slot.state is ChildState.ACTIVE
+    q.members.count_error(slot)
+    q.members.count_error(slot)
+    assert slot.state is ChildState.FAULTED
+    status = quorum_status(q)["children"][2]
+    assert status["fault-reason"] == "reached 4 errors"
+    q.members.start_resync(slot, revive=True)  # the operator's way back (x-quorum-resync)
+    assert slot.state is ChildState.RESYNCING and slot.fault_reason is None
+    assert "fault-reason" not in quorum_status(q)["children"][2]
 
 
 def test_an_unreachable_child_that_comes_back_with_a_broken_image_is_faulted() -> None:

@@ -406,29 +406,59 @@ def test_health_names_checksum_errors_and_the_next_command() -> None:
     assert health == "degraded"
     assert problems == [("c1 has 3 checksum errors",
                          "run `nbdquorum ctl scrub --repair`, or "
-                         "`nbdquorum ctl replace c1 NEW=PATH`")]
+                         "`nbdquorum ctl replace c1 NEW=PATH|URI`")]
 
 
 def test_health_read_and_write_errors() -> None:
-    health, problems = ctl.diagnose(quorum({"read-errors": 1, "write-errors": 2}, {}, {}))
+    health, problems = ctl.diagnose(quorum({"read-errors": 1, "write-errors": 2, "errors": 3},
+                                           {}, {}))
     assert health == "degraded"
     ((status, action),) = problems
     assert status == "c0 has 1 read error and 2 write errors"
-    assert "check the device behind c0" in action and "replace c0 NEW=PATH" in action
+    assert "check the device behind c0" in action and "replace c0 NEW=PATH|URI" in action
     _, problems = ctl.diagnose(quorum({"checksum-errors": 1, "read-errors": 1,
-                                       "flush-errors": 1}, {}, {}))
+                                       "flush-errors": 1, "errors": 2}, {}, {}))
     assert problems[0][0] == "c0 has 1 checksum error, 1 read error and 1 flush error"
     assert "scrub --repair" in problems[0][1]
 
 
 def test_health_faulted_child() -> None:
     health, problems = ctl.diagnose(quorum({}, {}, {"state": "faulted", "errors": 20,
-                                                    "read-errors": 20}))
+                                                    "read-errors": 20,
+                                                    "fault-reason": "reached 20 errors"}))
     assert health == "degraded"
     assert problems[0] == (
-        "c2 is faulted after 20 errors: it gets no I/O",
-        "`nbdquorum ctl replace c2 NEW=PATH`; or, once its device is fixed, "
+        "c2 is faulted (reached 20 errors): it gets no I/O",
+        "`nbdquorum ctl replace c2 NEW=PATH|URI`; or, once its device is fixed, "
         """`nbdquorum ctl qmp x-quorum-resync '{"node-name": "c2", "full": true}'`""")
+    # a server without the reason: the count stands in for it
+    _, problems = ctl.diagnose(quorum({}, {}, {"state": "faulted", "errors": 20}))
+    assert problems[0][0] == "c2 is faulted (20 errors): it gets no I/O"
+
+
+def test_health_of_a_remote_child_names_its_reason_and_its_link() -> None:
+    """A child on another host: a fault gives its reason (an export of another size
+    is no error count), and errors point at the link and the server, not a kernel log."""
+    remote = {"filename": "nbd://10.0.0.2:10809/disk"}
+    _, problems = ctl.diagnose(quorum({}, {}, {
+        **remote, "state": "faulted", "errors": 0,
+        "fault-reason": "the export has 33554432 bytes, the quorum 67108864"}))
+    assert problems[0][0] == ("c2 is faulted (the export has 33554432 bytes, the quorum "
+                              "67108864): it gets no I/O")
+    assert "once its server or image is fixed" in problems[0][1]
+    health, problems = ctl.diagnose(quorum({}, {}, {**remote, "write-errors": 1,
+                                                    "errors": 1}))
+    assert health == "degraded"
+    assert problems[0][0] == "c2 has 1 write error"
+    assert "check the link to c2's host and the NBD server there" in problems[0][1]
+    assert "kernel log" not in problems[0][1]
+    # hours later the count toward the fault limit has decayed: history, not degraded
+    health, problems = ctl.diagnose(quorum({}, {}, {**remote, "write-errors": 1,
+                                                    "errors": 0}))
+    assert health == "healthy"
+    assert problems == [("c2 had 1 write error, none lately",
+                         "none needed; if more appear, `nbdquorum ctl replace c2 "
+                         "NEW=PATH|URI`")]
 
 
 def test_health_resyncing_child_with_progress() -> None:
@@ -442,7 +472,7 @@ def test_health_resyncing_child_with_progress() -> None:
                                                "resync-failures": 2,
                                                "resync-error": "Input/output error"}))
     assert problems[0][0].endswith("but its resync failed 2 times (last: Input/output error)")
-    assert "replace c2 NEW=PATH" in problems[0][1]
+    assert "replace c2 NEW=PATH|URI" in problems[0][1]
 
 
 def test_health_below_the_threshold() -> None:
@@ -457,7 +487,7 @@ def test_health_below_the_threshold() -> None:
 def test_health_commands_name_the_quorum_when_there_are_several() -> None:
     _, problems = ctl.diagnose(quorum({"checksum-errors": 1}, {}, {}), several=True)
     assert problems[0][1] == ("run `nbdquorum ctl scrub --repair --parent q`, or "
-                              "`nbdquorum ctl replace c0 NEW=PATH --parent q`")
+                              "`nbdquorum ctl replace c0 NEW=PATH|URI --parent q`")
 
 
 def test_status_text_has_state_status_and_action_lines() -> None:
@@ -466,7 +496,7 @@ def test_status_text_has_state_status_and_action_lines() -> None:
     assert lines[:3] == [
         "q: degraded",
         "  status: c1 has 3 checksum errors",
-        "  action: run `nbdquorum ctl scrub --repair`, or `nbdquorum ctl replace c1 NEW=PATH`",
+        "  action: run `nbdquorum ctl scrub --repair`, or `nbdquorum ctl replace c1 NEW=PATH|URI`",
     ]
     assert lines[3].startswith("  vote-threshold 2")
 
@@ -508,7 +538,7 @@ def test_status_of_a_live_server_with_checksum_errors(srv: ThreadedServer, capsy
         "quorum0: degraded",
         "  status: child1 has 3 checksum errors",
         "  action: run `nbdquorum ctl scrub --repair`, or "
-        "`nbdquorum ctl replace child1 NEW=PATH`",
+        "`nbdquorum ctl replace child1 NEW=PATH|URI`",
     ]
 
 
@@ -639,7 +669,7 @@ def test_checksum_errors_a_completed_repair_scrub_dealt_with(monkeypatch: Any) -
         assert health == "healthy"
         assert problems == [("c1 had 3 checksum errors, repaired by the scrub of "
                              "2026-11-25 18:07:51 UTC",
-                             "none needed; if more appear, `nbdquorum ctl replace c1 NEW=PATH`")]
+                             "none needed; if more appear, `nbdquorum ctl replace c1 NEW=PATH|URI`")]
         # more errors since the scrub: degraded again
         st["children"][1]["checksum-errors"] = 4
         assert ctl.diagnose(st)[0] == "degraded"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: departed images whose missed regions are kept (the oldest go first)
 DEPARTED_MAX = 8
+#: a child's error count toward max-errors halves after this many seconds without
+#: an error (md halves a member's read-error count for every hour)
+ERROR_DECAY = 3600.0
 
 
 class ReadPattern(enum.StrEnum):
@@ -75,8 +79,14 @@ class ChildSlot:
     stats: ChildStats = field(default_factory=ChildStats)
     #: regions not yet in sync (a resyncing child); None when in sync
     sync: RegionBitmap | None = None
-    #: errors counted toward max-errors since the child joined or was cleared
+    #: errors counted toward max-errors since the child joined or was cleared,
+    #: halved for every hour without one (md's read-error decay): a link that
+    #: drops now and then over months never adds up to a fault
     error_count: int = 0
+    #: when error_count last changed (time.monotonic())
+    error_at: float = 0.0
+    #: why the child is faulted (None while it is not)
+    fault_reason: str | None = None
     #: resync attempts that failed in a row, and the last one's error (the job's)
     resync_failures: int = 0
     resync_error: str | None = None
@@ -316,7 +326,20 @@ class Members:
         """Take a failing child out of all I/O until the operator acts."""
         if slot in self.slots and slot.state is not ChildState.FAULTED:
             log.error("child %s: %s: faulted", slot.node.node_name, why)
+            slot.fault_reason = why
             self._set_state(slot, ChildState.FAULTED)
+
+    @staticmethod
+    def recent_errors(slot: ChildSlot, now: float | None = None) -> int:
+        """The child's error count toward max-errors, after md's decay: halved for
+        every whole hour since it last changed."""
+        if slot.error_count:
+            now = time.monotonic() if now is None else now
+            hours = int((now - slot.error_at) // ERROR_DECAY)
+            if hours > 0:
+                slot.error_count >>= min(hours, 62)
+                slot.error_at += hours * ERROR_DECAY
+        return slot.error_count
 
     def count_error(self, slot: ChildSlot, *, counts: bool = True) -> None:
         """One more I/O error of this child: faulted at max-errors, or at once
@@ -330,7 +353,9 @@ class Members:
             # counted once already (every request in flight fails with it)
             counts = False
         if counts:
-            slot.error_count += 1
+            now = time.monotonic()
+            slot.error_count = self.recent_errors(slot, now) + 1
+            slot.error_at = now
         if slot.state is ChildState.FAULTED:
             return
         problem = slot.node.health()
@@ -408,6 +433,7 @@ class Members:
             slot.sync = None
         if previous is ChildState.FAULTED:
             slot.error_count = 0  # a second chance, as md's re-add
+            slot.fault_reason = None
         self._emit(slot, str(previous))
         self._changed()
 

@@ -1008,10 +1008,14 @@ class QuorumNode(BlockNode):
                     self.members.fault(slot, problem)
                 continue
             if isinstance(problem, Unreachable):
-                self._report_bad(slot, "read", 0, 0, oserror(errno.ENOTCONN, problem))
+                # a link that went down with no request under way: no read or write
+                # failed, so no QUORUM_REPORT_BAD (a request in flight reports its own
+                # failure); the state change is the child's event
                 self.members.unreachable(slot, problem)
                 found.append((slot, str(problem)))
             elif problem:
+                # its image is gone or resized: every byte of it is bad, reported as an
+                # error (with its reason) for those that watch QUORUM_REPORT_BAD only
                 self._report_bad(slot, "read", 0, 0, oserror(errno.EIO, problem))
                 self.members.fault(slot, problem)
                 found.append((slot, problem))
