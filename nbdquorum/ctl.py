@@ -1,7 +1,7 @@
 """``nbdquorum ctl``: the operator's client for a running server's QMP socket.
 
 Subcommands: ``status`` (a table of children, states and counters, like
-``zpool status``), ``add NAME=PATH``, ``remove NAME``, ``replace OLD NAME=PATH``,
+``zpool status``), ``add NAME=PATH|URI``, ``remove NAME``, ``replace OLD NAME=PATH|URI``,
 ``threshold N``, ``scrub``, ``events`` (follow) and ``qmp COMMAND|JSON``.  Each is a short
 sequence of ordinary QMP commands, so anything ctl does can be scripted with
 any QMP client too.
@@ -883,7 +883,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         q.add_argument("--json", action="store_true", help="print the result as JSON")
 
     a = csub.add_parser("add", help="open an image and attach it as a new child")
-    a.add_argument("spec", metavar="NAME=PATH", help="node-name and raw image of the new child")
+    a.add_argument("spec", metavar="NAME=PATH|URI",
+                   help="node-name and raw image (or nbd:// URI) of the new child")
     a.add_argument("--wait", action="store_true", help="wait until the new child is in sync")
     a.add_argument("--wait-timeout", type=float, metavar="SECONDS")
     parent_opt(a)
@@ -895,7 +896,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     rp = csub.add_parser("replace", help="add a new child, wait for its resync, remove OLD")
     rp.add_argument("old", metavar="OLD", help="node-name of the child to replace")
-    rp.add_argument("spec", metavar="NAME=PATH", help="node-name and raw image of the new child")
+    rp.add_argument("spec", metavar="NAME=PATH|URI",
+                    help="node-name and raw image (or nbd:// URI) of the new child")
     rp.add_argument("--no-wait", action="store_true",
                     help="remove OLD without waiting for the new child to resync")
     rp.add_argument("--wait-timeout", type=float, metavar="SECONDS")

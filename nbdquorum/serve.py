@@ -578,13 +578,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Register ``serve`` on the main parser's subcommands."""
     p = sub.add_parser(
         "serve", help="serve a quorum of raw images over NBD",
-        description="Export one virtual disk over NBD: a voted quorum of raw image files. "
+        description="Export one virtual disk over NBD: a voted quorum of raw image files "
+                    "and NBD exports on other hosts. "
                     "Every write goes to every child; every read is voted.",
         epilog="Example: nbdquorum serve --child a=/disk1/a.raw --child b=/disk2/b.raw "
                "--child c=/disk3/c.raw --socket /run/nbdq.sock --control /run/nbdq.qmp "
                "--state-dir /var/lib/nbdquorum")
-    p.add_argument("--child", action="append", default=[], metavar="[NAME=]PATH",
-                   help="a raw image file (repeat; node-names default to child0, child1, ...)")
+    p.add_argument("--child", action="append", default=[], metavar="[NAME=]PATH|URI",
+                   help="a raw image file, or an NBD export on another host "
+                        "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...) "
+                        "(repeat; node-names default to child0, child1, ...)")
     p.add_argument("--size", type=parse_size, help="create missing images (sparse) of this size")
     p.add_argument("--vote-threshold", type=int, metavar="N",
                    help="children that must agree for a read to succeed "
