@@ -437,7 +437,15 @@ async def _serve_on(cfg: ServeConfig, bus: EventBus, store: StateStore | None,
 
     recorded = int(state["quorum"]["size"]) if state is not None else None
     remote = await open_remote_children(cfg, recorded)
-    graph, quorum = build_graph(cfg, bus, remote)
+    try:
+        graph, quorum = build_graph(cfg, bus, remote)
+    except BaseException:
+        # (a missing image, sizes that differ...) the connections made are closed
+        # now, as the server stops: never left to end with the loop, where each
+        # would be logged as lost and start reconnecting
+        for node in remote.values():
+            node.close()
+        raise
     intent = None
     tasks: list[asyncio.Task[None]] = []
     if store is not None:

@@ -19,6 +19,7 @@ from .conftest import (
     MiB,
     assert_identical,
     make_image,
+    nbdquorum_cli,
     qemu_io,
     read_at,
     wait_until,
@@ -138,6 +139,20 @@ def test_nbd_nodes_are_refused_with_the_reason(
     assert [c["node-name"] for c in qmp.cmd("query-quorum-status")[0]["children"]] == [
         "child0", "child1", "child2"]
     qmp.close()
+
+
+def test_a_start_that_fails_closes_its_remote_children_quietly(
+        local_host: Any, tmp_path: Path) -> None:
+    """A start refused for another reason (here a missing image) with a remote child
+    already connected: one clear error and exit 1; the connection is closed with the
+    server, never logged as lost, never reconnecting, no pending task destroyed."""
+    far = qemu_nbd(local_host, make_image(tmp_path / "far.raw", SIZE))
+    proc = nbdquorum_cli("serve", "--child", f"a={tmp_path / 'missing.raw'}",
+                         "--child", f"far={far.uri}", "--socket", str(tmp_path / "s.sock"))
+    assert proc.returncode == 1, proc.stderr
+    assert "missing.raw: no such file" in proc.stderr
+    for noise in ("connection lost", "Task was destroyed", "Traceback", "ERROR"):
+        assert noise not in proc.stderr, proc.stderr
 
 
 # --------------------------------------------------------------------------- failures
