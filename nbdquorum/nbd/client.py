@@ -896,11 +896,14 @@ class NBDClient(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer, self._timer_at = None, -math.inf  # never armed again
         reason = self.lost_reason
+        # the cause's errno where it has one (a silent link's ETIMEDOUT stays a timeout
+        # in what the requests report), still a ConnectionError for their owners
+        code = getattr(err, "errno", None) or errno.ECONNRESET
         pending = list(self._pending.values())
         self._pending.clear()
         self._replies.abandon()
         for p in pending:
-            _settle(p, None, ConnectionResetError(errno.ECONNRESET, f"connection lost: {reason}"))
+            _settle(p, None, ConnectionResetError(code, f"connection lost: {reason}"))
         self.resume_writing()
         if not self._ended.done():
             self._ended.set_result(None)
@@ -911,7 +914,9 @@ class NBDClient(asyncio.BufferedProtocol):
         """Why the connection ended (None while it lives)."""
         if self._closed is None:
             return None
-        return str(self._closed) if str(self._closed) else type(self._closed).__name__
+        err = self._closed
+        text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return text or type(err).__name__
 
     def abort_now(self) -> None:
         """Drop the connection at once: no DISC, no waiting (a dead link)."""

@@ -117,8 +117,10 @@ class NBDChild(BlockNode):
                 return
             except OSError as err:
                 if self._broken is not None or time.monotonic() >= deadline:
-                    raise OSError(err.errno or errno.EIO,
-                                  f"{self.address}: {err.strerror or err}") from err
+                    text = str(err.strerror or err)
+                    if not text.startswith(str(self.address)):  # (named once)
+                        text = f"{self.address}: {text}"
+                    raise OSError(err.errno or errno.EIO, text) from err
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def start_offline(self, why: str) -> None:
@@ -229,7 +231,7 @@ class NBDChild(BlockNode):
                 if self._client is client:
                     self._lost(f"connection lost: {err}")
                 if self._waiting_window() <= 0:
-                    raise oserror(errno.ECONNRESET, f"{self.address}: {err}") from err
+                    raise _lost_error(self.address, err) from err
                 # within reconnect-delay: sent again once the link is back
 
     def _submit(self, cmd: Cmd, offset: int, length: int, flags: int = 0,
@@ -275,7 +277,7 @@ class NBDChild(BlockNode):
                 if self._client is client:
                     self._lost(f"connection lost: {err}")
                 if self._waiting_window() <= 0:
-                    then(None, oserror(errno.ECONNRESET, f"{self.address}: {err}"))
+                    then(None, _lost_error(self.address, err))
                     return
                 # within reconnect-delay: sent again once the link is back
                 again = loop.create_task(self._call(cmd, offset, length, flags, data))
@@ -414,6 +416,12 @@ class NBDChild(BlockNode):
         """The link, for query-named-block-nodes and ctl status."""
         return {"connected": self._client is not None, "connects": self.connects,
                 **({} if self._client is not None else {"reason": self._why})}
+
+
+def _lost_error(address: object, err: OSError) -> OSError:
+    """A request's error when the connection ended under it: the cause's errno (a
+    silent link times out, it is not reset) and its text, after the address."""
+    return oserror(err.errno or errno.ECONNRESET, f"{address}: {err.strerror or err}")
 
 
 async def connect(address: NBDAddress, link_timeout: float) -> NBDClient:

@@ -312,6 +312,34 @@ def test_the_connections_end_fails_what_is_in_flight() -> None:
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_a_link_that_timed_out_fails_what_is_in_flight_as_a_timeout() -> None:
+    """The kernel gave up on a silent link (TCP_USER_TIMEOUT: ETIMEDOUT): the
+    requests in flight fail with that errno, not as reset by the peer, still as a
+    ConnectionError for their owners, and the reason reads without errno noise."""
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await _requests(r, 1)
+            await stop.wait()
+            w.close()
+
+        client, server = await _pair(serve)
+        first = client.submit(Cmd.WRITE, 0, 1, 0, b"x")
+        await asyncio.sleep(0.05)
+        client.connection_lost(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+        with pytest.raises(ConnectionResetError) as caught:
+            await first
+        assert caught.value.errno == errno.ETIMEDOUT
+        assert client.lost_reason == "Connection timed out"
+        assert str(caught.value.strerror) == "connection lost: Connection timed out"
+        client.abort_now()
+        stop.set()
+        await server
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_a_broken_reply_ends_the_connection() -> None:
     async def main() -> None:
         async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
