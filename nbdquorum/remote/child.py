@@ -125,7 +125,8 @@ class NBDChild(BlockNode):
 
     def start_offline(self, why: str) -> None:
         """Begin unconnected (the far end is down at start-up); reconnect in the background."""
-        self._lost(why)
+        prefix = f"{self.address}: "
+        self._lost(why[len(prefix):] if why.startswith(prefix) else why)  # (named once)
 
     async def _connect_once(self) -> None:
         try:

@@ -844,6 +844,24 @@ def test_an_nbd_child_bounds_its_requests_unless_they_may_wait_for_the_link() ->
     assert d is not None and d.time_limit is None  # reconnect-delay: they may wait longer
 
 
+def test_an_nbd_child_down_at_start_names_its_address_once() -> None:
+    """A restart with the far end down: the child starts unreachable, and its reason
+    (health, x-link, the log) names the address once, not twice."""
+    from nbdquorum.remote.child import NBDChild
+    from nbdquorum.remote.uri import parse_uri
+
+    async def main() -> None:
+        address = parse_uri("nbd://127.0.0.1:1/disk")
+        node = NBDChild("far", address, timeout=7.0, size=SIZE)
+        node.start_offline(f"{address}: Connection refused")
+        try:
+            assert str(node.health()) == f"{address}: Connection refused"
+        finally:
+            node.close()
+
+    run(main())
+
+
 def test_a_soon_read_declined_by_a_later_child_leaves_no_unretrieved_error() -> None:
     """The soon path starts each remote child's read in turn; when a later one
     declines (its link just went) the read takes the full path, and the reads
