@@ -110,6 +110,7 @@ class StateStore:
                     "sync": s.sync.to_hex() if s.sync is not None else None,
                     "catch-up": s.catch_up,
                     "generation": s.generation,
+                    **({"fault-reason": s.fault_reason} if s.fault_reason else {}),
                 }
                 for s in q.slots
             ],
@@ -147,6 +148,8 @@ def restore(q: QuorumNode, state: dict[str, Any]) -> None:
         gen = rec.get("generation")
         generations.append(int(gen) if gen is not None else None)
         slot.catch_up = bool(rec.get("catch-up", False))
+        reason = rec.get("fault-reason")  # why it is faulted: told again after a restart
+        slot.fault_reason = str(reason) if reason and st is ChildState.FAULTED else None
     events = state["quorum"].get("events")
     q.members.restore(records, int(state["quorum"].get("next-child-index", len(q.slots))),
                       events=int(events) if events is not None else None,

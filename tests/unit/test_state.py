@@ -50,6 +50,22 @@ def test_state_roundtrip_keeps_edges_states_and_sync(tmp_path: Path) -> None:
     g2.close()
 
 
+def test_a_faulted_childs_reason_survives_a_restart(tmp_path: Path) -> None:
+    g, q = quorum(tmp_path)
+    q.members.fault(q.slots[0], "the export has 1 bytes, the quorum 2")
+    store = StateStore(tmp_path / "st")
+    store.save(q)
+    state = store.load()
+    assert state is not None
+    g.close()
+    g2, q2 = quorum(tmp_path)
+    restore(q2, state)
+    assert q2.slots[0].state is ChildState.FAULTED
+    assert q2.slots[0].fault_reason == "the export has 1 bytes, the quorum 2"
+    assert q2.slots[1].fault_reason is None
+    g2.close()
+
+
 def test_generations_follow_md_event_counts_and_survive_a_restart(tmp_path: Path) -> None:
     """md's event count: every membership or state change is one more event; an active
     child's generation follows it, an absent one's stays where it left."""
