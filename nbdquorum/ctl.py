@@ -468,10 +468,10 @@ def diagnose(st: dict[str, Any], *, several: bool = False
     for c in children:
         name = str(c.get("node-name"))
         state = c.get("state")
-        remote = _remote(c)
+        remote = is_uri(str(c.get("filename", "")))  # a child on another host
         replace = ctl(f"replace {name} NEW=PATH|URI")
         if state == "faulted":
-            why = c.get("fault-reason") or f"{_count(_n(c, 'errors'), 'error')}"
+            why = c.get("fault-reason") or _count(_n(c, "errors"), "error")
             fix = "its server or image is fixed" if remote else "its device is fixed"
             problems.append((
                 f"{name} is faulted ({why}): it gets no I/O",
@@ -513,14 +513,14 @@ def diagnose(st: dict[str, Any], *, several: bool = False
         found = [_count(n, what) for n, what in errs if n]
         if not found:
             continue
-        text = f"{name} has " + (", ".join(found[:-1]) + " and " + found[-1]
-                                 if len(found) > 1 else found[0])
+        listed = (", ".join(found[:-1]) + " and " + found[-1]) if len(found) > 1 else found[0]
+        text = f"{name} has {listed}"
         if _n(c, "checksum-errors"):
             action = f"run {ctl('scrub --repair')}, or {replace}"
         elif state == "active" and c.get("errors") == 0:
             # I/O errors long past: the count toward the fault limit has decayed to
             # zero (halved every hour), so they are history, not a degraded quorum
-            notes.append((text.replace(" has ", " had ", 1) + ", none lately",
+            notes.append((f"{name} had {listed}, none lately",
                           f"none needed; if more appear, {replace}"))
             continue
         elif remote:
@@ -538,11 +538,6 @@ def diagnose(st: dict[str, Any], *, several: bool = False
     else:
         health = "healthy"
     return health, problems + notes
-
-
-def _remote(child: dict[str, Any]) -> bool:
-    """A child on another host (an NBD export), by its file name."""
-    return str(child.get("filename", "")).startswith(("nbd:", "nbds:", "nbd+", "nbds+"))
 
 
 def format_status(statuses: Sequence[dict[str, Any]], *, several: bool = False) -> str:

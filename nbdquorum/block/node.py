@@ -50,6 +50,13 @@ def settler(out: asyncio.Future[Any]) -> Then:
     return then
 
 
+def error_of(f: asyncio.Future[Any]) -> BaseException | None:
+    """A finished future's error (None if it succeeded or was cancelled), taken: the
+    loop never reports it as never retrieved.  Also a done callback for a future
+    nobody awaits."""
+    return None if f.cancelled() else f.exception()
+
+
 def tell(f: asyncio.Future[Any], then: Then) -> None:
     """Pass a finished future's outcome to a callback (cancelled: ECANCELED)."""
     if f.cancelled():

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from nbdquorum.block.bitmap import RegionBitmap
 from nbdquorum.block.graph import Graph
-from nbdquorum.block.node import Extent
+from nbdquorum.block.node import Extent, error_of
 from nbdquorum.block.quorum import ChildSlot, ChildState, Copied, QuorumNode
 from nbdquorum.block.quorum.thin import region_runs
 from nbdquorum.eventbus import EventBus
@@ -244,7 +244,7 @@ async def _one_done(inflight: set[asyncio.Task[None]]) -> None:
     not left for the loop to log as an exception never retrieved."""
     done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
     inflight.difference_update(done)
-    errors = [e for e in map(_outcome, done) if e is not None]
+    errors = [e for e in map(error_of, done) if e is not None]
     if errors:
         raise errors[0]
 
@@ -259,15 +259,10 @@ async def _cancel_all(inflight: set[asyncio.Task[None]]) -> None:
     if inflight:
         await asyncio.wait(inflight)
     for t in inflight:
-        err = _outcome(t)
+        err = error_of(t)
         if err is not None:
             log.debug("resync step ended with %r while the job stopped", err)
     inflight.clear()
-
-
-def _outcome(t: asyncio.Task[None]) -> BaseException | None:
-    """A finished step's error, taken so the loop never reports it as not retrieved."""
-    return None if t.cancelled() else t.exception()
 
 
 class ResyncManager:

@@ -117,10 +117,8 @@ class NBDChild(BlockNode):
                 return
             except OSError as err:
                 if self._broken is not None or time.monotonic() >= deadline:
-                    text = str(err.strerror or err)
-                    if not text.startswith(str(self.address)):  # (named once)
-                        text = f"{self.address}: {text}"
-                    raise OSError(err.errno or errno.EIO, text) from err
+                    raise OSError(err.errno or errno.EIO,
+                                  f"{self.address}: {err.strerror or err}") from err
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def start_offline(self, why: str) -> None:

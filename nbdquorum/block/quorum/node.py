@@ -42,6 +42,7 @@ from nbdquorum.block.node import (
     Extent,
     Then,
     Unreachable,
+    error_of,
     oserror,
     settler,
     tell,
@@ -159,8 +160,7 @@ def _the_one(nodes: Sequence[BlockNode], soon_fds: list[int] | None,
 
 def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
     if dst.done():  # its caller gave up: src's error is taken, not left unretrieved
-        if not src.cancelled():
-            src.exception()
+        error_of(src)
         return
     if src.cancelled():
         dst.cancel()

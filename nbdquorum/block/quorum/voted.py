@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from nbdquorum import native
 from nbdquorum.block import aio
-from nbdquorum.block.node import BlockNode, Buffer, Direct, oserror
+from nbdquorum.block.node import BlockNode, Buffer, Direct, error_of, oserror
 from nbdquorum.block.vote import VoteResult
 from nbdquorum.buffers import SPARES
 
@@ -226,12 +226,6 @@ class SoonReads(_Gather):
         if isinstance(b, bytearray) or (isinstance(a, bytes) and isinstance(b, bytes)):
             return b != a
         return native.diff_span(a, b) is not None
-
-
-def _taken(f: asyncio.Future[Any]) -> None:
-    """A done callback for a future nobody awaits: its error counts as retrieved."""
-    if not f.cancelled():
-        f.exception()
 
 
 def _own_limit(d: Direct | None, limit: float | None) -> float | None:
@@ -538,7 +532,7 @@ class VotedIO:
                     # what already started is dropped when it answers: its error
                     # taken then, not left for the loop to log as never retrieved
                     for g in started.values():
-                        g.add_done_callback(_taken)
+                        g.add_done_callback(error_of)
                     return None
                 started[i] = f
                 if timer is None:
