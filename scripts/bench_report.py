@@ -39,6 +39,7 @@ THROUGHPUT_TARGETS = [
 RA, RB = "nbdq-remote", "qsd-remote"  # nbdquorum / qsd, each with the remote child
 RLOCAL = "nbdq"  # nbdquorum's all-local quorum of three, same run
 RDIRECT = "remote-direct"  # fio straight to a second qemu-nbd on the remote host
+RALONE = "nbdq-remote-alone"  # nbdquorum with the remote child as its only child
 REMOTE_VS_QSD = 1.5  # nbdq-remote >= 1.5x qsd-remote on every remote row
 REMOTE_VS_LOCAL = 0.6  # nbdq-remote >= 0.6x nbdquorum's all-local quorum
 RESYNC_VS_NBDCOPY = 0.5  # a full resync of the remote child >= 0.5x nbdcopy to it
@@ -50,6 +51,7 @@ SHORT = {
     "nbdq-remote": "nbdquorum, remote child",
     "qsd-remote": "qsd, nbd child",
     "remote-direct": "qemu-nbd alone",
+    "nbdq-remote-alone": "nbdquorum, remote child alone",
     "qsd": "qsd quorum3",
     "qsd-fifo": "qsd fifo",
     "qsd-raw": "qsd 1 raw",
@@ -293,7 +295,7 @@ def _remote_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _extras(doc: dict[str, Any]) -> list[str]:
-    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B, RA, RB, RDIRECT)]
+    return [t["id"] for t in doc["targets"] if t["id"] not in (A, B, RA, RB, RDIRECT, RALONE)]
 
 
 def text_table(doc: dict[str, Any]) -> str:
@@ -335,7 +337,8 @@ def text_remote_table(doc: dict[str, Any]) -> str:
     """The remote rows: nbdquorum and qsd with the remote child, and the all-local quorum."""
     head = (f"{'workload (2 local + 1 remote child)':38} {'nbdq remote':>12} {'qsd remote':>12} "
             f"{'ratio':>6} {'nbdq local3':>12} {'/local':>7} {'p50 nbdq/qsd us':>16} "
-            f"{'CPU nbdq/qsd':>20} {'cpu':>6} {'qemu-nbd CPU':>14} {'qemu-nbd alone':>15}")
+            f"{'CPU nbdq/qsd':>20} {'cpu':>6} {'qemu-nbd CPU':>14} {'remote alone':>13} "
+            f"{'qemu-nbd alone':>15}")
     lines = [head, "-" * len(head)]
     for r in _remote_rows(doc):
         rid, unit = r["id"], r["unit"]
@@ -360,7 +363,8 @@ def text_remote_table(doc: dict[str, Any]) -> str:
             f"{fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)):>7} {p50:>16} "
             f"{cpu(ma) + '/' + cpu(mb) + ' ' + cu:>20} "
             f"{fmt_ratio(ratio(doc, rid, 'cpu_us_per_op', RA, RB)):>6} "
-            f"{cpu(ma, k='remote') + '/' + cpu(mb, k='remote'):>14} {thr(md):>15}")
+            f"{cpu(ma, k='remote') + '/' + cpu(mb, k='remote'):>14} "
+            f"{thr(med(doc, rid, RALONE)):>13} {thr(md):>15}")
     return "\n".join(lines)
 
 
@@ -370,6 +374,98 @@ def remote_cpu(m: dict[str, Any] | None, unit: str, who: str = "server") -> floa
         return None
     cpu = float(m[f"{who}_cpu_s"])
     return cpu / (m["bytes"] / 1e9) if unit == "mbps" else 1e6 * cpu / m["ops"]
+
+
+def max_busy(doc: dict[str, Any]) -> float | None:
+    """The most the whole machine was busy (cores) over any run of the document."""
+    vals = [run.get("machine_busy_cores") for per in doc["results"].values()
+            for r in per.values() for run in r["runs"]]
+    rs = doc.get("resync") or {}
+    vals += [run.get("machine_busy_cores") for v in rs.values() for run in v["runs"]]
+    got = [float(v) for v in vals if v is not None]
+    return max(got) if got else None
+
+
+def machine_cost(m: dict[str, Any] | None, unit: str) -> float | None:
+    """What a unit of work cost the whole machine: core-s per GB or core-us per op."""
+    if not m:
+        return None
+    v = m.get("machine_s_per_gb" if unit == "mbps" else "machine_us_per_op")
+    return None if v is None else float(v)
+
+
+def remote_bounds(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per remote target with a rate: the rate it asks for, what a unit of the work
+    cost the whole machine in this run (every process and the kernel, all cores),
+    and so how many cores that rate would keep busy at that cost. A rate that needs
+    more cores than the machine has cannot be met without first making the work
+    cheaper, whatever the scheduling."""
+    out: list[dict[str, Any]] = []
+    for r in _remote_rows(doc):
+        rid, unit = r["id"], r["unit"]
+        key = "mbps" if unit == "mbps" else "iops"
+        ma, mb, ml = med(doc, rid, RA), med(doc, rid, RB), med(doc, rid, RLOCAL)
+        cost = machine_cost(ma, unit)
+        if not ma or cost is None:
+            continue
+        per = 1e-3 if unit == "mbps" else 1e-6  # MB/s x s/GB, IOPS x us/op -> cores
+        for what, base, factor in ((f"{REMOTE_VS_QSD}x qsd", mb, REMOTE_VS_QSD),
+                                   (f"{REMOTE_VS_LOCAL}x all-local", ml, REMOTE_VS_LOCAL)):
+            if not base:
+                continue
+            need = factor * float(base[key])
+            out.append({"row": rid, "label": label_of(doc, rid), "target": what, "unit": unit,
+                        "need": need, "have": float(ma[key]), "cost": cost,
+                        "cores": need * cost * per, "busy": ma.get("machine_busy_cores")})
+    rs = doc.get("resync")
+    if rs:
+        m = {k: v["median"] for k, v in rs.items()}
+        rc, fc = m["resync"].get("machine_s_per_gb"), m["fio"].get("machine_us_per_op")
+        if rc is not None and fc is not None:
+            need_r = RESYNC_VS_NBDCOPY * m["nbdcopy"]["mbps"]
+            need_f = RESYNC_FIO_KEEPS * m["fio"]["iops"]
+            out.append({"row": "resync", "label": "resync under fio",
+                        "target": f"{RESYNC_VS_NBDCOPY}x nbdcopy and fio {RESYNC_FIO_KEEPS}x",
+                        "unit": "resync", "need": need_r, "need_fio": need_f,
+                        "have": m["resync_fio"]["mbps"], "cost": rc, "cost_fio": fc,
+                        "cores": need_r * rc * 1e-3 + need_f * fc * 1e-6,
+                        "busy": m["resync_fio"].get("machine_busy_cores")})
+    return out
+
+
+def md_bounds(doc: dict[str, Any]) -> list[str]:
+    """The bounds table of docs/performance.md's remote section."""
+    bounds = remote_bounds(doc)
+    if not bounds:
+        return []
+    top = max_busy(doc)
+    cores = doc["meta"].get("cores", "?")
+    out = [
+        "",
+        f"What each target asks of the machine ({cores} cores; the busiest any run above kept "
+        f"it: {top:.2f} cores). Machine cost: the CPU time of every process and the kernel, "
+        "per unit of nbdquorum's work in its row above; cores needed: the target's rate at "
+        "that cost.",
+        "",
+        "| target | rate needed | nbdquorum had | machine cost | machine busy | cores needed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in bounds:
+        if b["unit"] == "resync":
+            need = f"{b['need']:.0f} MB/s + {b['need_fio'] / 1000:.1f}k IOPS"
+            have = f"{b['have']:.0f} MB/s"
+            cost = f"{b['cost']:.2f} core-s/GB + {b['cost_fio']:.0f} core-us/op (each alone)"
+        elif b["unit"] == "mbps":
+            need, have = f"{b['need']:.0f} MB/s", f"{b['have']:.0f} MB/s"
+            cost = f"{b['cost']:.2f} core-s/GB"
+        else:
+            need, have = f"{b['need'] / 1000:.1f}k IOPS", f"{b['have'] / 1000:.1f}k IOPS"
+            cost = f"{b['cost']:.0f} core-us/op"
+        busy = "-" if b["busy"] is None else f"{b['busy']:.2f}"
+        label = str(b["label"]).removeprefix("remote child: ")
+        out.append(f"| {label}: {b['target']} | {need} | {have} | {cost} | {busy} | "
+                   f"**{b['cores']:.2f}** |")
+    return out
 
 
 def md_remote(doc: dict[str, Any]) -> str:
@@ -389,8 +485,9 @@ def md_remote(doc: dict[str, Any]) -> str:
         "",
         "| workload | nbdquorum, 2 local + remote | qsd, 2 local + QEMU nbd child | "
         "nbdquorum, 3 local | nbdq / qsd | nbdq / qsd CPU | remote / local | "
-        "qemu-nbd CPU (nbdq, qsd) | qemu-nbd alone (fio straight to it) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "qemu-nbd CPU (nbdq, qsd) | nbdquorum, the remote child alone | "
+        "qemu-nbd alone (fio straight to it) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in _remote_rows(doc):
         rid, unit = r["id"], r["unit"]
@@ -412,6 +509,7 @@ def md_remote(doc: dict[str, Any]) -> str:
             fmt_ratio(ratio(doc, rid, "cpu_us_per_op", RA, RB)),
             fmt_ratio(ratio(doc, rid, key, RA, RLOCAL)),
             f"{rcpu(ma)}, {rcpu(mb)}",
+            cell(med(doc, rid, RALONE)),
             cell(med(doc, rid, RDIRECT))]) + " |")
     rs = doc.get("resync")
     if rs:
@@ -435,6 +533,7 @@ def md_remote(doc: dict[str, Any]) -> str:
     out += ["", "| target | verdict | measured |", "|---|---|---|"]
     for v in remote_verdicts(doc):
         out.append(f"| {v['target']} | **{v['status']}** | {v['measured']} |")
+    out += md_bounds(doc)
     return "\n".join(out)
 
 
@@ -482,7 +581,22 @@ def text_report(doc: dict[str, Any]) -> str:
         parts.append(text_remote_table(doc))
     if doc.get("resync"):
         parts.append(text_resync(doc))
+    if remote_bounds(doc):
+        parts.append(text_bounds(doc))
     return "\n\n".join([*parts, text_verdicts(doc)])
+
+
+def text_bounds(doc: dict[str, Any]) -> str:
+    """Per remote target: the rate asked, and the cores it would keep busy at the cost
+    per unit this run measured (every process and the kernel)."""
+    top = max_busy(doc)
+    lines = [f"what each remote target asks of the machine ({doc['meta'].get('cores', '?')} "
+             f"cores; busiest run: {top:.2f}):"]
+    for b in remote_bounds(doc):
+        label = str(b["label"]).removeprefix("remote child: ")
+        lines.append(f"  {label + ': ' + b['target']:52} needs {b['cores']:5.2f} cores "
+                     f"(had {b['have']:.0f}, needs {b['need']:.0f})")
+    return "\n".join(lines)
 
 
 def text_verdicts(doc: dict[str, Any]) -> str:
@@ -582,7 +696,7 @@ def write_main_docs(doc: dict[str, Any], md: Path, png: Path) -> None:
 # -- the chart -----------------------------------------------------------------
 COLORS = {"nbdq": "#1f77b4", "qsd": "#d62728", "qsd-fifo": "#ff9896", "qsd-raw": "#c7c7c7",
           "nbdkit": "#98df8a", "nbdq-fifo": "#aec7e8", "nbdq-remote": "#9467bd",
-          "qsd-remote": "#d62728", "remote-direct": "#98df8a"}
+          "qsd-remote": "#d62728", "remote-direct": "#98df8a", "nbdq-remote-alone": "#c5b0d5"}
 
 
 #: the throughput axis is logarithmic (base 2), so 0.5x, 2x, 5x and 8x are all
@@ -608,7 +722,7 @@ def chart(doc: dict[str, Any], png: Path, remote: bool = False) -> bool:
         return False
     tids = [t["id"] for t in doc["targets"]]
     if remote:
-        tids = [RA, RB, RLOCAL, RDIRECT]
+        tids = [RA, RB, RLOCAL, RALONE, RDIRECT]
     tids = [ta, tb] + [t for t in tids if t not in (ta, tb) and (remote or t not in (RA, RB))]
     nbars = [len([t for t in tids if med(doc, r["id"], t)]) for r in rows]
     fig, axes = plt.subplots(

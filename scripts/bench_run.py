@@ -136,7 +136,7 @@ class Target:
     id: str
     label: str
     kind: str  # nbdq, qsd, nbdkit
-    mode: str = "quorum"  # quorum, fifo, single
+    mode: str = "quorum"  # quorum, fifo, single, remote, remote-alone
     full_only: bool = False
     extra: tuple[str, ...] = ()  # more server arguments
     #: a quorum of two local files and the remote child (--remote only)
@@ -157,14 +157,18 @@ TARGETS: list[Target] = [
     Target("nbdq-remote", "nbdquorum, 2 local + 1 remote child", "nbdq", "remote",
            extra=NBDQ_ARGS, remote=True),
     Target("qsd-remote", "qsd, 2 local + QEMU's nbd child", "qsd", "remote", remote=True),
+    # the hop's own ceiling: nbdquorum with the remote child as its only child (no
+    # local copies, no vote): what relaying every byte to the far end costs alone
+    Target("nbdq-remote-alone", "nbdquorum, the remote child alone", "nbdq", "remote-alone",
+           extra=NBDQ_ARGS, remote=True),
     # the remote server's own ceiling on this machine: fio straight to a second
     # qemu-nbd on the same host (its own copy, so its writes touch no quorum's child)
     Target("remote-direct", "qemu-nbd alone, fio straight to it", "direct", "remote",
            remote=True),
 ]
 #: the remote rows' targets: the remote pair, the all-local quorum for the ratio, and
-#: the remote server alone
-REMOTE_TARGETS = ("nbdq", "nbdq-remote", "qsd-remote", "remote-direct")
+#: the two ceilings (nbdquorum with the remote child alone, the remote server alone)
+REMOTE_TARGETS = ("nbdq", "nbdq-remote", "qsd-remote", "nbdq-remote-alone", "remote-direct")
 #: node name of the remote child in both quorums
 REMOTE_CHILD = "remote"
 
@@ -208,15 +212,19 @@ def _server_argv(t: Target, images: list[Path], sock: Path,
                  control: Path | None = None) -> list[str]:
     if t.mode == "single":
         images = images[:1]
-    if t.mode == "remote" and site is None:
+    if t.mode in ("remote", "remote-alone") and site is None:
         raise ValueError(f"{t.id} needs the remote site")
+    if t.mode == "remote-alone":
+        images = []
     if t.kind == "nbdq":
         argv = [str(VENV_PY), "-m", "nbdquorum", "serve"]
         for i, p in enumerate(images):  # named when the remote child needs a known name
             argv += ["--child", f"c{i}={p}" if t.mode == "remote" else str(p)]
-        if t.mode == "remote":
+        if t.mode in ("remote", "remote-alone"):
             assert site is not None
             argv += ["--child", f"{REMOTE_CHILD}={site.uri}"]
+        if t.mode == "remote-alone":
+            argv += ["--vote-threshold", "1"]
         argv += ["--socket", str(sock)]
         if control is not None:
             argv += ["--control", str(control)]
@@ -423,6 +431,8 @@ def image_set(d: Path, name: str, target: Target | None = None) -> list[Path]:
     if target is not None and target.mode == "single":
         return [d / "single.raw"]
     if name == "remote":
+        if target is not None and target.mode == "remote-alone":
+            return []
         if target is not None and target.mode == "remote":
             return [d / REMOTE_IMAGES[0], d / REMOTE_IMAGES[1]]
         return [d / f"c{i}.raw" for i in range(3)]
@@ -609,7 +619,7 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
     # (the remote server, running through the remote rows, is not "other")
     remote_cpu = r1 - r0
     other = max(0.0, (b1 - b0) - cpu - (f1 - f0) - remote_cpu)
-    if target.mode == "remote" and direct is None:
+    if target.mode in ("remote", "remote-alone") and direct is None:
         res.update(remote_cpu_s=remote_cpu,
                    remote_cpu_us_per_op=1e6 * remote_cpu / res["ops"] if res["ops"] else None)
     res.update(
@@ -622,6 +632,11 @@ def run_one(row: Row, target: Target, args: argparse.Namespace, imgdir: Path, ou
         wall_s=t1 - t0,
         cpu_us_per_op=1e6 * cpu / res["ops"] if res["ops"] else None,
         cpu_s_per_gb=cpu / (res["bytes"] / 1e9) if res["bytes"] else None,
+        # the whole machine's CPU (every process and the kernel), what a row costs
+        # the two cores in all: the bound on how fast it could go on this machine
+        machine_busy_cores=(b1 - b0) / (t1 - t0),
+        machine_us_per_op=1e6 * (b1 - b0) / res["ops"] if res["ops"] else None,
+        machine_s_per_gb=(b1 - b0) / (res["bytes"] / 1e9) if res["bytes"] else None,
         vmhwm_mib=st1.get("VmHWM", 0) / (1 << 20),
         vmrss_start_mib=st0.get("VmRSS", 0) / (1 << 20),
         threads=st1.get("Threads"),
@@ -701,9 +716,12 @@ def resync_once(args: argparse.Namespace, imgdir: Path, out: Path, rep: int,
                 time.sleep(2.5)  # fio connected and in its stride: two snapshots
             qmp.events.clear()
             c0, r0, w0 = cpu_seconds(pid), cpu_seconds(site.pid), time.time()
+            b0 = system_busy_seconds()
             qmp.execute("x-quorum-resync", {"node-name": REMOTE_CHILD, "full": True})
             w1 = _wait_synced(qmp, time.monotonic() + 600)
-            c1, r1 = cpu_seconds(pid), cpu_seconds(site.pid)
+            c1, r1, b1 = cpu_seconds(pid), cpu_seconds(site.pid), system_busy_seconds()
+            # the event's time is when the resync ended; the busy time runs to now
+            bw = max(time.time() - w0, 1e-3)
             t0, t1 = w0, max(w1, w0 + 1e-3)
             if fio is not None:
                 time.sleep(1.2)  # one more snapshot after the end
@@ -720,6 +738,8 @@ def resync_once(args: argparse.Namespace, imgdir: Path, out: Path, rep: int,
         "bytes": args.size, "seconds": t1 - t0, "mbps": args.size / 1e6 / (t1 - t0),
         "server_cpu_s_per_gb": (c1 - c0) / (args.size / 1e9),
         "remote_cpu_s_per_gb": (r1 - r0) / (args.size / 1e9),
+        "machine_busy_cores": (b1 - b0) / bw,
+        "machine_s_per_gb": (b1 - b0) / (args.size / 1e9),
     }
     if with_fio:
         snaps = _fio_snapshots(fio_out)
@@ -750,15 +770,17 @@ def nbdcopy_once(args: argparse.Namespace, imgdir: Path) -> dict[str, Any]:
     os.sync()
     wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     r0, t0 = cpu_seconds(site.pid), time.monotonic()
-    f0 = children_cpu_seconds()
+    f0, b0 = children_cpu_seconds(), system_busy_seconds()
     p = subprocess.run(["nbdcopy", "--flush", str(src), site.uri], capture_output=True,
                        text=True, timeout=600, check=False)
-    t1 = time.monotonic()
+    t1, b1 = time.monotonic(), system_busy_seconds()
     if p.returncode != 0:
         raise ServerError(f"nbdcopy failed ({p.returncode}): {p.stderr[-500:]}")
     return {"bytes": args.size, "seconds": t1 - t0, "mbps": args.size / 1e6 / (t1 - t0),
             "nbdcopy_cpu_s_per_gb": (children_cpu_seconds() - f0) / (args.size / 1e9),
-            "remote_cpu_s_per_gb": (cpu_seconds(site.pid) - r0) / (args.size / 1e9)}
+            "remote_cpu_s_per_gb": (cpu_seconds(site.pid) - r0) / (args.size / 1e9),
+            "machine_busy_cores": (b1 - b0) / (t1 - t0),
+            "machine_s_per_gb": (b1 - b0) / (args.size / 1e9)}
 
 
 def run_resync(args: argparse.Namespace, imgdir: Path, out: Path) -> dict[str, Any]:
