@@ -156,6 +156,48 @@ int quorum_sender_error(quorum_sender *s);
 void quorum_sender_stop(quorum_sender *s);
 void quorum_sender_free(quorum_sender *s);
 
+/* Small writes to local files on a thread of their own (writer.c): the event
+ * loop queues a job and goes on; the thread writes each job's buffer to each of
+ * its descriptors (as quorum_pwrite_all without sync), jobs in queue order, one
+ * at a time; it blocks every signal.  Meant for a write whose answer waits on a
+ * slower child anyway (one on another host): the page cache's copies then run
+ * beside the event loop instead of on it.
+ *
+ * quorum_writer_new starts the thread.  told: the caller's eventfd (kept open
+ * until quorum_writer_free returns), made readable (adds 1) when a job the
+ * caller asked to be told of is done.  Returns 0 and the handle, or -errno.
+ *
+ * quorum_writer_submit queues a write of len bytes of buf at offset to each of
+ * fds[0..nfds) (a negative one is skipped) and gives its job in *out.  The
+ * caller keeps fds and buf alive and unchanged, and the descriptors open, until
+ * quorum_wjob_done has said 1 (or quorum_writer_free returned).  The thread
+ * is not woken for it: quorum_writer_kick does that, once for every job
+ * submitted since (one wakeup for a batch).  Returns 0, -EINVAL, -ENOMEM, or
+ * -EPIPE once stopping; nothing is queued then.
+ *
+ * quorum_wjob_done: 1 once j is written, else 0; with tell, a 0 also asks the
+ * thread to make told readable when j is done.  quorum_wjob_finish (once j is
+ * done, exactly once): the number of descriptors whose write failed; when that
+ * is not 0 and errs_out is not NULL, errs_out[0..nfds) gets 0, the errno or -1
+ * (skipped) for each.  It frees j.
+ *
+ * quorum_writer_busy_ns: how long the job being written has taken so far, 0
+ * when the thread is idle (a stuck disk shows here).
+ *
+ * quorum_writer_free writes what is still queued, joins the thread and frees
+ * the handle: every job submitted is done when it returns (each still to be
+ * finished by its owner). */
+typedef struct quorum_wjob quorum_wjob;
+typedef struct quorum_writer quorum_writer;
+int quorum_writer_new(int told, quorum_writer **out);
+int quorum_writer_submit(quorum_writer *w, const int fds[], size_t nfds, uint64_t offset,
+                         const uint8_t *buf, size_t len, quorum_wjob **out);
+void quorum_writer_kick(quorum_writer *w);
+int quorum_wjob_done(quorum_wjob *j, int tell);
+int quorum_wjob_finish(quorum_wjob *j, int errs_out[]);
+int64_t quorum_writer_busy_ns(quorum_writer *w);
+void quorum_writer_free(quorum_writer *w);
+
 #ifdef __cplusplus
 }
 #endif

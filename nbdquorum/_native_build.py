@@ -29,7 +29,7 @@ ffibuilder.cdef((_ROOT / _NATIVE / "quorum.cdef").read_text(encoding="utf-8"))
 ffibuilder.set_source(
     "nbdquorum._native_lib",
     '#include "quorum.h"',
-    sources=[f"{_NATIVE}/quorum.c", f"{_NATIVE}/sender.c"],
+    sources=[f"{_NATIVE}/quorum.c", f"{_NATIVE}/sender.c", f"{_NATIVE}/writer.c"],
     include_dirs=[_NATIVE],
     extra_compile_args=["-O2", "-pthread"],
     extra_link_args=["-pthread"],
@@ -46,5 +46,5 @@ if __name__ == "__main__":
     # whatever the current directory is.  distutils leaves each source's
     # object beside it; drop ours so it is not an untracked file in native/.
     ffibuilder.compile(tmpdir=str(_ROOT), verbose=True)
-    for obj in ("quorum.o", "sender.o"):
+    for obj in ("quorum.o", "sender.o", "writer.o"):
         (_ROOT / _NATIVE / obj).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import weakref
 from collections import deque
@@ -30,12 +31,16 @@ from nbdquorum.coretypes import Buffer, VoteResult
 if TYPE_CHECKING:
     from nbdquorum._native_lib import _CData
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "UNKNOWN",
     "Buffer",
     "Inline",
     "Sender",
     "VoteResult",
+    "WriteJob",
+    "Writer",
     "diff_span",
     "pread_vote",
     "pread_vote_nowait",
@@ -283,7 +288,7 @@ class Inline:
     keeps one Inline per list and makes a new one when its descriptors change.
     """
 
-    __slots__ = ("_errs", "_groups", "_ptrs", "cfds", "fds", "n", "readers")
+    __slots__ = ("_errs", "_groups", "_ptrs", "cfds", "fds", "n", "ok_codes", "readers")
 
     def __init__(self, fds: Sequence[int]) -> None:
         self.fds = fds
@@ -294,6 +299,8 @@ class Inline:
         self._groups = ffi.new("int32_t[]", n)
         #: the children read (a negative descriptor skips its child)
         self.readers = [i for i, fd in enumerate(fds) if fd >= 0]
+        #: a write's codes when every descriptor took it (-1: skipped)
+        self.ok_codes = [0 if fd >= 0 else -1 for fd in fds]
 
     def pread_vote(
         self, offset: int, length: int, threshold: int, nowait: bool,
@@ -521,3 +528,138 @@ def _release_sender(handle: Any, told: int, held: deque[tuple[int, list[Any]]]) 
     lib.quorum_sender_free(handle)  # joined: no buffer is touched after this
     os.close(told)
     held.clear()
+
+
+class WriteJob:
+    """One write queued on a ``Writer``: its job, and what must live until it is done."""
+
+    __slots__ = ("c", "keep", "then")
+
+    def __init__(self, c: Any, keep: tuple[Any, ...]) -> None:
+        self.c = c  #: the quorum_wjob (freed by its finish)
+        self.keep = keep  #: the descriptors' array, the buffer and its export
+        #: called with the codes once done, if it was not when asked
+        self.then: Callable[[list[int]], None] | None = None
+
+
+class Writer:
+    """Small writes to local files on a thread of their own (quorum_writer_* in
+    native/quorum.h): ``submit`` queues a write of one buffer to a list of
+    descriptors and returns; the thread writes the jobs in order, woken once per
+    loop turn for all the jobs of that turn.  For a write whose answer waits on
+    a slower child anyway (one on another host), so the page cache's copies run
+    beside the event loop instead of on it.
+
+    ``when_done`` gives a job's codes to a callback: at once when it is written,
+    else later on the loop, when the thread says so through an eventfd the loop
+    watches (nothing polls).  The caller keeps the descriptors open until then
+    (``Direct.pin``); the job holds the buffer and the descriptors' array.
+    ``close`` writes what is queued and joins the thread, then tells every
+    waiter.  One thread (the event loop's) calls every method.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        told = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        out = ffi.new("quorum_writer **")
+        rc = lib.quorum_writer_new(told, out)
+        if rc < 0:
+            os.close(told)
+            _check(rc)
+        self._handle: Any = out[0]
+        self._told = told
+        self._loop = loop
+        self._out = ffi.new("quorum_wjob **")
+        self._kick_due = False
+        #: jobs someone waits for that were not done when asked
+        self._waiting: list[WriteJob] = []
+        self.pending = 0  #: jobs submitted and not finished
+        self._release = weakref.finalize(self, _release_writer, self._handle, told)
+        loop.add_reader(told, self._told_readable)
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def busy_for(self) -> float:
+        """Seconds the job being written has taken so far (0.0: idle)."""
+        return 0.0 if self._handle is None else lib.quorum_writer_busy_ns(self._handle) / 1e9
+
+    def submit(self, inline: Inline, offset: int, data: Buffer) -> WriteJob:
+        """Queue a write of ``data`` at ``offset`` to ``inline``'s descriptors
+        (negative ones skipped); the thread takes it after this loop turn.
+
+        Raises:
+            OSError: EPIPE once closed; nothing is queued.
+        """
+        if self._handle is None:
+            raise BrokenPipeError(errno.EPIPE, "writer closed")
+        _check_offset(offset, 0)
+        pdata, length = _pointer(data)
+        _check(lib.quorum_writer_submit(self._handle, inline.cfds, inline.n, offset, pdata,
+                                        length, self._out))
+        self.pending += 1
+        if not self._kick_due:
+            self._kick_due = True
+            self._loop.call_soon(self._kick)
+        return WriteJob(self._out[0], (inline, pdata, data))
+
+    def _kick(self) -> None:
+        self._kick_due = False
+        if self._handle is not None:
+            lib.quorum_writer_kick(self._handle)
+
+    def when_done(self, job: WriteJob, then: Callable[[list[int]], None]) -> None:
+        """``then(codes)`` once ``job`` is written (per descriptor 0, its errno, or
+        -1 for a skipped one): now if it is, else later on the loop.  Once per job."""
+        if self._handle is None or lib.quorum_wjob_done(job.c, 1):
+            then(self._finish(job))
+            return
+        job.then = then
+        self._waiting.append(job)
+
+    def _finish(self, job: WriteJob) -> list[int]:
+        inline: Inline = job.keep[0]
+        self.pending -= 1
+        failed = lib.quorum_wjob_finish(job.c, inline._errs)
+        job.keep = ()
+        if not failed:
+            return inline.ok_codes
+        return ffi.unpack(inline._errs, inline.n)
+
+    def _told_readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._told)
+        self._tell(False)
+
+    def _tell(self, all_done: bool) -> None:
+        waiting = self._waiting
+        if not waiting:
+            return
+        done = [j for j in waiting if all_done or lib.quorum_wjob_done(j.c, 0)]
+        if not done:
+            return
+        self._waiting = [] if all_done else [j for j in waiting if j not in done]
+        for job in done:
+            then, job.then = job.then, None
+            codes = self._finish(job)
+            if then is not None:
+                try:
+                    then(codes)
+                except Exception:  # one waiter's failure must not stop the others
+                    log.exception("telling a write's outcome")
+
+    def close(self) -> None:
+        """Write what is queued, join the thread, tell every waiter (idempotent).
+        A job submitted and never asked after (``when_done``) is left unfreed."""
+        if self._handle is None:
+            return
+        self._handle = None
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._told)
+        self._release()  # joined: every job is done
+        self._tell(True)
+
+
+def _release_writer(handle: Any, told: int) -> None:
+    lib.quorum_writer_free(handle)
+    os.close(told)

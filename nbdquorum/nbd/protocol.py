@@ -797,7 +797,7 @@ class ServerConnection:
         if length > MAX_WRITE_PAYLOAD:
             # Too big to read and refuse: the stream cannot be resynchronised.
             raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_WRITE_PAYLOAD}")
-        self._pending = (CmdFlag(flags), cookie, offset, length)
+        self._pending = (CmdFlag(flags) if flags else _NO_FLAGS, cookie, offset, length)
         # (a spare buffer: every byte is received before use)
         self._write_buf = SPARES.take(length) if length >= SPARES.min_size else bytearray(length)
         take = min(length, self._available())

@@ -14,6 +14,7 @@ from nbdquorum.block.errors import GraphError
 from nbdquorum.block.graph import Graph
 from nbdquorum.block.node import Buffer, Direct, Unreachable
 from nbdquorum.block.quorum import ChildState, QuorumNode, ReadPattern, ReopenPlan, members
+from nbdquorum.block.quorum import node as quorum_node
 from nbdquorum.block.quorum.voted import INLINE_MAX, VotedIO
 from nbdquorum.eventbus import Event, EventBus
 from nbdquorum.qmp.events import wired
@@ -549,9 +550,11 @@ def test_a_read_is_answered_now_while_the_one_remote_child_is_still_read(
     g.close()
 
 
+@pytest.mark.parametrize("thread", [True, False], ids=["write-thread", "on-the-loop"])
 @pytest.mark.parametrize("far_does", ["write", "fail"])
 def test_a_write_with_one_remote_child_is_answered_once_it_answered(
-        tmp_path: Path, far_does: str) -> None:
+        tmp_path: Path, far_does: str, thread: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quorum_node, "LATE_WRITER", thread)
     g, q, far, seen = _soon_quorum(tmp_path, bounded=True)
     if far_does == "fail":
         far.fail = errno.EIO
@@ -559,15 +562,19 @@ def test_a_write_with_one_remote_child_is_answered_once_it_answered(
     async def main() -> None:
         done = q.direct().soon_pwrite(4096, b"\x77" * 4096)
         assert done is not None and far.started == 1
-        for slot in q.slots[:2]:  # the files have it at once
+        await asyncio.sleep(0.02)
+        for slot in q.slots[:2]:  # the files have it (on the loop: at once)
             fd = slot.node.direct().fd  # type: ignore[union-attr]
             assert os.pread(fd, 4096, 4096) == b"\x77" * 4096
-        await asyncio.sleep(0.02)
         assert not done.done(), "answered once every child has"
+        assert (q._writer is not None) == thread
         assert q.lock.would_block(4096, 1, exclusive=False), "the range stays locked"
         far.gate.set()
         await asyncio.wait_for(done, 5)  # acknowledged either way: two of three took it
         assert not q.lock.would_block(4096, 4096, exclusive=True)
+        # the files were held open while the thread wrote them, and no longer
+        assert [s.node.children_nodes()[0]._pins  # type: ignore[attr-defined]
+                for s in q.slots[:2]] == [0, 0]
         bad = [(e.data["node-name"], e.data["type"]) for e in seen
                if e.name == "QUORUM_REPORT_BAD"]
         stats, sync = q.slots[2].stats, q.slots[2].sync

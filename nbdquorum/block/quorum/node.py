@@ -27,12 +27,14 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nbdquorum import native
 from nbdquorum.block.errors import GraphError
 from nbdquorum.block.node import (
     BlockNode,
@@ -56,7 +58,7 @@ from nbdquorum.block.quorum.members import (
     check_options,
 )
 from nbdquorum.block.quorum.thin import Copied, all_zero, copy_voted, intersect_extents
-from nbdquorum.block.quorum.voted import Reads, VotedIO
+from nbdquorum.block.quorum.voted import INLINE_MAX, INLINE_STALL, Reads, VotedIO
 from nbdquorum.block.rangelock import RangeLock
 from nbdquorum.ratelimit import Burst
 
@@ -174,6 +176,12 @@ def _pass_on(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
 LATE_MAX = 4 << 20
 #: reads up to this size may be answered early
 EARLY_MAX = 64 << 10
+#: a small write whose one far child is waited on anyway writes the local files on
+#: a thread of its own (native.Writer) instead of on the event loop
+#: (NBDQUORUM_WRITE_THREAD=0: on the loop, as every other small write)
+LATE_WRITER = os.environ.get("NBDQUORUM_WRITE_THREAD", "1") != "0"
+#: jobs queued on that thread at most; beyond, writes go on the loop again
+WRITER_MAX = 1024
 
 
 class QuorumNode(BlockNode):
@@ -211,6 +219,8 @@ class QuorumNode(BlockNode):
             read_only=lambda: self.read_only, max_errors=max_errors, report=report,
         )
         self.voted = VotedIO()
+        #: the writing thread of _pwrite_one_late (made at its first use)
+        self._writer: native.Writer | None = None
         self._fast: _FastPlan | None = None
         self.members.on_change.append(self.voted.reset)
         self.members.on_change.append(self._drop_plan)
@@ -871,6 +881,22 @@ class QuorumNode(BlockNode):
         out.add_done_callback(lambda f: tell(f, then))
         return True
 
+    def _late_writer(self, length: int) -> native.Writer | None:
+        """The writing thread for a small write whose far child is waited on anyway,
+        or None: the files are written on the loop then (turned off, a write too
+        big for the fast path, a job stuck on a disk past INLINE_STALL, or
+        WRITER_MAX jobs queued)."""
+        if not LATE_WRITER or length > INLINE_MAX:
+            return None
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = native.Writer(self.voted.running_loop())
+            self._on_close.append(writer.close)
+        elif (writer.closed or writer.pending >= WRITER_MAX
+              or writer.busy_for() > INLINE_STALL):
+            return None
+        return writer
+
     def _pwrite_one_late(self, plan: _FastPlan, offset: int, data: Buffer, entry: Any,
                          intent: WriteIntent | None, then: Then) -> bool:
         """A small write when one target is on another host: the descriptors are
@@ -883,12 +909,38 @@ class QuorumNode(BlockNode):
         length = len(data)
         if not self._bounds_itself(d) or not d.takes(length):
             return False  # (a request the far child would split: the general case)
-        codes = self.voted.write_fds_now(plan.soon_write_fds, offset, data)
-        if codes is None:
-            return False  # the page cache pushed back: nothing written
+        fds = plan.soon_write_fds
         targets = plan.targets
+        writer = self._late_writer(len(data))
+        job: native.WriteJob | None = None
+        codes: list[int] | None = None
+        pinned: list[Direct] = []  # the descriptors' nodes, open until the job is done
+        if writer is not None:
+            # the files are written beside the loop while the far request travels
+            job = writer.submit(self.voted.inline(fds), offset, data)
+            for slot, fd in zip(targets, fds, strict=True):
+                x = slot.node.direct() if fd >= 0 else None
+                if x is not None:
+                    x.pin()
+                    pinned.append(x)
+        else:
+            codes = self.voted.write_fds_now(fds, offset, data)
+            if codes is None:
+                return False  # the page cache pushed back: nothing written
 
-        def written(_result: Any, err: BaseException | None) -> None:
+        def unpin(_codes: list[int] | None = None) -> None:
+            for x in pinned:
+                x.unpin()
+
+        def written(result: Any, err: BaseException | None) -> None:
+            if job is not None and writer is not None:
+                writer.when_done(job, lambda local: judged(local, err))
+            else:
+                assert codes is not None
+                judged(codes, err)
+
+        def judged(codes: list[int], err: BaseException | None) -> None:
+            unpin()
             failed: BaseException | None = None
             try:
                 # (codes: 0 written, -1 skipped, else the errno)
@@ -914,7 +966,13 @@ class QuorumNode(BlockNode):
         self.last_client_io = time.monotonic()
         for slot in targets:
             slot.stats.writes += 1
-        if not d.call_pwrite(offset, data, written):
+        try:
+            sent = d.call_pwrite(offset, data, written)
+        except BaseException:
+            if job is not None and writer is not None:  # (the caller lets the lock go)
+                writer.when_done(job, unpin)
+            raise
+        if not sent:
             # the link went: written here, not there (as the gather counts it); told
             # one loop turn later, as every outcome
             self.voted.running_loop().call_soon(

@@ -342,6 +342,10 @@ class VotedIO:
         self._nowait_writes = True
         self._inlines.clear()
 
+    def inline(self, fds: list[int]) -> native.Inline:
+        """The Inline of a list of descriptors (made once per list)."""
+        return self._inline(fds)
+
     def _inline(self, fds: list[int]) -> native.Inline:
         key = tuple(fds)
         inline = self._inlines.get(key)
