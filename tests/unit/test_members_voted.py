@@ -590,6 +590,36 @@ def test_a_write_with_one_remote_child_is_answered_once_it_answered(
     g.close()
 
 
+def test_a_write_thread_stuck_on_a_disk_sends_the_next_writes_back_to_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quorum_node, "LATE_WRITER", True)
+    g, q, far, _seen = _soon_quorum(tmp_path, bounded=True)
+
+    async def main() -> None:
+        first = q.direct().soon_pwrite(0, b"\x01" * 512)
+        assert first is not None and q._writer is not None
+        writer = q._writer
+        # as if its job had been in a pwrite for a second (a disk pushing back)
+        monkeypatch.setattr(writer, "busy_for", lambda: 1.0)
+        second = q.direct().soon_pwrite(8192, b"\x02" * 512)
+        assert second is not None
+        for slot in q.slots[:2]:  # written on the loop, at once
+            fd = slot.node.direct().fd  # type: ignore[union-attr]
+            assert os.pread(fd, 512, 8192) == b"\x02" * 512
+        assert writer.pending == 1, "only the first went to the thread"
+        far.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert writer.pending == 0
+        for slot in q.slots[:2]:
+            fd = slot.node.direct().fd  # type: ignore[union-attr]
+            assert os.pread(fd, 512, 0) == b"\x01" * 512
+
+    run(main())
+    q.close()
+    assert q._writer is not None and q._writer.closed, "closed with its node"
+    g.close()
+
+
 def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path) -> None:
     g, q, far, seen = _soon_quorum(tmp_path, bounded=True, threshold=3)
     far.fail = errno.EIO
