@@ -620,6 +620,60 @@ def test_a_write_thread_stuck_on_a_disk_sends_the_next_writes_back_to_the_loop(
     g.close()
 
 
+def test_a_far_request_that_raises_keeps_the_range_locked_until_the_thread_wrote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local files' job is queued before the far request goes out: when that
+    raises, the job cannot be taken back, so the range lock and the write-intent
+    mark stay held until the thread has written it, and the write is judged with
+    the far child failed; a later write to the range must never be overwritten
+    by the earlier one's job."""
+    monkeypatch.setattr(quorum_node, "LATE_WRITER", True)
+    g, q, far, _seen = _soon_quorum(tmp_path, bounded=True)
+
+    async def main() -> None:
+        far.gate.set()
+        warm = q.direct().soon_pwrite(65536, b"\x00" * 512)  # the thread, started and idle
+        assert warm is not None and q._writer is not None
+        await asyncio.wait_for(warm, 5)
+        writer = q._writer
+
+        def broken(offset: int, data: Buffer, then: Any) -> bool:
+            raise RuntimeError("the far child's client broke")
+
+        monkeypatch.setattr(far._soon, "call_pwrite", broken)
+        told: list[BaseException | None] = []
+        try:
+            started = q.direct().call_pwrite(0, b"\x01" * 512, lambda _r, e: told.append(e))
+        except RuntimeError:
+            started = False
+        monkeypatch.undo()
+        monkeypatch.setattr(quorum_node, "LATE_WRITER", True)
+        assert q.lock.would_block(0, 512, exclusive=True), "unlocked with its job still queued"
+        # a later write of the range, on the loop (the thread as if stuck): it waits
+        monkeypatch.setattr(writer, "busy_for", lambda: 1.0)
+        second = q.direct().soon_pwrite(0, b"\x02" * 512)
+        if second is None:
+            await asyncio.wait_for(q.pwrite(0, b"\x02" * 512), 5)
+        else:
+            await asyncio.wait_for(second, 5)
+        for _ in range(500):
+            if writer.pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.pending == 0
+        for slot in q.slots[:2]:  # the last write acknowledged is what the files hold
+            fd = slot.node.direct().fd  # type: ignore[union-attr]
+            assert os.pread(fd, 512, 0) == b"\x02" * 512
+        assert started and len(told) == 1, "told once, as any write"
+        assert [s.node.children_nodes()[0]._pins  # type: ignore[attr-defined]
+                for s in q.slots[:2]] == [0, 0]
+        assert q.slots[2].stats.write_errors == 1
+
+    run(main())
+    q.close()
+    g.close()
+
+
 def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path) -> None:
     g, q, far, seen = _soon_quorum(tmp_path, bounded=True, threshold=3)
     far.fail = errno.EIO

@@ -968,6 +968,15 @@ class QuorumNode(BlockNode):
             slot.stats.writes += 1
         try:
             sent = d.call_pwrite(offset, data, written)
+        except Exception as e:
+            if job is None:
+                raise  # (written already: the caller lets the lock go)
+            # the files' job cannot be taken back: the range stays locked until the
+            # thread wrote it, and the write is judged with the far child failed
+            log.exception("sending a write at %d+%d to %s", offset, length,
+                          targets[i].node.node_name)
+            self.voted.running_loop().call_soon(written, None, e)
+            return True
         except BaseException:
             if job is not None and writer is not None:  # (the caller lets the lock go)
                 writer.when_done(job, unpin)
