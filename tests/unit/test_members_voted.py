@@ -674,6 +674,35 @@ def test_a_far_request_that_raises_keeps_the_range_locked_until_the_thread_wrote
     g.close()
 
 
+def test_a_file_closed_under_the_writing_thread_that_fails_to_close_still_lets_the_write_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file closed while the thread's job holds it open is closed at the unpin;
+    a close that fails there (NFS tells write-back errors at close) must neither
+    leave the range locked nor the client untold, nor the other file pinned."""
+    monkeypatch.setattr(quorum_node, "LATE_WRITER", True)
+    g, q, far, _seen = _soon_quorum(tmp_path, bounded=True)
+    files = [s.node.children_nodes()[0] for s in q.slots[:2]]
+
+    def failing_close() -> None:
+        raise OSError(errno.EIO, "close failed")
+
+    async def main() -> None:
+        done = q.direct().soon_pwrite(0, b"\x05" * 512)
+        assert done is not None and q._writer is not None
+        assert [f._pins for f in files] == [1, 1]  # type: ignore[attr-defined]
+        monkeypatch.setattr(files[0], "_really_close", failing_close)
+        files[0].close()  # (as a child removed meanwhile): closed once unpinned
+        far.gate.set()
+        await asyncio.wait_for(done, 5)
+        assert not q.lock.would_block(0, 512, exclusive=True)
+        assert [f._pins for f in files] == [0, 0]  # type: ignore[attr-defined]
+
+    run(main())
+    q.close()
+    monkeypatch.undo()
+    g.close()
+
+
 def test_a_write_with_one_remote_child_fails_below_the_threshold(tmp_path: Path) -> None:
     g, q, far, seen = _soon_quorum(tmp_path, bounded=True, threshold=3)
     far.fail = errno.EIO

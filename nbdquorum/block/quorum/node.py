@@ -930,7 +930,10 @@ class QuorumNode(BlockNode):
 
         def unpin(_codes: list[int] | None = None) -> None:
             for x in pinned:
-                x.unpin()
+                try:  # (a close put off until now may fail: every pin still goes)
+                    x.unpin()
+                except Exception:
+                    log.exception("closing a file after a write at %d+%d", offset, length)
 
         def written(result: Any, err: BaseException | None) -> None:
             if job is not None and writer is not None:
