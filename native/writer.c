@@ -48,15 +48,12 @@ struct quorum_wjob {
 static void write_job(quorum_wjob *j)
 {
     int rc = quorum_pwrite_all(j->fds, j->nfds, j->offset, j->buf, j->len, 0, j->errs);
-    size_t wrote = 0;
-    for (size_t i = 0; i < j->nfds; i++)
-        wrote += j->fds[i] >= 0;
-    if (rc < 0) { /* bad arguments: every child written to failed with that */
-        for (size_t i = 0; i < j->nfds; i++)
+    j->failed = 0;
+    for (size_t i = 0; i < j->nfds; i++) {
+        if (rc < 0) /* bad arguments: every child written to failed with that */
             j->errs[i] = j->fds[i] < 0 ? -1 : -rc;
-        rc = 0;
+        j->failed += j->errs[i] > 0;
     }
-    j->failed = (int)(wrote - (size_t)rc);
 }
 
 static void *run(void *arg)

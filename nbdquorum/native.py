@@ -635,10 +635,13 @@ class Writer:
         waiting = self._waiting
         if not waiting:
             return
-        done = [j for j in waiting if all_done or lib.quorum_wjob_done(j.c, 0)]
+        done: list[WriteJob] = []
+        still: list[WriteJob] = []
+        for j in waiting:
+            (done if all_done or lib.quorum_wjob_done(j.c, 0) else still).append(j)
         if not done:
             return
-        self._waiting = [] if all_done else [j for j in waiting if j not in done]
+        self._waiting = still
         for job in done:
             then, job.then = job.then, None
             codes = self._finish(job)

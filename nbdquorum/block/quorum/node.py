@@ -911,7 +911,7 @@ class QuorumNode(BlockNode):
             return False  # (a request the far child would split: the general case)
         fds = plan.soon_write_fds
         targets = plan.targets
-        writer = self._late_writer(len(data))
+        writer = self._late_writer(length)
         job: native.WriteJob | None = None
         codes: list[int] | None = None
         pinned: list[Direct] = []  # the descriptors' nodes, open until the job is done

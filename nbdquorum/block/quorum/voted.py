@@ -344,9 +344,6 @@ class VotedIO:
 
     def inline(self, fds: list[int]) -> native.Inline:
         """The Inline of a list of descriptors (made once per list)."""
-        return self._inline(fds)
-
-    def _inline(self, fds: list[int]) -> native.Inline:
         key = tuple(fds)
         inline = self._inlines.get(key)
         if inline is None:
@@ -358,7 +355,7 @@ class VotedIO:
     # -- reads ------------------------------------------------------------------------------
     def _inline_read(self, fds: list[int], offset: int, length: int, threshold: int,
                      ) -> PreadVote | None:
-        inline = self._inline(fds)
+        inline = self.inline(fds)
         if self._nowait_reads:
             done = inline.pread_vote(offset, length, threshold, True)
             if not isinstance(done, str):
@@ -672,7 +669,7 @@ class VotedIO:
         t0 = time.monotonic()
         if t0 < self._writes_off_until:
             return None
-        inline = self._inline(fds)
+        inline = self.inline(fds)
         if self._nowait_writes:
             codes = inline.pwrite_all(offset, data, True)
             if codes is None:
